@@ -1,0 +1,1 @@
+"""Compatibility metrics: flips between two (or three) result sets of the same task."""
