@@ -1,0 +1,157 @@
+"""What every file-backed task shares: reading records, checking fields, ids, options.
+
+A task module should only hold its dataset's quirks; the plumbing below keeps the error
+messages uniform ("missing field 'label'", "label 7 out of range for 4 options") so the
+scoring job can log any bad row with a reason a user can act on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from muscle_ray.errors import BadRow, MuscleError
+from muscle_ray.tasks.base import Instance, Task
+
+
+def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield (row, line) for every non-blank line; row is the 0-based line number.
+
+    Lines are decoded one by one (surrogateescape) so a single bad byte spoils one row, not
+    the file: `load_json` turns it into a BadRow.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MuscleError(f"{p}: no such file")
+    with p.open("rb") as f:
+        for row, line in enumerate(f):
+            text = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
+            if text.strip():
+                yield row, text
+
+
+def load_json(raw: str, row: int) -> dict[str, Any]:
+    """Parse one JSON Lines record; a BadRow says why it is not a JSON object."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow("not valid UTF-8", row) from None
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadRow(f"invalid JSON ({e.msg} at column {e.colno})", row) from None
+    if not isinstance(doc, dict):
+        raise BadRow(f"invalid record: expected a JSON object, got {type(doc).__name__}", row)
+    return doc
+
+
+_TYPE_NAMES = {str: "a string", list: "a list", int: "an integer", dict: "an object"}
+
+
+def need(doc: dict[str, Any], name: str, typ: type, row: int) -> Any:
+    """doc[name], checked for presence and type (bool is not an int here)."""
+    if name not in doc or doc[name] is None:
+        raise BadRow(f"missing field '{name}'", row)
+    value = doc[name]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise BadRow(f"field '{name}' must be {_TYPE_NAMES.get(typ, typ.__name__)}, got {type(value).__name__}", row)
+    return value
+
+
+def as_index(value: Any, name: str, row: int) -> int:
+    """A label given as an int or a digit string ("2"), as in HF copies of many datasets."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise BadRow(f"field '{name}' must be an integer, got {value!r}", row)
+
+
+def record_id(doc: dict[str, Any], row: int, key: str = "id") -> str:
+    """The record's own id when it has one (a stable id survives re-ordering), else the row."""
+    value = doc.get(key)
+    if value is None or value == "":
+        return str(row)
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    raise BadRow(f"field '{key}' must be a string or integer, got {type(value).__name__}", row)
+
+
+def mc_instance(
+    task: str, id: str, row: int, context: str | list[str], choices: list[Any], label: Any,
+    delimiter: str = " ", continuation: str | None = None,
+) -> Instance:
+    """A checked multiple-choice Instance rendered the way lm-eval's construct_requests does.
+
+    One context: option i is (context, delimiter + choices[i]). Several contexts (WinoGrande's
+    partial scoring, lm-eval's "multiple input"): option i is (context[i], delimiter +
+    continuation). `choice_chars` is len() of each doc_to_choice string, which is what
+    lm-eval's acc_norm divides by.
+    """
+    if not isinstance(choices, list) or not choices:
+        raise BadRow("no options", row)
+    for i, c in enumerate(choices):
+        if not isinstance(c, str):
+            raise BadRow(f"option {i} must be a string, got {type(c).__name__}", row)
+        if not c:
+            raise BadRow(f"empty choice: option {i} is an empty string", row)
+    label = as_index(label, "label", row)
+    if not 0 <= label < len(choices):
+        raise BadRow(f"label {label} out of range for {len(choices)} options", row)
+    if isinstance(context, list):
+        assert continuation is not None and len(context) == len(choices)
+        continuations = [delimiter + continuation] * len(choices)
+    else:
+        continuations = [delimiter + c for c in choices]
+    return Instance(
+        id=id, task=task, kind="mc", contexts=context if isinstance(context, list) else [context],
+        continuations=continuations, choice_chars=[len(c) for c in choices],
+        label=label, reference=str(label),
+    )
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """The generation up to the first stop string, as lm-eval's generate_until returns it."""
+    for s in stop:
+        if s:
+            text = text.split(s)[0]
+    return text
+
+
+class Options(BaseModel):
+    """Base of a task's options: typed, validated, unknown names refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileTask(Task):
+    """A task read from a JSON Lines file and configured by its `Options` model.
+
+    Subclasses set name/kind/metric/default_path, an `Options` subclass if they take any,
+    and implement `parse`; `records` may be overridden for other layouts.
+    """
+
+    Options: type[Options] = Options
+
+    def __init__(self, **options: Any):
+        try:
+            self.options = self.Options(**options)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors())
+            raise MuscleError(f"task {self.name}: bad option ({problems})") from None
+
+    def records(self, path: str) -> Iterator[tuple[int, str]]:
+        return read_lines(path)
+
+
+def score_text(metric: str, prediction: str, reference: str) -> tuple[bool | None, float]:
+    """(correct, score) of a generated text: exact match is right/wrong, ROUGE is continuous."""
+    if metric == "exact":
+        ok = prediction.strip() == reference.strip()
+        return ok, float(ok)
+    from muscle_ray.metrics.text import rouge
+
+    return None, float(rouge([prediction], [reference], kind=metric)[0])

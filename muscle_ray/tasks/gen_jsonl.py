@@ -1,0 +1,63 @@
+"""`gen_jsonl`: your own generation data, scored by exact match or ROUGE.
+
+One JSON object per line::
+
+    {"id"?: str|int, "prompt": str, "reference": str}
+
+The model greedily continues `prompt` until a stop string or `max_new_tokens`; the text before
+the first stop string is the prediction. Task options (`get_task("gen_jsonl", **options)`):
+
+* `metric`: "exact" (default; prediction and reference equal after stripping surrounding
+  whitespace, so a flip is a right answer turning wrong) or "rouge1" / "rouge2" / "rougeL"
+  (F1 from rouge-score with stemming; continuous, so `correct` is null).
+* `stop`: stop strings, default ["\\n\\n"] (lm-eval's default `until`).
+* `max_new_tokens`: default 256 (lm-eval's default `max_gen_toks`).
+
+`id` defaults to the 0-based line number. Invalid JSON or a missing/non-string field is a bad
+row with the reason; the rest of the file is scored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from muscle_ray.tasks.base import Instance, register
+from muscle_ray.tasks.common import FileTask, Options, cut_at_stop, load_json, need, record_id, score_text
+
+
+class GenOptions(Options):
+    metric: Literal["exact", "rouge1", "rouge2", "rougeL"] = "exact"
+    stop: list[str] = ["\n\n"]
+    max_new_tokens: int = Field(256, gt=0)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, v):
+        """A single string (as from a command line) means one stop string."""
+        return [v] if isinstance(v, str) else v
+
+
+@register
+class GenJsonl(FileTask):
+    name = "gen_jsonl"
+    kind = "gen"
+    metric = "exact"
+    Options = GenOptions
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.metric = self.options.metric
+
+    def parse(self, raw: str, row: int) -> Instance:
+        doc = load_json(raw, row)
+        return Instance(
+            id=record_id(doc, row), task=self.name, kind="gen", contexts=[need(doc, "prompt", str, row)],
+            reference=need(doc, "reference", str, row), stop=list(self.options.stop),
+            max_new_tokens=self.options.max_new_tokens,
+        )
+
+    def score_generation(self, inst: Instance, text: str) -> tuple[bool | None, float, str]:
+        prediction = cut_at_stop(text, inst.stop)
+        return (*score_text(self.metric, prediction, inst.reference), prediction)

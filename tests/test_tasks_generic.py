@@ -1,0 +1,108 @@
+"""The generic user-data tasks (mc_jsonl, gen_jsonl), the shared record plumbing, the registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from muscle_ray.errors import BadRow, MuscleError
+from muscle_ray.tasks import get_task, task_names
+
+
+def _write(tmp_path, lines, name="data.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(p)
+
+
+def _parse_all(task, path):
+    """(instances, {row: reason}) the way the scoring job sees a file."""
+    good, bad = [], {}
+    for row, raw in task.records(path):
+        try:
+            good.append(task.parse(raw, row))
+        except BadRow as e:
+            assert e.row == row
+            bad[row] = e.reason
+    return good, bad
+
+
+def test_mc_jsonl_renders_and_reports_bad_rows(tmp_path):
+    rows = [
+        json.dumps({"id": "q-a", "context": "Question: 2+2?\nAnswer:", "choices": ["4", "22"], "label": 0}),
+        json.dumps({"context": "The sky is", "choices": ["blue", "green", "red"], "label": "2", "target_delimiter": ""}),
+        "",                                                            # blank lines are not records
+        '{"context": "x", "choices": ["a", "b"], "label": 0',          # truncated
+        json.dumps({"context": "x", "choices": ["a", "b"]}),
+        json.dumps({"context": "x", "choices": ["a", "b"], "label": 2}),
+        json.dumps({"context": "x", "choices": [], "label": 0}),
+        json.dumps({"context": "x", "choices": ["a", ""], "label": 0}),
+        json.dumps({"context": 5, "choices": ["a"], "label": 0}),
+        json.dumps(["not", "an", "object"]),
+        json.dumps({"context": "x", "choices": ["a", "b"], "label": True}),
+    ]
+    good, bad = _parse_all(get_task("mc_jsonl"), _write(tmp_path, rows))
+    a, b = good
+    assert (a.id, a.contexts, a.continuations, a.choice_chars, a.label, a.reference) == (
+        "q-a", ["Question: 2+2?\nAnswer:"], [" 4", " 22"], [1, 2], 0, "0")
+    assert (b.id, b.continuations, b.choice_chars, b.label) == ("1", ["blue", "green", "red"], [4, 5, 3], 2)
+    assert b.context_for(1) == "The sky is"
+    assert bad[3].startswith("invalid JSON")
+    assert bad[4] == "missing field 'label'"
+    assert bad[5] == "label 2 out of range for 2 options"
+    assert bad[6] == "no options"
+    assert bad[7] == "empty choice: option 1 is an empty string"
+    assert bad[8] == "field 'context' must be a string, got int"
+    assert "expected a JSON object" in bad[9]
+    assert "must be an integer" in bad[10]
+    assert get_task("mc_jsonl").training_pair(a) == ("Question: 2+2?\nAnswer:", " 4")
+
+
+def test_records_keep_invalid_utf8_as_a_bad_row(tmp_path):
+    p = tmp_path / "bytes.jsonl"
+    p.write_bytes(b'{"context": "\xff", "choices": ["a"], "label": 0}\n{"context": "ok", "choices": ["a"], "label": 0}\r\n')
+    good, bad = _parse_all(get_task("mc_jsonl"), str(p))
+    assert [i.contexts for i in good] == [["ok"]] and bad == {0: "not valid UTF-8"}
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(MuscleError, match="no such file"):
+        list(get_task("mc_jsonl").records(str(tmp_path / "absent.jsonl")))
+
+
+def test_gen_jsonl_exact_and_rouge(tmp_path):
+    rows = [json.dumps({"prompt": "Capital of France?", "reference": "Paris"}),
+            json.dumps({"id": 42, "prompt": "p"})]
+    task = get_task("gen_jsonl")
+    good, bad = _parse_all(task, _write(tmp_path, rows))
+    (inst,) = good
+    assert bad == {1: "missing field 'reference'"}
+    assert (inst.id, inst.contexts, inst.stop, inst.max_new_tokens) == ("0", ["Capital of France?"], ["\n\n"], 256)
+    assert task.metric == "exact"
+    assert task.score_generation(inst, " Paris\n\nQuestion: next") == (True, 1.0, " Paris")
+    assert task.score_generation(inst, " Lyon") == (False, 0.0, " Lyon")
+
+    rouge = get_task("gen_jsonl", metric="rouge1", stop="###", max_new_tokens="32")
+    inst = rouge.parse(json.dumps({"prompt": "p", "reference": "the cat sat on the mat"}), 0)
+    assert (rouge.metric, inst.stop, inst.max_new_tokens) == ("rouge1", ["###"], 32)
+    correct, score, pred = rouge.score_generation(inst, "the cat sat###the mat")
+    assert correct is None and pred == "the cat sat"
+    assert score == pytest.approx(2 * 1.0 * 0.5 / 1.5)   # P = 3/3, R = 3/6
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"metric": "bleu"}, "metric"), ({"max_new_tokens": 0}, "max_new_tokens"), ({"colour": "red"}, "colour"),
+])
+def test_bad_task_options_are_user_errors(options, fragment):
+    with pytest.raises(MuscleError, match=f"task gen_jsonl: bad option.*{fragment}"):
+        get_task("gen_jsonl", **options)
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(MuscleError) as e:
+        get_task("hellaswagg")
+    assert "unknown task 'hellaswagg'" in str(e.value)
+    for name in task_names():
+        assert name in str(e.value)
+    assert {"mc_jsonl", "gen_jsonl"} <= set(task_names())
