@@ -14,6 +14,7 @@ from muscle_ray.errors import MuscleError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
+    "flips": ("muscle_ray.metrics.cli", "negative/positive flips, paired statistics and compat deltas between result sets"),
 }
 
 

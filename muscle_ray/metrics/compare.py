@@ -1,0 +1,155 @@
+"""Compare result sets: old vs new, and optionally old vs new-compat (paper §2.4).
+
+Which per-instance score S is used:
+- no `metric`: S is the `score` column as the scorer wrote it, and the discrete metrics use
+  the `correct` column (when it has no nulls in the joined rows);
+- `metric="exact"`: S is recomputed as exact match of `prediction` vs `reference`, and
+  correct = (S == 1);
+- `metric` in rouge1/rouge2/rougeL/bertscore: S is recomputed from the text and the
+  comparison is continuous only (no quadrants: there is no right or wrong).
+So an explicit `--metric` always recomputes from text; the default trusts `score`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from muscle_ray.metrics import flips
+from muscle_ray.metrics.text import similarity
+
+BASE_COLUMNS = ["id", "correct", "score", "prediction"]
+
+
+def columns_for(metric: str | None) -> list[str]:
+    """Only the columns a comparison reads (result files carry many more)."""
+    return BASE_COLUMNS + (["reference"] if metric else [])
+
+
+@dataclass
+class Comparison:
+    paired: flips.Paired
+    s_old: np.ndarray
+    s_new: np.ndarray
+    correct_old: np.ndarray | None
+    correct_new: np.ndarray | None
+    same_prediction: np.ndarray
+    summary: dict
+    epsilon: float
+
+    def flip_table(self) -> pa.Table:
+        """One row per joined instance: both sides' answers and scores, D, and its flip class."""
+        p = self.paired
+        cols = {
+            "id": p.old.column("id"),
+            "prediction_old": p.old.column("prediction"),
+            "prediction_new": p.new.column("prediction"),
+            "s_old": pa.array(self.s_old),
+            "s_new": pa.array(self.s_new),
+            "d": pa.array(self.s_new - self.s_old),
+            "direction": _categories(flips.direction_codes(self.s_new - self.s_old, self.epsilon), flips.DIRECTIONS),
+        }
+        if self.correct_old is not None:
+            cols["correct_old"] = pa.array(self.correct_old)
+            cols["correct_new"] = pa.array(self.correct_new)
+            cols["quadrant"] = _categories(
+                flips.quadrant_codes(self.correct_old, self.correct_new, self.same_prediction), flips.QUADRANTS
+            )
+        return pa.table(cols)
+
+
+def _categories(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), pa.array(names, pa.string()))
+
+
+def _scores(table: pa.Table, metric: str | None, bertscore_model: str | None) -> np.ndarray:
+    if metric is None:
+        return table.column("score").to_numpy().astype(np.float64, copy=False)
+    preds = pc.fill_null(table.column("prediction"), "")
+    refs = pc.fill_null(table.column("reference"), "")
+    if metric == "exact":
+        return similarity("exact", preds, refs)
+    return similarity(metric, preds.to_pylist(), refs.to_pylist(), bertscore_model=bertscore_model)
+
+
+def _correct(table: pa.Table) -> np.ndarray | None:
+    col = table.column("correct")
+    if col.null_count:
+        return None
+    return col.to_numpy().astype(bool)
+
+
+def compare(
+    old: pa.Table,
+    new: pa.Table,
+    metric: str | None = None,
+    epsilon: float = 0.0,
+    n_boot: int = 2000,
+    seed: int = 0,
+    bertscore_model: str | None = None,
+) -> Comparison:
+    """All flip metrics of OLD -> NEW as one JSON-ready summary (see the module docstring)."""
+    if epsilon < 0:
+        raise ValueError("epsilon must be >= 0")
+    p = flips.pair(old, new)
+    s_old = _scores(p.old, metric, bertscore_model)
+    s_new = _scores(p.new, metric, bertscore_model)
+    if metric is None:
+        c_old, c_new = _correct(p.old), _correct(p.new)
+        if c_old is None or c_new is None:
+            c_old = c_new = None
+    elif metric == "exact":
+        c_old, c_new = s_old == 1.0, s_new == 1.0
+    else:
+        c_old = c_new = None
+    same = pc.fill_null(pc.equal(p.old.column("prediction"), p.new.column("prediction")), False)
+    same = same.to_numpy(zero_copy_only=False)
+    cont = flips.continuous_metrics(s_old, s_new, epsilon, n_boot, seed)
+    summary = {
+        "n": p.n,
+        "only_old": p.only_old,
+        "only_new": p.only_new,
+        "only_old_examples": p.only_old_examples,
+        "only_new_examples": p.only_new_examples,
+        "metric": metric or "score",
+        "epsilon": epsilon,
+    }
+    if c_old is not None:
+        summary["kind"] = "discrete"
+        summary.update(flips.discrete_metrics(c_old, c_new, same, n_boot, seed))
+    else:
+        summary["kind"] = "continuous"
+        summary.update({
+            "acc_old": cont["score_old"], "acc_new": cont["score_new"],
+            "nfr": cont["nfr"], "pfr": cont["pfr"], "nfr_mc": None, "quadrants": None,
+            "btc": None, "bec": None, "mcnemar_p": cont["sign_test_p"],
+            "ci": {"delta_acc": cont["ci"]["delta_score"], "nfr": cont["ci"]["nfr"], "pfr": cont["ci"]["pfr"]},
+        })
+    summary["m_g"] = cont["m_g"]
+    summary["m_r"] = cont["m_r"]
+    summary["continuous"] = cont
+    return Comparison(p, s_old, s_new, c_old, c_new, same, flips.clean(summary), epsilon)
+
+
+def compat_deltas(base: dict, compat: dict) -> dict:
+    """The paper's Table 4-7 deltas of OLD->COMPAT against OLD->NEW (in fractions, not %).
+
+    ΔNFR_c = NFR_c - NFR; Δ%NFR_c = 100·ΔNFR_c / NFR; Δacc_c = acc_c - acc_new;
+    ΔPFR_c = PFR_c - PFR; Δm_g = m_g(c) - m_g; Δm_r = m_r(c) - m_r.
+    """
+
+    def sub(a, b):
+        return None if a is None or b is None else a - b
+
+    d_nfr = sub(compat["nfr"], base["nfr"])
+    return {
+        "d_nfr_c": d_nfr,
+        "d_pct_nfr_c": None if d_nfr is None or not base["nfr"] else 100.0 * d_nfr / base["nfr"],
+        "d_acc_c": sub(compat["acc_new"], base["acc_new"]),
+        "d_pfr_c": sub(compat["pfr"], base["pfr"]),
+        "d_m_g": sub(compat["m_g"], base["m_g"]),
+        "d_m_r": sub(compat["m_r"], base["m_r"]),
+    }

@@ -1,0 +1,185 @@
+"""Flip metrics between two result sets of one task (MUSCLE, arXiv 2407.09435, §2).
+
+Everything is computed on the inner join of the two sets by `id`; ids on one side only are
+counted (`only_old`, `only_new`) and reported with examples, never dropped silently.
+
+Discrete (per-instance `correct`, e.g. multiple choice or exact match), over N joined rows:
+  acc_old, acc_new; NFR = mean(old right & new wrong); PFR = mean(old wrong & new right);
+  NFR_mc = mean(new wrong & new prediction != old prediction) (inconsistency flips);
+  five quadrants: both_right, positive_flip, both_wrong_same, both_wrong_different,
+  negative_flip; BTC = both_right / old-correct (backward trust compatibility: the share of
+  the old model's right answers the new one keeps); BEC = both wrong / new-wrong (backward
+  error compatibility, Srivastava et al. 2020: the share of the new model's errors that the
+  old model also made, i.e. errors users already knew about).
+Continuous (any per-instance score S): D = S(new) - S(old); PFR = mean(D > eps), NFR =
+  mean(D < -eps) (eps = 0: any change counts, the paper's rule); m_g = mean D over improved,
+  m_r = mean |D| over regressed. With S = correctness these equal the discrete PFR and NFR.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from muscle_ray.metrics import stats
+
+QUADRANTS = ("both_right", "positive_flip", "both_wrong_same", "both_wrong_different", "negative_flip")
+DIRECTIONS = ("improved", "tie", "regressed")
+EXAMPLES = 5
+
+
+@dataclass
+class Paired:
+    """Two result sets aligned row by row on their shared ids (in OLD's row order)."""
+
+    old: pa.Table
+    new: pa.Table
+    only_old: int
+    only_new: int
+    only_old_examples: list[str] = field(default_factory=list)
+    only_new_examples: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return self.old.num_rows
+
+
+def pair(old: pa.Table, new: pa.Table) -> Paired:
+    """Inner-join by id with Arrow's multithreaded hash join on (id, row number) only.
+
+    Ids are unique per side (results.validate), so the unmatched counts are the row
+    counts minus the joined count; the wide columns are gathered once with `take`.
+    """
+    left = pa.table({"id": old.column("id"), "_o": pa.array(np.arange(old.num_rows, dtype=np.int64))})
+    right = pa.table({"id": new.column("id"), "_n": pa.array(np.arange(new.num_rows, dtype=np.int64))})
+    joined = left.join(right, keys="id", join_type="inner", use_threads=True)
+    io = joined.column("_o").to_numpy()
+    inew = joined.column("_n").to_numpy()
+    order = np.argsort(io, kind="stable")
+    io, inew = io[order], inew[order]
+    return Paired(
+        old=old.take(io),
+        new=new.take(inew),
+        only_old=old.num_rows - len(io),
+        only_new=new.num_rows - len(inew),
+        only_old_examples=_unmatched(old, io),
+        only_new_examples=_unmatched(new, inew),
+    )
+
+
+def _unmatched(table: pa.Table, matched: np.ndarray) -> list[str]:
+    if len(matched) == table.num_rows:
+        return []
+    mask = np.ones(table.num_rows, dtype=bool)
+    mask[matched] = False
+    return table.column("id").take(np.flatnonzero(mask)[:EXAMPLES]).to_pylist()
+
+
+# --- discrete --------------------------------------------------------------------------
+
+
+def quadrant_codes(correct_old: np.ndarray, correct_new: np.ndarray, same_prediction: np.ndarray) -> np.ndarray:
+    """Per-instance index into QUADRANTS."""
+    co, cn = correct_old.astype(bool), correct_new.astype(bool)
+    codes = np.full(len(co), 4, dtype=np.int8)  # negative_flip: old right, new wrong
+    codes[co & cn] = 0
+    codes[~co & cn] = 1
+    both_wrong = ~co & ~cn
+    codes[both_wrong & same_prediction] = 2
+    codes[both_wrong & ~same_prediction] = 3
+    return codes
+
+
+def discrete_metrics(
+    correct_old: np.ndarray, correct_new: np.ndarray, same_prediction: np.ndarray,
+    n_boot: int = 2000, seed: int = 0,
+) -> dict:
+    """acc, NFR, PFR, NFR_mc, quadrants, BTC, BEC, McNemar p and bootstrap CIs."""
+    co, cn, same = correct_old.astype(bool), correct_new.astype(bool), same_prediction.astype(bool)
+    n = len(co)
+    counts = np.bincount(quadrant_codes(co, cn, same), minlength=5).astype(np.int64)
+    both_right, pos, bw_same, bw_diff, neg = (int(x) for x in counts)
+    nfr_mc_count = int(np.count_nonzero(~cn & ~same))
+    old_right = both_right + neg
+    new_wrong = bw_same + bw_diff + neg
+    boot = stats.bootstrap_counts(counts, n_boot, seed) / max(n, 1)
+    return {
+        "acc_old": _div(old_right, n),
+        "acc_new": _div(both_right + pos, n),
+        "nfr": _div(neg, n),
+        "pfr": _div(pos, n),
+        "nfr_mc": _div(nfr_mc_count, n),
+        "quadrants": dict(zip(QUADRANTS, (int(x) for x in counts))),
+        "btc": _div(both_right, old_right),
+        "bec": _div(bw_same + bw_diff, new_wrong),
+        "mcnemar_p": stats.mcnemar_p(pos, neg),
+        "ci": {
+            "delta_acc": stats.percentile_ci(boot[:, 1] - boot[:, 4]) if n else None,
+            "nfr": stats.percentile_ci(boot[:, 4]) if n else None,
+            "pfr": stats.percentile_ci(boot[:, 1]) if n else None,
+        },
+    }
+
+
+# --- continuous ------------------------------------------------------------------------
+
+
+def direction_codes(d: np.ndarray, epsilon: float = 0.0) -> np.ndarray:
+    """Per-instance index into DIRECTIONS: improved (D > eps), tie, regressed (D < -eps)."""
+    codes = np.ones(len(d), dtype=np.int8)
+    codes[d > epsilon] = 0
+    codes[d < -epsilon] = 2
+    return codes
+
+
+def continuous_metrics(
+    s_old: np.ndarray, s_new: np.ndarray, epsilon: float = 0.0, n_boot: int = 2000, seed: int = 0
+) -> dict:
+    """Mean scores, PFR/NFR of D = S(new) - S(old) beyond ±eps, m_g, m_r, sign test, CIs."""
+    s_old = np.asarray(s_old, dtype=np.float64)
+    s_new = np.asarray(s_new, dtype=np.float64)
+    d = s_new - s_old
+    n = len(d)
+    codes = direction_codes(d, epsilon)
+    counts = np.bincount(codes, minlength=3).astype(np.int64)
+    improved, _, regressed = (int(x) for x in counts)
+    boot = stats.bootstrap_counts(counts, n_boot, seed) / max(n, 1)
+    return {
+        "score_old": _mean(s_old),
+        "score_new": _mean(s_new),
+        "pfr": _div(improved, n),
+        "nfr": _div(regressed, n),
+        "m_g": _mean(d[codes == 0]),
+        "m_r": _mean(-d[codes == 2]),
+        "improved": improved,
+        "regressed": regressed,
+        "sign_test_p": stats.mcnemar_p(improved, regressed),
+        "ci": {
+            "delta_score": stats.bootstrap_mean_ci(d, n_boot, seed) if n else None,
+            "nfr": stats.percentile_ci(boot[:, 2]) if n else None,
+            "pfr": stats.percentile_ci(boot[:, 0]) if n else None,
+        },
+    }
+
+
+def _div(a: float, b: float) -> float | None:
+    return float(a) / float(b) if b else None
+
+
+def _mean(x: np.ndarray) -> float | None:
+    return float(x.mean()) if len(x) else None
+
+
+def clean(obj):
+    """NaN/inf -> None so the summary is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
