@@ -5,6 +5,6 @@ and import it below.
 """
 
 from muscle_ray.tasks.base import Instance, Task, get_task, register, task_names
-from muscle_ray.tasks import gen_jsonl, mc_jsonl  # noqa: F401,E402  (registration)
+from muscle_ray.tasks import arc, dialogsum, gen_jsonl, gsm8k, hellaswag, mc_jsonl, piqa, winogrande  # noqa: F401,E402
 
 __all__ = ["Instance", "Task", "get_task", "register", "task_names"]

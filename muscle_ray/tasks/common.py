@@ -17,8 +17,9 @@ from muscle_ray.errors import BadRow, MuscleError
 from muscle_ray.tasks.base import Instance, Task
 
 
-def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Yield (row, line) for every non-blank line; row is the 0-based line number.
+def read_lines(path: str | Path, keep_blank: bool = False) -> Iterator[tuple[int, str]]:
+    """Yield (row, line) for every non-blank line (every line with keep_blank); row is the
+    0-based line number.
 
     Lines are decoded one by one (surrogateescape) so a single bad byte spoils one row, not
     the file: `load_json` turns it into a BadRow.
@@ -29,7 +30,7 @@ def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     with p.open("rb") as f:
         for row, line in enumerate(f):
             text = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
-            if text.strip():
+            if keep_blank or text.strip():
                 yield row, text
 
 

@@ -1,0 +1,56 @@
+"""`dialogsum`: DialogSum (Chen et al. 2021) dialogue summarisation, scored by ROUGE-1.
+
+Reads the official JSON Lines: `{"fname", "dialogue", "summary1", "summary2", "summary3", ...}`
+(test split: three human summaries) or `{"fname", "dialogue", "summary", ...}` (train/dev).
+
+DialogSum stands in for SAMsum (MUSCLE's summarisation task, not redistributable), so the
+prompt follows MUSCLE's SAMsum task: "Dialogue: {dialogue}\\nSummary:", greedy generation until
+"Dialogue:", "Summary:", "</s>" or a blank line. MUSCLE also sets no_repeat_ngram_size=2,
+which an Instance cannot carry; scorers generate plain greedy.
+
+Score: ROUGE-1 F1 (rouge-score, stemming) of the generation against ONE reference, the option
+`reference` = "summary1" (default) | "summary2" | "summary3" | "summary". One fixed reference
+keeps a per-instance score comparable across model versions; summary1 is the first annotator's.
+ROUGE is continuous, so `correct` is null. ids: `fname` (test_0 ...), else the 0-based row.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from muscle_ray.tasks.base import Instance, register
+from muscle_ray.tasks.common import FileTask, Options, cut_at_stop, load_json, need, record_id, score_text
+
+STOP = ["Dialogue:", "Summary:", "</s>", "\n\n"]
+
+
+class DialogSumOptions(Options):
+    reference: Literal["summary1", "summary2", "summary3", "summary"] = "summary1"
+    max_new_tokens: int = Field(128, gt=0)
+
+
+@register
+class DialogSum(FileTask):
+    name = "dialogsum"
+    kind = "gen"
+    metric = "rouge1"
+    default_path = "dialogsum/dialogsum.test.jsonl"
+    Options = DialogSumOptions
+
+    def parse(self, raw: str, row: int) -> Instance:
+        doc = load_json(raw, row)
+        return Instance(
+            id=record_id(doc, row, "fname"), task=self.name, kind="gen",
+            contexts=[f"Dialogue: {need(doc, 'dialogue', str, row)}\nSummary:"],
+            reference=need(doc, self.options.reference, str, row), stop=list(STOP),
+            max_new_tokens=self.options.max_new_tokens,
+        )
+
+    def score_generation(self, inst: Instance, text: str) -> tuple[bool | None, float, str]:
+        prediction = cut_at_stop(text, inst.stop)
+        return (*score_text(self.metric, prediction, inst.reference), prediction)
+
+    def training_pair(self, inst: Instance) -> tuple[str, str]:
+        return inst.contexts[0], " " + inst.reference
