@@ -11,12 +11,18 @@ from typing import Iterable
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, individual_digits: bool = False):
+    """Train the tokenizer; `individual_digits` keeps every digit its own token, as
+    arithmetic-friendly tokenizers (Llama's, for one) do."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if individual_digits else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -1,0 +1,129 @@
+"""Build the zoo once: shared tokenizer, base v1, base v2 ("updated"), the three demo tasks.
+
+Everything lands as ordinary files (HF model directories, JSONL) that the rest of the system
+loads through its normal paths. The build is cached under a key of its config: an unchanged
+config reuses the directory, a changed one rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from muscle_ray.zoo import world
+from muscle_ray.zoo.llama import LlamaSpec, init_model, save_model_dir
+from muscle_ray.zoo.pretrain import pack, pretrain
+from muscle_ray.zoo.tokenizer import build_tokenizer
+
+ZOO_VERSION = 1   # bump when world.py or pretrain.py change what a config produces
+
+
+class BaseConfig(BaseModel):
+    """One base version: architecture, data and schedule. v2 differs as real updates do."""
+
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = Field(64, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    steps: int = Field(1500, gt=0)
+    corpus_docs: int = Field(20000, gt=0)
+    seed: int = 0
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    seq_len: int = Field(64, gt=8)
+
+    def spec(self) -> LlamaSpec:
+        return LlamaSpec(self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
+                         self.num_key_value_heads, self.intermediate_size, max_position_embeddings=256)
+
+
+class TaskSizes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: int = Field(4000, gt=0)
+    val: int = Field(400, gt=0)
+    test: int = Field(1000, gt=0)
+
+
+class ZooConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vocab_size: int = Field(400, ge=300)
+    v1: BaseConfig = BaseConfig(seed=1, steps=1500)
+    v2: BaseConfig = BaseConfig(seed=2, steps=2000, corpus_docs=30000)
+    tasks: list[str] = list(world.TASKS)
+    sizes: TaskSizes = TaskSizes()
+    data_seed: int = 1234
+
+    def key(self) -> str:
+        blob = json.dumps({"zoo_version": ZOO_VERSION, **self.model_dump()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def build_task_data(cfg: ZooConfig, out: Path) -> None:
+    """train/val/test JSONL per task; test/val in the task's eval schema, train as prompt/completion.
+
+    Splits are drawn from one stream and de-duplicated by prompt, so no test item is trained on.
+    """
+    for t_i, name in enumerate(cfg.tasks):
+        make = world.TASKS[name]
+        rng = random.Random(cfg.data_seed * 100 + t_i)
+        seen: set[str] = set()
+        rows: list[dict] = []
+        need = cfg.sizes.train + cfg.sizes.val + cfg.sizes.test
+        while len(rows) < need:
+            rec = make(rng)
+            prompt = rec.get("prompt") or rec["context"]
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            rows.append(rec)
+        test, val, train = (rows[: cfg.sizes.test], rows[cfg.sizes.test: cfg.sizes.test + cfg.sizes.val],
+                            rows[cfg.sizes.test + cfg.sizes.val:])
+        for split, part in (("test", test), ("val", val)):
+            _write_jsonl(out / name / f"{split}.jsonl",
+                         [{"id": f"{split}-{i}", **{k: v for k, v in r.items() if k != "completion"}}
+                          for i, r in enumerate(part)])
+        for split, part in (("train", train), ("val", val)):
+            _write_jsonl(out / name / f"{split}_pairs.jsonl",
+                         [{"prompt": r.get("prompt") or r["context"], "completion": r["completion"]} for r in part])
+
+
+def build_zoo(out: str | Path, cfg: ZooConfig = ZooConfig(), log=print) -> Path:
+    """Build (or reuse) the zoo under `out`: tokenizer, v1/, v2/, data/<task>/, zoo.json."""
+    out = Path(out)
+    stamp = out / "zoo.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == cfg.key():
+        log(f"zoo: reusing {out} (key {cfg.key()})")
+        return out
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tokenizer = build_tokenizer(world.tokenizer_text(), cfg.vocab_size, individual_digits=True)
+    timings = {}
+    for name, base in (("v1", cfg.v1), ("v2", cfg.v2)):
+        t = time.perf_counter()
+        log(f"zoo: pretraining base {name} ({base.num_hidden_layers}x{base.hidden_size}, {base.steps} steps)")
+        stream = pack(tokenizer, world.corpus(base.corpus_docs, seed=base.seed))
+        model = init_model(base.spec(), tokenizer, seed=base.seed)
+        pretrain(model, stream, base.steps, base.seed, base.batch_size, base.seq_len, base.lr,
+                 log=lambda m: log(f"zoo[{name}]{m}"))
+        save_model_dir(model, tokenizer, out / name)
+        timings[name] = round(time.perf_counter() - t, 1)
+    build_task_data(cfg, out / "data")
+    stamp.write_text(json.dumps({"key": cfg.key(), "config": cfg.model_dump(), "seconds": timings,
+                                 "total_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+    log(f"zoo: built in {time.perf_counter() - t0:.0f}s at {out}")
+    return out
