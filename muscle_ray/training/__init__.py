@@ -1,0 +1,1 @@
+"""Adapter training: the MUSCLE loss, teacher placements, and Ray Train jobs."""
