@@ -1,0 +1,198 @@
+"""The MUSCLE update report: the paper's Tables 4-7 for each task, as JSON, Markdown and HTML.
+
+Input is a set of Comparisons (v1 -> v2, v1 -> compat, v1 -> control) per task and seed; rates
+stay fractions in JSON and are printed in percent, as the paper prints them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from muscle_ray.metrics.compare import Comparison, compat_deltas
+
+ROW_KEYS = ["acc_v1", "acc_v2", "acc_compat", "acc_control", "d_acc_c", "nfr", "nfr_compat", "nfr_control",
+            "d_nfr_c", "d_pct_nfr_c", "pfr", "pfr_compat", "pfr_control", "d_pfr_c", "nfr_mc", "nfr_mc_compat",
+            "m_g", "m_r", "d_m_g", "d_m_r", "fixed", "broken"]
+
+
+def task_row(metric: str, v2: Comparison, compat: Comparison, control: Comparison | None = None) -> dict:
+    """One table row: each model against v1, and the compat deltas against the vanilla update.
+
+    `fixed`/`broken` count v1-right instances that compat gets right where v2 got them wrong,
+    and the reverse: the paired view the miniature experiments recommend beside rates.
+    """
+    s, c = v2.summary, compat.summary
+    row = {
+        "metric": metric,
+        "acc_v1": s["acc_old"], "acc_v2": s["acc_new"], "acc_compat": c["acc_new"],
+        "nfr": s["nfr"], "nfr_compat": c["nfr"], "pfr": s["pfr"], "pfr_compat": c["pfr"],
+        "nfr_mc": s.get("nfr_mc"), "nfr_mc_compat": c.get("nfr_mc"),
+        "m_g": s["m_g"], "m_r": s["m_r"],
+    }
+    d = compat_deltas(s, c)
+    row.update({"d_acc_c": d["d_acc_c"], "d_nfr_c": d["d_nfr_c"], "d_pct_nfr_c": d["d_pct_nfr_c"],
+                "d_pfr_c": d["d_pfr_c"], "d_m_g": d["d_m_g"], "d_m_r": d["d_m_r"]})
+    if control is not None:
+        row.update({"acc_control": control.summary["acc_new"], "nfr_control": control.summary["nfr"],
+                    "pfr_control": control.summary["pfr"]})
+    # Paired fixed/broken among instances v1 gets right (same ids in both comparisons).
+    d_v2 = dict(zip(v2.paired.old.column("id").to_pylist(), (v2.s_new - v2.s_old).tolist()))
+    d_c = dict(zip(compat.paired.old.column("id").to_pylist(), (compat.s_new - compat.s_old).tolist()))
+    common = d_v2.keys() & d_c.keys()
+    row["fixed"] = sum(1 for i in common if d_v2[i] < 0 <= d_c[i])
+    row["broken"] = sum(1 for i in common if d_v2[i] >= 0 > d_c[i])
+    return row
+
+
+def mean_over_seeds(rows: list[dict]) -> dict:
+    """Mean of each number over seeds, with the per-seed values and their spread beside it."""
+    out = {"metric": rows[0]["metric"], "seeds": len(rows)}
+    for k in ROW_KEYS:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        if not vals:
+            continue
+        out[k] = float(np.mean(vals))
+        if len(rows) > 1:
+            out[f"{k}_per_seed"] = vals
+            out[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
+def _pct(x, signed=False) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _spread(row: dict, key: str) -> str:
+    s = row.get(f"{key}_std")
+    return f" ±{100 * s:.2f}" if s is not None else ""
+
+
+def tables_markdown(report: dict) -> str:
+    """Tables 4-6 (one row per task) and, when present, the Table 7 ablation."""
+    lines = ["| task | metric | acc v1 | acc v2 | acc compat | acc control | Δacc_c | NFR | NFR compat | NFR control | ΔNFR_c | Δ%NFR_c | m_g | m_r | Δm_g | Δm_r | fixed/broken |",
+             "|" + "---|" * 17]
+    for name, r in report["tasks"].items():
+        cont = r["metric"] not in ("acc", "exact")
+        lines.append(
+            f"| {name} | {r['metric']} | {_pct(r['acc_v1'])} | {_pct(r['acc_v2'])} | {_pct(r['acc_compat'])}{_spread(r, 'acc_compat')} | "
+            f"{_pct(r.get('acc_control'))} | {_pct(r['d_acc_c'], True)} | {_pct(r['nfr'])}{_spread(r, 'nfr')} | "
+            f"{_pct(r['nfr_compat'])}{_spread(r, 'nfr_compat')} | {_pct(r.get('nfr_control'))} | {_pct(r['d_nfr_c'], True)} | "
+            f"{'–' if r.get('d_pct_nfr_c') is None else format(r['d_pct_nfr_c'], '+.1f')} | "
+            f"{_pct(r['m_g']) if cont else '–'} | {_pct(r['m_r']) if cont else '–'} | "
+            f"{_pct(r.get('d_m_g'), True) if cont else '–'} | {_pct(r.get('d_m_r'), True) if cont else '–'} | "
+            f"{r.get('fixed', 0):.0f}/{r.get('broken', 0):.0f} |")
+    if report.get("ablation"):
+        ab = report["ablation"]
+        lines += ["", f"Masking ablation on {ab['task']} (baseline NFR {_pct(ab['nfr'])}):", "",
+                  "| mask | acc | NFR | ΔNFR_c | Δ%NFR_c | ΔPFR_c | Δacc_c |", "|---|---|---|---|---|---|---|"]
+        for mask, r in ab["masks"].items():
+            lines.append(f"| {mask} | {_pct(r['acc_compat'])} | {_pct(r['nfr_compat'])} | {_pct(r['d_nfr_c'], True)} | "
+                         f"{'–' if r.get('d_pct_nfr_c') is None else format(r['d_pct_nfr_c'], '+.1f')} | "
+                         f"{_pct(r['d_pfr_c'], True)} | {_pct(r['d_acc_c'], True)} |")
+    return "\n".join(lines)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(report: dict, comparisons: dict[str, dict[str, Comparison]]) -> dict[str, str]:
+    """Base64 PNGs: quadrants per update, NFR vs accuracy, and the distribution of D."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, str] = {}
+    for task, cmps in comparisons.items():
+        first = next(iter(cmps.values()))
+        if first.summary.get("quadrants"):
+            fig, ax = plt.subplots(figsize=(6, 3))
+            names = list(first.summary["quadrants"])
+            width = 0.8 / len(cmps)
+            for i, (label, cmp) in enumerate(cmps.items()):
+                q = cmp.summary["quadrants"]
+                ax.bar(np.arange(len(names)) + i * width, [q[n] for n in names], width, label=f"v1→{label}")
+            ax.set_xticks(np.arange(len(names)) + width * (len(cmps) - 1) / 2, [n.replace("_", " ") for n in names],
+                          rotation=20, fontsize=8)
+            ax.set_ylabel("instances")
+            ax.set_title(f"{task}: quadrants of each update")
+            ax.legend(fontsize=8)
+            figs[f"{task}: quadrants"] = _png(fig)
+        else:
+            fig, ax = plt.subplots(figsize=(6, 3))
+            for label, cmp in cmps.items():
+                ax.hist(cmp.s_new - cmp.s_old, bins=40, alpha=0.5, label=f"v1→{label}")
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_xlabel("D = S(new) − S(v1)")
+            ax.set_title(f"{task}: distribution of D")
+            ax.legend(fontsize=8)
+            figs[f"{task}: D distribution"] = _png(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for task, r in report["tasks"].items():
+        pts = [("v2", r["acc_v2"], r["nfr"]), ("compat", r["acc_compat"], r["nfr_compat"])]
+        if r.get("acc_control") is not None:
+            pts.append(("control", r["acc_control"], r["nfr_control"]))
+        xs, ys = [100 * p[1] for p in pts], [100 * p[2] for p in pts]
+        ax.plot(xs, ys, "-", alpha=0.4)
+        for (label, _, _), x, y in zip(pts, xs, ys):
+            ax.scatter([x], [y], marker={"v2": "o", "compat": "*", "control": "s"}[label], s=60)
+            ax.annotate(f"{task} {label}", (x, y), fontsize=7)
+    ax.set_xlabel("accuracy / score (%)")
+    ax.set_ylabel("NFR (%)")
+    ax.set_title("NFR against accuracy")
+    figs["NFR vs accuracy"] = _png(fig)
+    return figs
+
+
+def write_report(report: dict, comparisons: dict[str, dict[str, Comparison]], out: str | Path) -> dict[str, Path]:
+    """report.json (every number), report.md (tables), report.html (tables + embedded plots)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = "# MUSCLE update report\n\n" + tables_markdown(report) + "\n\nRates in %. Timings (s): " + \
+        ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()) + "\n"
+    images = plots(report, comparisons)
+    body = "".join(f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'/>"
+                   for t, b in images.items())
+    table_html = _markdown_table_to_html(tables_markdown(report))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>MUSCLE update report</title>"
+            f"<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}"
+            f"td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}</style></head><body>"
+            f"<h1>MUSCLE update report</h1>{table_html}<p>Rates in %.</p>{body}"
+            f"<h3>report.json</h3><pre>{html.escape(json.dumps(report, indent=1))}</pre></body></html>")
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["md"].write_text(md)
+    paths["html"].write_text(page)
+    return paths
+
+
+def _markdown_table_to_html(md: str) -> str:
+    parts, rows = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                rows.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+            continue
+        if rows:
+            head, *rest = rows
+            parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>" +
+                         "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rest) + "</table>")
+            rows = []
+        if line:
+            parts.append(f"<p>{html.escape(line)}</p>")
+    return "".join(parts)
