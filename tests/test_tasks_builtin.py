@@ -1,0 +1,240 @@
+"""Built-in tasks on the real shared files: counts, known rows, labels, ids, bad rows, scoring."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+from muscle_ray.errors import BadRow, MuscleError
+from muscle_ray.tasks import get_task
+from muscle_ray.tasks.gsm8k import extract_answer
+
+
+def load(name: str, path, **options):
+    """All instances of a file, failing on any bad row (the shared files are clean)."""
+    task = get_task(name, **options)
+    return [task.parse(raw, row) for row, raw in task.records(str(path))]
+
+
+def labels(instances) -> dict[int, int]:
+    return dict(sorted(collections.Counter(i.label for i in instances).items()))
+
+
+def parse_error(name: str, raw: str, **options) -> str:
+    with pytest.raises(BadRow) as e:
+        get_task(name, **options).parse(raw, 7)
+    assert e.value.row == 7
+    return e.value.reason
+
+
+# --- counts and label balance, as documented in each SOURCE.md -----------------------------
+
+@pytest.mark.parametrize("name, path, count, label_counts", [
+    ("hellaswag", None, 1000, {0: 267, 1: 228, 2: 266, 3: 239}),
+    ("hellaswag", "hellaswag/val_first2000.llamacpp.txt", 2000, {0: 521, 1: 469, 2: 521, 3: 489}),
+    ("piqa", None, 1838, {0: 910, 1: 928}),
+    ("winogrande", None, 1267, {0: 628, 1: 639}),
+    ("arc_easy", None, 2376, {0: 565, 1: 592, 2: 634, 3: 585}),
+    ("gsm8k", None, 1319, {None: 1319}),
+    ("dialogsum", None, 500, {None: 500}),
+])
+def test_real_files_load_completely(shared_data, name, path, count, label_counts):
+    task = get_task(name)
+    insts = load(name, shared_data / (path or task.default_path))
+    assert len(insts) == count and labels(insts) == label_counts
+    assert len({i.id for i in insts}) == count                      # ids are unique
+    assert all(i.task == name and i.kind == task.kind for i in insts)
+    if task.kind == "mc":
+        assert all(i.reference == str(i.label) and i.choice_chars == [len(c) - 1 for c in i.continuations]
+                   for i in insts if len(i.contexts) == 1)
+
+
+# --- known rows ------------------------------------------------------------------------------
+
+def test_hellaswag_known_rows(shared_data):
+    insts = {i.id: i for i in load("hellaswag", shared_data / "hellaswag/val_sample1000.jsonl")}
+    pole = insts["20022"]                                           # ids are the records' `ind`
+    assert pole.contexts == ["Pole vault: Pole vault is a sport where you run with a pole and stop and swing "
+                             "your body. A few women"]              # ctx_b capitalised, as lm-eval does
+    assert pole.continuations[3] == " are in the gym practicing to do this pole vault, trying to do their best."
+    assert pole.label == 3
+    wikihow = insts["670"]                                          # WikiHow markup removed
+    assert wikihow.contexts[0].startswith("Sports and Fitness: How to bowl the leg spinner's variations. To bowl")
+    assert "[" not in wikihow.contexts[0] and wikihow.continuations[0].startswith("  If you're outside")
+
+
+def test_hellaswag_llamacpp_text_agrees_with_jsonl(shared_data):
+    """Item k of the text file is val row k: same endings and gold as the jsonl record with
+    val_index k; the context differs only by lm-eval's capitalisation of ctx_b."""
+    d = shared_data / "hellaswag"
+    text = load("hellaswag", d / "val_first2000.llamacpp.txt")
+    assert (text[0].id, text[0].label, text[0].contexts) == ("0", 3, ["Roof shingle removal: A man is sitting on a roof. he"])
+    val_index = [int(x) for x in (d / "val_sample1000.val_index.txt").read_text().split()]
+    shared = [(j, text[k]) for j, k in zip(load("hellaswag", d / "val_sample1000.jsonl"), val_index) if k < 2000]
+    assert len(shared) == 707
+    for j, t in shared:
+        assert (t.continuations, t.label) == (j.continuations, j.label)
+        assert t.contexts[0].lower() == j.contexts[0].lower()
+
+
+def test_piqa_labels_from_the_file_beside(shared_data, tmp_path):
+    insts = load("piqa", shared_data / "piqa/valid.jsonl")
+    dresser = insts[1]
+    assert dresser.contexts == ["Question: dresser\nAnswer:"]
+    assert dresser.continuations == [" replace drawer with bobby pin ", " finish, woodgrain with  bobby pin "]
+    assert (dresser.id, dresser.label, insts[0].label) == ("1", 1, 0)
+
+    # a labels file named explicitly; a misaligned one is refused
+    lines = (shared_data / "piqa/valid.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "gold.lst").write_text("1\n0\n1\n")
+    assert [i.label for i in load("piqa", data, labels=str(tmp_path / "gold.lst"))] == [1, 0, 1]
+    (tmp_path / "dev-labels.lst").write_text("1\n0\n")
+    with pytest.raises(MuscleError, match="2 labels for 3 rows"):
+        load("piqa", data)
+    with pytest.raises(MuscleError, match="no such labels file"):
+        load("piqa", data, labels=str(tmp_path / "absent.lst"))
+
+
+def test_piqa_without_labels_file_uses_a_label_field(tmp_path):
+    data = tmp_path / "export.jsonl"
+    data.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 1}) + "\n"
+                    + json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n")
+    task = get_task("piqa")
+    (row0, raw0), (row1, raw1) = task.records(str(data))
+    assert task.parse(raw0, row0).label == 1
+    with pytest.raises(BadRow, match="missing field 'label'.*labels file"):
+        task.parse(raw1, row1)
+
+
+def test_winogrande_both_layouts(shared_data):
+    first = load("winogrande", shared_data / "winogrande/winogrande_dev.llmfoundry.jsonl")[0]
+    assert first.contexts == ["Sarah was a much better surgeon than Maria so Sarah",
+                              "Sarah was a much better surgeon than Maria so Maria"]
+    assert first.continuations == [" always got the easier cases."] * 2 and first.label == 1
+    task = get_task("winogrande")
+    original = task.parse(json.dumps({
+        "qID": "3D5G8J4N5CI2K40F4RZLF9OG2CKVTH-2", "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+        "option1": "Sarah", "option2": "Maria", "answer": "2"}), 0)
+    assert (original.contexts, original.continuations, original.label) == (first.contexts, first.continuations, 1)
+    assert original.id == "3D5G8J4N5CI2K40F4RZLF9OG2CKVTH-2" and original.choice_chars == [51, 51]
+    assert task.training_pair(original) == ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.")
+    assert parse_error("winogrande", json.dumps({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"})) \
+        == "field 'sentence' has no blank '_'"
+    assert parse_error("winogrande", json.dumps({"context_options": [], "continuation": "x", "gold": 0})) == "no options"
+
+
+def test_arc_three_layouts(shared_data):
+    first = load("arc_easy", shared_data / "arc_easy/arc_easy_test.llmfoundry.jsonl")[0]
+    assert first.contexts == ["Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"]
+    assert first.continuations[0] == " Sunlight is the source of energy for nearly all ecosystems." and first.label == 0
+    ai2 = {"id": "Mercury_7", "question": {"stem": "Which is a gas?", "choices": [
+        {"text": "ice", "label": "A"}, {"text": "steam", "label": "B"}, {"text": "rock", "label": "C"}]}, "answerKey": "B"}
+    hf = {"id": "Mercury_7", "question": "Which is a gas?",
+          "choices": {"text": ["ice", "steam", "rock"], "label": ["1", "2", "3"]}, "answerKey": "2"}
+    for doc in (ai2, hf):
+        inst = get_task("arc_easy").parse(json.dumps(doc), 0)
+        assert (inst.id, inst.contexts, inst.continuations, inst.label) == (
+            "Mercury_7", ["Question: Which is a gas?\nAnswer:"], [" ice", " steam", " rock"], 1)
+    assert parse_error("arc_easy", json.dumps({**ai2, "answerKey": "E"})).startswith("answerKey 'E' is not one of")
+    assert parse_error("arc_easy", json.dumps({"query": "Question: q", "choices": ["a", "b"], "gold": 4})) \
+        == "label 4 out of range for 2 options"
+    assert get_task("arc_challenge").parse(json.dumps(ai2), 0).task == "arc_challenge"
+
+
+# --- gsm8k ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("generation, extracted", [
+    (" 9 * 2 = 18\n#### 18", "18"), ("#### -3", "-3"), ("#### 1,600.", "1,600."), ("#### 18 then #### 19", "18"),
+    ("The answer is 18.", "[invalid]"), ("####18", "[invalid]"), ("#### $18", "[invalid]"), ("", "[invalid]"),
+])
+def test_gsm8k_strict_match_extraction(generation, extracted):
+    assert extract_answer(generation) == extracted
+
+
+def test_gsm8k_scoring_on_real_rows(shared_data):
+    task = get_task("gsm8k")
+    insts = load("gsm8k", shared_data / "gsm8k/test.jsonl")
+    janet, comma = insts[0], insts[146]                              # answers "#### 18", "#### 2,125"
+    assert janet.contexts[0].startswith("Question: Janet’s ducks lay 16 eggs") and janet.contexts[0].endswith("\nAnswer:")
+    assert janet.stop == ["Question:", "</s>", "<|im_end|>"] and janet.max_new_tokens == 256
+    assert task.score_generation(janet, " 16-3-4=9, 9*2=18\n#### 18\n\nQuestion: next one #### 5") == (
+        True, 1.0, " 16-3-4=9, 9*2=18\n#### 18\n\n")
+    assert task.score_generation(janet, " #### 18.")[:2] == (True, 1.0)        # trailing "." ignored
+    assert task.score_generation(janet, " The answer is 18.")[:2] == (False, 0.0)   # strict: needs "####"
+    assert task.score_generation(janet, "Question: #### 18")[:2] == (False, 0.0)    # stopped before it
+    assert task.score_generation(comma, " #### 2125")[:2] == (True, 1.0)       # "," ignored on both sides
+    assert task.score_generation(comma, " #### 2,125")[:2] == (True, 1.0)
+    assert task.training_pair(janet) == (janet.contexts[0], " " + janet.reference)
+
+
+def test_gsm8k_fewshot_prefix(shared_data):
+    train = shared_data / "gsm8k/train_first1000.jsonl"
+    shot = json.loads(train.read_text(encoding="utf-8").splitlines()[0])
+    inst = load("gsm8k", shared_data / "gsm8k/test.jsonl", num_fewshot=1, fewshot_path=str(train))[0]
+    assert inst.contexts[0].startswith(f"Question: {shot['question']}\nAnswer: {shot['answer']}\n\nQuestion: Janet")
+    with pytest.raises(MuscleError, match="needs fewshot_path"):
+        get_task("gsm8k", num_fewshot=5)
+    with pytest.raises(MuscleError, match="only 1000 examples"):
+        get_task("gsm8k", num_fewshot=1001, fewshot_path=str(train))
+
+
+# --- dialogsum -----------------------------------------------------------------------------
+
+def test_dialogsum_prompt_and_rouge1(shared_data):
+    path = shared_data / "dialogsum/dialogsum.test.jsonl"
+    task = get_task("dialogsum")
+    first = load("dialogsum", path)[0]
+    assert first.id == "test_0" and task.metric == "rouge1"
+    assert first.contexts[0].startswith("Dialogue: #Person1#: Ms. Dawson, I need you to take a dictation for me.\n#Person2#:")
+    assert first.contexts[0].endswith("\nSummary:")
+    assert first.stop == ["Dialogue:", "Summary:", "</s>", "\n\n"]
+    assert first.reference.startswith("Ms. Dawson helps #Person1# to write a memo")
+
+    correct, score, pred = task.score_generation(first, " " + first.reference + "\n\nDialogue: #Person1#: more")
+    assert (correct, score, pred) == (None, pytest.approx(1.0), " " + first.reference)
+    _, partial, _ = task.score_generation(first, " Ms. Dawson writes a memo about Instant Messaging.")
+    _, unrelated, _ = task.score_generation(first, " The weather was sunny at the beach.")
+    assert 1.0 > partial > unrelated >= 0.0
+
+    other = load("dialogsum", path, reference="summary2")[0]
+    assert other.reference.startswith("In order to prevent employees from wasting time")
+    assert task.training_pair(first) == (first.contexts[0], " " + first.reference)
+    assert parse_error("dialogsum", json.dumps({"fname": "dev_0", "dialogue": "d", "summary": "s"})) \
+        == "missing field 'summary1'"
+    assert get_task("dialogsum", reference="summary").parse(
+        json.dumps({"fname": "dev_0", "dialogue": "d", "summary": "s"}), 0).reference == "s"
+
+
+# --- bad rows in the built-in formats -------------------------------------------------------
+
+@pytest.mark.parametrize("name, raw, reason", [
+    ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x"], "label": 1}',
+     "label 1 out of range for 1 options"),
+    ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": [], "label": 0}', "no options"),
+    ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_b": "c", "endings": ["x"], "label": 0}', "missing field 'ctx_a'"),
+    ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "[step]"], "label": 0}',
+     "empty choice: option 1 is an empty string"),
+    ("hellaswag", "A: b\n0\nx\n", "incomplete item: 3 of 6 lines"),
+    ("piqa", '{"goal": "g", "sol1": "a"}\n0', "missing field 'sol2'"),
+    ("piqa", '{"goal": "g", "sol1": "a", "sol2": "b"}\n2', "label 2 out of range for 2 options"),
+    ("piqa", '{"goal": "g", "sol1": "a", "sol2": "b"}\nx', "field 'label' must be an integer, got 'x'"),
+    ("gsm8k", '{"question": "q"}', "missing field 'answer'"),
+    ("dialogsum", '{"fname": "t", "dialogue": 3, "summary1": "s"}', "field 'dialogue' must be a string, got int"),
+])
+def test_bad_rows_name_the_reason(name, raw, reason):
+    assert parse_error(name, raw) == reason
+
+
+def test_hellaswag_text_file_with_a_truncated_last_item(shared_data, tmp_path):
+    lines = (shared_data / "hellaswag/val_first2000.llamacpp.txt").read_text(encoding="utf-8").splitlines()[:9]
+    path = tmp_path / "cut.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    task = get_task("hellaswag")
+    (r0, raw0), (r1, raw1) = task.records(str(path))
+    assert (r0, r1) == (0, 1) and task.parse(raw0, r0).label == 3
+    with pytest.raises(BadRow, match="incomplete item: 3 of 6 lines"):
+        task.parse(raw1, r1)
