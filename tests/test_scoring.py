@@ -126,3 +126,11 @@ def test_vllm_backend_says_how_to_install(tiny_model):
 
     with pytest.raises(MuscleError, match=r"pip install muscle-ray\[vllm\]"):
         make_scorer("vllm", ModelVersion(str(tiny_model)), batch_size=4)
+
+
+def test_generation_does_not_depend_on_batch_size(tiny_model):
+    many = GEN + [Instance(id=f"x{i}", task="t", kind="gen", contexts=["0 1 2" + " 3" * i], stop=["9"], max_new_tokens=6)
+                  for i in range(5)]
+    a = [o.text for o in HFScorer(ModelVersion(str(tiny_model)), batch_size=1).generate(many)]
+    b = [o.text for o in HFScorer(ModelVersion(str(tiny_model)), batch_size=8).generate(many)]
+    assert a == b

@@ -1,0 +1,186 @@
+"""The scoring job end to end through real Ray: bad rows, several versions, determinism, resume.
+
+Slow: each test starts a Ray Data actor pool on the tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from muscle_ray.cli import main
+from muscle_ray.errors import MuscleError
+from muscle_ray.results import read_results
+from muscle_ray.scoring.config import ScoreConfig
+from muscle_ray.scoring.job import run_score
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BAD_ROWS = {3: "invalid JSON", 7: "label 5 out of range", 11: "no options", 15: "missing field 'context'"}
+
+
+def write_mc(path: Path, n: int) -> Path:
+    lines = []
+    for i in range(n):
+        ctx = "The quick brown fox" + " jumps" * (i % 7) + (" over" if i % 2 else "")
+        lines.append(json.dumps({"id": f"q{i}", "context": ctx, "label": i % 4,
+                                 "choices": ["over the lazy dog", "a man", "12 apples" * (1 + i % 3), "sells eggs"]}))
+    for row, reason in BAD_ROWS.items():
+        if row < n:
+            lines[row] = {3: "{not json", 7: json.dumps({"context": "x", "choices": ["a", "b"], "label": 5}),
+                          11: json.dumps({"context": "x", "choices": [], "label": 0}),
+                          15: json.dumps({"choices": ["a", "b"], "label": 0})}[row]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_gen(path: Path, n: int) -> Path:
+    rows = [{"id": f"g{i}", "prompt": "Question: How many apples" + " x" * i + "? Answer:", "reference": "12"}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    from muscle_ray.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def table(path) -> dict:
+    t = read_results(path).to_pylist()
+    return {r["id"]: r for r in t}
+
+
+def test_job_scores_versions_and_logs_bad_rows(tmp_path, ray_session, tiny_model, tiny_model_b, tiny_adapter, capsys):
+    data = write_mc(tmp_path / "mc.jsonl", 30)
+    cfg = ScoreConfig.build(
+        versions=[{"name": "old", "base": str(tiny_model)}, {"name": "new", "base": str(tiny_model_b)},
+                  {"name": "compat", "base": str(tiny_model), "adapter": str(tiny_adapter)}],
+        task="mc_jsonl", data=str(data), out=str(tmp_path / "out"), shard_size=8, batch_size=4, workers="1,2",
+    )
+    summaries = run_score(cfg)
+    log = capsys.readouterr().out
+    assert [s.version for s in summaries] == ["old", "new", "compat"]
+    for s in summaries:
+        assert (s.rows, s.errors, s.shards) == (26, 4, 4)
+        assert s.rows_per_s > 0 and s.tokens_per_s > 0
+        errors = pq.read_table(Path(s.out) / "errors.parquet").to_pylist()
+        assert [e["row"] for e in errors] == sorted(BAD_ROWS)
+        for e in errors:
+            assert BAD_ROWS[e["row"]] in e["reason"], e
+    assert "shard 4/4 written" in log and "4 bad rows skipped" in log and "rows/s" in log
+    old, new, compat = (table(tmp_path / "out" / v / "mc_jsonl") for v in ("old", "new", "compat"))
+    assert set(old) == set(new) == set(compat) and len(old) == 26
+    r = old["q0"]
+    assert r["prediction"] == str(int(np.argmax(r["choice_logliks"]))) and r["reference"] == "0"
+    assert r["pred_norm"] == int(np.argmax(np.array(r["choice_logliks"]) / np.array(r["choice_chars"])))
+    assert r["version"] == "old" and r["n_tokens"] > 0 and r["row"] == 0
+    assert any(old[k]["choice_logliks"] != compat[k]["choice_logliks"] for k in old)  # the adapter is applied
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())[2]["version"] == "compat"
+
+    # --max-errors: the CLI fails (exit 2) past N bad rows
+    rc = main(["score", "--model", str(tiny_model), "--task", "mc_jsonl", "--data", str(data),
+               "--out", str(tmp_path / "strict"), "--max-errors", "2", "--shard-size", "8"])
+    assert rc == 2 and "more than --max-errors 2" in capsys.readouterr().err
+
+
+def test_predictions_do_not_depend_on_batch_size_or_workers(tmp_path, ray_session, tiny_model):
+    data = write_mc(tmp_path / "mc.jsonl", 24)
+    runs = {}
+    for bs, workers in [(1, "1"), (8, "2")]:
+        out = tmp_path / f"bs{bs}"
+        run_score(ScoreConfig.build(versions=[{"base": str(tiny_model)}], task="mc_jsonl", data=str(data),
+                                    out=str(out), batch_size=bs, workers=workers, shard_size=5))
+        runs[bs] = table(out / "model" / "mc_jsonl")
+    one, eight = runs[1], runs[8]
+    assert one.keys() == eight.keys() and len(one) == 20
+    for k in one:
+        assert one[k]["prediction"] == eight[k]["prediction"] and one[k]["pred_norm"] == eight[k]["pred_norm"]
+        np.testing.assert_allclose(one[k]["choice_logliks"], eight[k]["choice_logliks"], atol=1e-4)
+
+
+def test_generation_job(tmp_path, ray_session, tiny_model):
+    data = write_gen(tmp_path / "gen.jsonl", 6)
+    (s,) = run_score(ScoreConfig.build(versions=[{"base": str(tiny_model)}], task="gen_jsonl", data=str(data),
+                                       task_options={"max_new_tokens": 8, "stop": ["?"]}, out=str(tmp_path / "o"),
+                                       batch_size=4, shard_size=4))
+    t = table(s.out)
+    assert len(t) == 6 and s.tokens_per_s > 0
+    assert all(r["choice_logliks"] is None and r["reference"] == "12" and "?" not in r["generation"] for r in t.values())
+    assert all(r["score"] == float(r["prediction"].strip() == "12") for r in t.values())
+
+
+def test_killed_run_resumes_to_the_same_table(tmp_path, ray_session, tiny_model):
+    import ray
+
+    data = write_mc(tmp_path / "mc.jsonl", 160)
+    args = ["--model", str(tiny_model), "--task", "mc_jsonl", "--data", str(data), "--shard-size", "4",
+            "--batch-size", "1", "--workers", "1"]
+    cmd = [sys.executable, "-m", "muscle_ray.cli", "score", *args]
+    # the drivers join this test's Ray cluster; SIGKILL hits the driver, Ray reaps its actors
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = tmp_path / "killed"
+    shards = out / "model" / "mc_jsonl"
+    proc = subprocess.Popen([*cmd, "--out", str(out)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(shards.glob("shard-*.parquet")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    n_done = len(list(shards.glob("shard-*.parquet")))
+    assert 0 < n_done < 40, f"{n_done} shards done at the kill: not mid-way"
+    assert not list(shards.glob(".*.tmp"))   # atomic: no half-written shard is visible
+
+    rerun = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resuming: {n_done}/40 shards already done" in rerun.stdout
+    assert main(["score", *args, "--out", str(tmp_path / "whole")]) == 0
+    a = read_results(shards).to_pandas().drop(columns=["n_tokens"])
+    b = read_results(tmp_path / "whole" / "model" / "mc_jsonl").to_pandas().drop(columns=["n_tokens"])
+    assert len(a) == 156
+    assert a[["id", "prediction", "pred_norm", "correct", "row"]].equals(b[["id", "prediction", "pred_norm", "correct", "row"]])
+    np.testing.assert_allclose(np.stack(a["choice_logliks"].map(list)), np.stack(b["choice_logliks"].map(list)), atol=1e-5)
+    assert pq.read_table(shards / "errors.parquet").num_rows == 4
+
+
+def test_real_hellaswag_sample(tmp_path, ray_session, shared_data, tiny_model):
+    from muscle_ray.tasks import task_names
+
+    if "hellaswag" not in task_names():
+        pytest.skip("hellaswag task not registered yet")
+    path = shared_data / "hellaswag" / "val_sample1000.jsonl"
+    (s,) = run_score(ScoreConfig.build(versions=[{"base": str(tiny_model)}], task="hellaswag", data=str(path),
+                                       out=str(tmp_path / "out"), limit=12, batch_size=4, shard_size=6))
+    t = read_results(s.out).to_pylist()
+    assert len(t) == 12 and s.errors == 0
+    assert all(len(r["choice_logliks"]) == 4 for r in t)
+
+
+def test_config_errors_are_one_line(tmp_path, tiny_model):
+    with pytest.raises(MuscleError, match="workers"):
+        ScoreConfig.build(versions=[{"base": "x"}], task="mc_jsonl", out="o", workers="3,1")
+    with pytest.raises(MuscleError, match="duplicate name"):
+        ScoreConfig.build(versions=[{"name": "a", "base": "x"}, {"name": "a", "base": "y"}], task="t", out="o")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"task: mc_jsonl\nout: {tmp_path}/o\nworkers: [1, 2]\nversions:\n  - {{name: old, base: {tiny_model}}}\n")
+    assert ScoreConfig.from_yaml(cfg, batch_size=3).workers == (1, 2)
+    assert main(["score", "--config", str(cfg), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["score", "--model", str(tmp_path), "--task", "mc_jsonl", "--data", "x", "--out", "o"]) == 2
