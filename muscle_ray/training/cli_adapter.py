@@ -1,0 +1,10 @@
+"""`muscle train-adapter`: train a task LoRA adapter (cross-entropy) with Ray Train."""
+
+from muscle_ray.training.cli import add_common_arguments as add_arguments, run_kind
+
+
+def run(args) -> int:
+    return run_kind(args, "adapter")
+
+
+__all__ = ["add_arguments", "run"]

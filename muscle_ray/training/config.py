@@ -1,0 +1,144 @@
+"""Typed, validated YAML configs for the two training jobs (task adapter, compat adapter).
+
+A config is one YAML file; `load_config(path, kind)` checks it and names the bad field.
+Defaults suit tiny models on CPU; the paper used LoRA r = 128, alpha = 256, T = 2, 10 epochs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from muscle_ray.errors import MuscleError
+from muscle_ray.training.losses import MASKS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Training text: a JSONL or Parquet file with `prompt` and `completion` string fields,
+    or a built-in task's file (`task` + `path`) turned into pairs by `Task.training_pair`."""
+
+    path: str
+    task: str | None = None
+    val_path: str | None = None          # else the last `val_fraction` of `path` is held out
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(256, gt=1)
+    loss_on: Literal["all", "completion"] = "all"   # paper: all tokens, context and answer
+
+
+class LoraSettings(_Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)       # optimizer steps; caps `epochs`
+    max_grad_norm: float | None = 1.0
+
+
+class RunSettings(_Strict):
+    name: str = "muscle-train"
+    storage_path: str = "runs/ray"            # Ray Train run dir; same name = resume
+    num_workers: int = Field(1, gt=0)
+    strategy: Literal["auto", "plain", "ddp", "fsdp"] = "auto"   # auto: plain for 1 worker, else fsdp
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    max_failures: int = Field(1, ge=-1)
+    num_to_keep: int = Field(2, gt=0)
+    eval_every_steps: int | None = Field(None, gt=0)   # also checkpoint mid-epoch
+    seed: int = 0
+
+
+class ModelRef(_Strict):
+    base: str
+    adapter: str | None = None
+
+
+class CompatSettings(_Strict):
+    """What makes the compatibility job differ from a task-adapter job."""
+
+    old: ModelRef                               # base v1 + v1 task adapter
+    new_adapter: str                            # v2 task adapter, on the student's base
+    mask: Literal[MASKS + ("ce",)] = "muscle"   # "ce": plain CE continuation (the fair control)
+    temperature: float = Field(2.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0.0, le=1.0)
+    t2_scaling: bool = False
+    init: Literal["from_new", "fresh"] = "from_new"
+    teachers: Literal["inline", "colocated", "cached"] = "inline"
+    topk: int | None = Field(None, gt=0)        # colocated: None = full logits; cached: required
+    teacher_cpus: float = Field(0.25, gt=0)     # colocated actors / cache workers
+    cache_dir: str | None = None                # cached: where the Parquet goes (default out/teacher_cache)
+    chunk_tokens: int = Field(1024, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.teachers == "cached" and self.topk is None:
+            raise ValueError("teachers: cached needs topk (the cache stores top-k log-probs + tail mass)")
+        return self
+
+
+class FaultDrill(_Strict):
+    """Kill the rank-0 worker process once at `at_step` (a marker file makes it once): a drill
+    that proves the run resumes from its last checkpoint."""
+
+    at_step: int = Field(gt=0)
+    marker: str
+
+
+class TrainConfig(_Strict):
+    base: str                                   # the student's base (v2 for compat)
+    out: str                                    # the exported adapter directory
+    data: DataConfig
+    lora: LoraSettings = LoraSettings()
+    optim: OptimConfig = OptimConfig()
+    run: RunSettings = RunSettings()
+    compat: CompatSettings | None = None
+    fault_drill: FaultDrill | None = None
+
+
+def load_config(path: str | Path, kind: Literal["adapter", "compat"], overrides: dict | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise MuscleError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MuscleError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise MuscleError(f"{path}: the config must be a mapping")
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate_config(raw, kind, source=str(path))
+
+
+def validate_config(raw: dict, kind: Literal["adapter", "compat"], source: str = "config") -> TrainConfig:
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise MuscleError(f"{source}: field '{field}': {err['msg']}") from None
+    if kind == "compat" and cfg.compat is None:
+        raise MuscleError(f"{source}: field 'compat': required for train-compat (old model, new adapter, mask)")
+    if kind == "adapter" and cfg.compat is not None:
+        raise MuscleError(f"{source}: field 'compat': not allowed for train-adapter (use train-compat)")
+    return cfg

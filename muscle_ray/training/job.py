@@ -1,0 +1,104 @@
+"""Driver side of a training job: datasets (and teacher cache), the TorchTrainer, the export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from muscle_ray.errors import MuscleError
+from muscle_ray.models import ModelVersion, check_same_tokenizer
+from muscle_ray.training.config import TrainConfig
+from muscle_ray.training.lora import base_fingerprint, write_manifest
+
+
+def _check_inputs(cfg: TrainConfig) -> None:
+    ModelVersion(cfg.base)
+    c = cfg.compat
+    if c is None:
+        return
+    old = ModelVersion(c.old.base, c.old.adapter, name="old")
+    new = ModelVersion(cfg.base, c.new_adapter, name="new")
+    check_same_tokenizer([old, new])
+
+
+def prepare_datasets(cfg: TrainConfig):
+    """(train, val) Ray Datasets, with the teacher columns added when teachers are cached."""
+    from muscle_ray.training.data import build_datasets
+
+    train, val = build_datasets(cfg.data, cfg.base)
+    c = cfg.compat
+    if c is not None and c.teachers == "cached" and c.mask != "ce":
+        from muscle_ray.training.teachers import build_teacher_cache
+
+        cache = Path(c.cache_dir or Path(cfg.out) / "teacher_cache").resolve()
+        shutil.rmtree(cache, ignore_errors=True)
+        old = ModelVersion(c.old.base, c.old.adapter, name="old")
+        new = ModelVersion(cfg.base, c.new_adapter, name="new")
+        args = dict(old=old, new=new, topk=c.topk, temperature=c.temperature, num_cpus=c.teacher_cpus,
+                    batch_size=cfg.optim.micro_batch_size)
+        train = build_teacher_cache(train, out_dir=str(cache / "train"), **args)
+        val = build_teacher_cache(val, out_dir=str(cache / "val"), **args)
+    return train, val
+
+
+def run_training(cfg: TrainConfig, threads_per_worker: int = 1) -> dict:
+    """Fit with Ray Train, export the best checkpoint's adapter to cfg.out; returns the manifest."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from muscle_ray.runtime import init_ray
+    from muscle_ray.training.loop import train_loop_per_worker
+
+    _check_inputs(cfg)
+    init_ray()
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False   # the loop logs each step
+    train, val = prepare_datasets(cfg)
+    n_train = train.count()
+    if n_train < cfg.run.num_workers * cfg.optim.micro_batch_size:
+        raise MuscleError(f"{cfg.data.path}: {n_train} training rows, fewer than num_workers x micro_batch_size")
+    run = cfg.run
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "n_train": n_train, "threads": threads_per_worker},
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                     resources_per_worker={"CPU": run.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
+        datasets={"train": train, "val": val},
+        run_config=RunConfig(
+            name=run.name, storage_path=str(Path(run.storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.num_to_keep, checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    best = [(ck, m) for ck, m in (result.best_checkpoints or []) if "val_loss" in m]
+    if not best:
+        raise MuscleError(f"run {run.name}: finished without a checkpoint")
+    ckpt, metrics = min(best, key=lambda cm: cm[1]["val_loss"])
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with ckpt.as_directory() as d:
+        for f in (Path(d) / "adapter").iterdir():
+            shutil.copy2(f, out / f.name)
+    c = cfg.compat
+    manifest = {
+        "kind": "compat" if c else "task_adapter",
+        "base": base_fingerprint(cfg.base),
+        "old_base": base_fingerprint(c.old.base) if c else None,
+        "old_adapter": c.old.adapter if c else None,
+        "new_adapter": c.new_adapter if c else None,
+        "task": cfg.data.task,
+        "data": cfg.data.path,
+        "mask": c.mask if c else "ce",
+        "best_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+        "ray_run": {"name": run.name, "storage_path": str(Path(run.storage_path).resolve())},
+        "config": json.loads(cfg.model_dump_json()),
+    }
+    write_manifest(out, **manifest)
+    return manifest

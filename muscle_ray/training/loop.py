@@ -1,0 +1,241 @@
+"""The per-worker training loop Ray Train runs on every worker (task or compat adapter).
+
+One loop for both jobs: the compat job only adds teachers and swaps the loss. Per worker:
+build the student -> (teachers) -> shard (FSDP2 per decoder block, or DDP) -> resume from
+`ray.train.get_checkpoint()` -> epochs over this worker's Ray Data shard with gradient
+accumulation -> validation + checkpoint at each epoch end (and every `eval_every_steps`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from muscle_ray.models import ModelVersion
+from muscle_ray.training.config import TrainConfig
+from muscle_ray.training.data import IGNORE, trim_batch
+from muscle_ray.training.losses import ce_loss, compat_loss
+from muscle_ray.training.lora import build_student, save_adapter
+
+TRAIN_STATE = "train_state.pt"
+
+
+def strategy_for(cfg: TrainConfig, world: int) -> str:
+    if cfg.run.strategy == "auto":
+        return "plain" if world == 1 else "fsdp"
+    return cfg.run.strategy
+
+
+def shard_model(student, strategy: str, device):
+    """FSDP2: `fully_shard` each decoder block, then the root (works on gloo and NCCL)."""
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        block_names = set(getattr(student.get_base_model(), "_no_split_modules", None) or [])
+        blocks = [m for m in student.modules() if type(m).__name__ in block_names]
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(student)
+        return student
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    return student
+
+
+def make_scheduler(opt, cfg: TrainConfig, total_steps: int):
+    warm, kind = cfg.optim.warmup_steps, cfg.optim.schedule
+
+    def factor(step):
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        done = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 1.0 - done if kind == "linear" else 0.5 * (1 + math.cos(math.pi * done))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def make_teachers(cfg: TrainConfig, student, device):
+    c = cfg.compat
+    if c is None or c.mask == "ce":
+        return None
+    from muscle_ray.training import teachers as T
+
+    old = ModelVersion(c.old.base, c.old.adapter, name="old")
+    if c.teachers == "inline":
+        return T.InlineTeachers(student, old, c.new_adapter, device)
+    if c.teachers == "colocated":
+        new = ModelVersion(cfg.base, c.new_adapter, name="new")
+        return T.ColocatedTeachers(old, new, c.topk, c.temperature, num_cpus=c.teacher_cpus,
+                                   num_gpus=0.0, device=device)
+    return T.CachedTeachers()
+
+
+def batch_loss(model, teachers, batch, cfg: TrainConfig):
+    """(loss, stats) of one micro-batch."""
+    c = cfg.compat
+    old = new = None
+    if teachers is not None:
+        old, new = teachers(batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if teachers is None:
+        return ce_loss(logits, batch["labels"], ignore_index=IGNORE, return_stats=True)
+    return compat_loss(logits, old, new, batch["labels"], mask=c.mask, temperature=c.temperature,
+                       ce_weight=c.ce_weight, ignore_index=IGNORE, return_stats=True,
+                       t2_scaling=c.t2_scaling, chunk_tokens=c.chunk_tokens)
+
+
+def _state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def evaluate(model, teachers, shard, cfg, device) -> float:
+    """Token-weighted mean loss over this worker's validation shard, summed over workers."""
+    import torch.distributed as dist
+
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=cfg.optim.micro_batch_size, drop_last=False):
+            b = trim_batch(batch, device)
+            loss, stats = batch_loss(model, teachers, b, cfg)
+            total += torch.tensor([float(loss) * stats["tokens"], stats["tokens"]], dtype=torch.float64)
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total[0] / max(total[1], 1.0))
+
+
+def save_checkpoint(model, student, opt, sched, progress: dict, metrics: dict, rank: int):
+    """Gather the full LoRA + optimizer state on rank 0, write it, report it to Ray Train."""
+    import ray.train
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    msd = get_model_state_dict(model, options=_state_options())
+    osd = get_optimizer_state_dict(model, opt, options=_state_options())
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_adapter(student, msd, Path(tmp) / "adapter")
+            torch.save({"model": msd, "optimizer": osd, "scheduler": sched.state_dict(), **progress},
+                       Path(tmp) / TRAIN_STATE)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def restore(model, opt, sched) -> dict:
+    """Load adapter + optimizer + scheduler from Ray Train's latest checkpoint, if any."""
+    import ray.train
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return {"step": 0, "epoch": 0, "micro_in_epoch": 0}
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=False)
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, state["model"], options=opts)
+    set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    sched.load_state_dict(state["scheduler"])
+    print(f"[muscle-train] resumed at step {state['step']} (epoch {state['epoch']})", flush=True)
+    return {k: state[k] for k in ("step", "epoch", "micro_in_epoch")}
+
+
+def train_loop_per_worker(config: dict):
+    import ray.train
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.run.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.run.seed)
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+
+    c = cfg.compat
+    init = c.new_adapter if c is not None and c.init == "from_new" else None
+    student = build_student(cfg.base, cfg.lora, init).to(device)
+    teachers = make_teachers(cfg, student, device)   # before sharding: inline adds an adapter
+    model = shard_model(student, strategy_for(cfg, world), device)
+    model.train()
+
+    o = cfg.optim
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, weight_decay=o.weight_decay)
+    rows_per_worker = config["n_train"] // world
+    steps_per_epoch = max(1, rows_per_worker // o.micro_batch_size // o.grad_accum)
+    total_steps = o.max_steps or steps_per_epoch * o.epochs
+    sched = make_scheduler(opt, cfg, total_steps)
+    progress = restore(model, opt, sched)
+    step, skip = progress["step"], progress["micro_in_epoch"]
+    drill = cfg.fault_drill
+    if drill and step and rank == 0 and os.path.exists(drill.marker):
+        with open(drill.marker, "a") as fh:
+            fh.write(f"resumed at step {step}\n")
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    window = {"t0": time.perf_counter(), "tokens": 0}
+    last = {}
+
+    def checkpoint(epoch, micro_in_epoch):
+        val = evaluate(model, teachers, val_shard, cfg, device)
+        metrics = {"val_loss": val, "step": step, "epoch": epoch, **{f"train_{k}": v for k, v in last.items()}}
+        if rank == 0:
+            print(f"[muscle-train] eval step={step} epoch={epoch} val_loss={val:.5f}", flush=True)
+        save_checkpoint(model, student, opt, sched,
+                        {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch}, metrics, rank)
+
+    for epoch in range(progress["epoch"], o.epochs):
+        if step >= total_steps:
+            break
+        acc_stats, n_micro = {}, 0
+        for i, batch in enumerate(train_shard.iter_torch_batches(batch_size=o.micro_batch_size, drop_last=True)):
+            if i < skip:
+                continue
+            b = trim_batch(batch, device)
+            sync = (i + 1) % o.grad_accum == 0
+            if cfg.run.num_workers > 1 and hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(sync)      # FSDP2: reduce only on the last micro-step
+            loss, stats = batch_loss(model, teachers, b, cfg)
+            (loss / o.grad_accum).backward()
+            window["tokens"] += stats["tokens"]
+            for k, v in {"loss": float(loss), **stats}.items():
+                acc_stats[k] = acc_stats.get(k, 0.0) + float(v)
+            n_micro += 1
+            if not sync:
+                continue
+            if o.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], o.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - window["t0"]
+            last = {k: v / n_micro for k, v in acc_stats.items() if k != "tokens"}
+            last["tokens_per_s"] = window["tokens"] * world / max(elapsed, 1e-9)
+            if rank == 0:
+                print("[muscle-train] " + json.dumps({"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                                                      **{k: round(v, 6) for k, v in last.items()}}), flush=True)
+            window.update(t0=time.perf_counter(), tokens=0)
+            acc_stats, n_micro = {}, 0
+            if drill and step == drill.at_step and rank == 0 and not os.path.exists(drill.marker):
+                Path(drill.marker).write_text(f"killed at step {step}\n")
+                os._exit(1)   # the drill: this worker dies without cleanup
+            if cfg.run.eval_every_steps and step % cfg.run.eval_every_steps == 0 and step < total_steps:
+                checkpoint(epoch, i + 1)
+            if step >= total_steps:
+                break
+        skip = 0
+        checkpoint(epoch + 1, 0)
+    if teachers is not None and hasattr(teachers, "close"):
+        teachers.close()
