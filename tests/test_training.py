@@ -1,0 +1,120 @@
+"""Training pieces without Ray: config validation, data, the student, adapter export."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from muscle_ray.errors import MuscleError
+from muscle_ray.training.config import load_config, validate_config
+from muscle_ray.training.data import IGNORE, read_pairs, tokenize_pair, trim_batch
+
+
+def _raw(tiny_model, tmp_path, **extra):
+    return {"base": str(tiny_model), "out": str(tmp_path / "out"), "data": {"path": str(tmp_path / "d.jsonl")}, **extra}
+
+
+def test_config_names_the_bad_field(tmp_path, tiny_model):
+    with pytest.raises(MuscleError, match="optim.lr"):
+        validate_config(_raw(tiny_model, tmp_path, optim={"lr": -1}), "adapter")
+    with pytest.raises(MuscleError, match="nonsense"):
+        validate_config(_raw(tiny_model, tmp_path, nonsense=1), "adapter")
+    with pytest.raises(MuscleError, match="compat"):
+        validate_config(_raw(tiny_model, tmp_path), "compat")
+    compat = {"old": {"base": "x"}, "new_adapter": "y", "teachers": "cached"}
+    with pytest.raises(MuscleError, match="topk"):
+        validate_config(_raw(tiny_model, tmp_path, compat=compat), "compat")
+    with pytest.raises(MuscleError, match="compat.mask"):
+        validate_config(_raw(tiny_model, tmp_path, compat={**compat, "topk": 4, "mask": "wrong"}), "compat")
+
+
+def test_shipped_yaml_configs_validate_and_override(tmp_path):
+    cfg = load_config("jobs/configs/train_compat.yaml", "compat", {"compat.mask": "ce", "optim.lr": 0.01})
+    assert cfg.compat.mask == "ce" and cfg.optim.lr == 0.01 and cfg.compat.init == "from_new"
+    assert load_config("jobs/configs/train_adapter.yaml", "adapter").lora.target_modules == "all-linear"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: [unclosed\n")
+    with pytest.raises(MuscleError, match="bad.yaml"):
+        load_config(bad, "adapter")
+
+
+def test_read_pairs_names_file_and_row(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(MuscleError, match="row 2: field 'completion'"):
+        read_pairs(str(p))
+    p.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert read_pairs(str(p)) == [{"prompt": "a", "completion": "b"}]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["x"], "completion": ["y"]}), tmp_path / "d.parquet")
+    assert read_pairs(str(tmp_path / "d.parquet"))[0]["completion"] == "y"
+    with pytest.raises(MuscleError, match="not found"):
+        read_pairs(str(tmp_path / "missing.jsonl"))
+
+
+def test_read_pairs_from_a_builtin_task(tmp_path):
+    p = tmp_path / "g.jsonl"
+    p.write_text(json.dumps({"prompt": "2+2?", "reference": " 4"}) + "\n")
+    assert read_pairs(str(p), task="gen_jsonl") == [{"prompt": "2+2?", "completion": " 4"}]
+
+
+def test_labels_are_shifted_and_completion_only_masks_prompt(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    row = tokenize_pair(tok, "ann has 3 figs.", " 7.", 40, "all")
+    n = int(row["attention_mask"].sum())
+    assert (row["labels"][: n - 1] == row["input_ids"][1:n]).all()
+    assert row["input_ids"][n - 1] == tok.eos_token_id and (row["labels"][n - 1:] == IGNORE).all()
+    comp = tokenize_pair(tok, "ann has 3 figs.", " 7.", 40, "completion")
+    n_prompt = len(tok("ann has 3 figs.")["input_ids"])
+    assert (comp["labels"][: n_prompt - 1] == IGNORE).all()
+    assert (comp["labels"][n_prompt - 1: n - 1] == row["labels"][n_prompt - 1: n - 1]).all()
+    b = trim_batch({k: torch.as_tensor(v)[None] for k, v in row.items()})
+    assert b["input_ids"].shape[1] == n
+
+
+def test_student_adapter_switching_and_export(tmp_path, tiny_model, tiny_adapter):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from muscle_ray.models import ModelVersion, load_model
+    from muscle_ray.training.config import LoraSettings
+    from muscle_ray.training.lora import NEW_TEACHER, active_adapter, base_fingerprint, build_student, save_adapter
+
+    student = build_student(str(tiny_model), LoraSettings(r=2), None)
+    student.load_adapter(str(tiny_adapter), adapter_name=NEW_TEACHER, is_trainable=False)
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    x = torch.tensor([[5, 6, 7, 8]])
+    ref = load_model(ModelVersion(str(tiny_model), str(tiny_adapter)), device="cpu")(input_ids=x).logits
+    with torch.no_grad(), active_adapter(student, NEW_TEACHER):
+        got = student(input_ids=x).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert flags == {n: p.requires_grad for n, p in student.named_parameters()}   # nothing (un)frozen
+    assert all(("lora" in n and ".default." in n) == f for n, f in flags.items())
+
+    with torch.no_grad():   # make the fresh adapter non-trivial, then export and reload it
+        for n, p in student.named_parameters():
+            if ".default." in n:
+                p.add_(0.01)
+    out = save_adapter(student, student.state_dict(), tmp_path / "a")
+    keys = set(safe_open(str(out / "adapter_model.safetensors"), "pt").keys())
+    assert keys and all(".default." not in k and NEW_TEACHER not in k for k in keys)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x).logits, student.eval()(input_ids=x).logits, atol=1e-5)
+    fp = base_fingerprint(tiny_model)
+    assert len(fp["config_sha256"]) == 64 and fp["weights"]
+
+
+def test_cli_reports_bad_config_as_exit_2(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("base: x\nout: y\n")
+    proc = subprocess.run([sys.executable, "-m", "muscle_ray.cli", "train-adapter", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "field 'data'" in proc.stderr
