@@ -86,18 +86,20 @@ def _conform(table: pa.Table, source: str, required=None) -> pa.Table:
     return table
 
 
-def validate(table: pa.Table, source: str, required=None) -> pa.Table:
+def validate(table: pa.Table, source: str, required=None, unique_ids: bool = True) -> pa.Table:
     """Check the contract: columns and types, non-null unique ids, finite scores.
 
     `required` (default: all of REQUIRED) narrows the columns that must be present, for
-    readers that load only the columns they use.
+    readers that load only the columns they use. `unique_ids=False` leaves the uniqueness
+    check (a hash pass over every id) to a caller that hashes the ids anyway, e.g. the join
+    in `muscle_ray.metrics.flips.pair`.
     """
     table = _conform(table, source, required)
     ids = table.column("id")
     if ids.null_count:
         row = int(np.flatnonzero(pc.is_null(ids).to_numpy(zero_copy_only=False))[0])
         raise MuscleError(f"{source}: column 'id' is null at row {row}")
-    if pc.count_distinct(ids).as_py() != len(ids):
+    if unique_ids and pc.count_distinct(ids).as_py() != len(ids):
         arr = ids.to_numpy(zero_copy_only=False)
         _, first, counts = np.unique(arr, return_index=True, return_counts=True)
         dup_value = arr[first[counts > 1]][0]
@@ -155,6 +157,7 @@ def read_results(
     columns: list[str] | None = None,
     lmeval_metric: str | None = None,
     lmeval_filter: str | None = None,
+    unique_ids: bool = True,
 ) -> pa.Table:
     """Read and validate one result set: Parquet file or shard directory, or a JSONL file.
 
@@ -171,7 +174,7 @@ def read_results(
     else:
         table = _read_parquet(files, p, columns)
     required = None if columns is None else {k: v for k, v in REQUIRED.items() if k in columns}
-    return validate(table, str(path), required)
+    return validate(table, str(path), required, unique_ids=unique_ids)
 
 
 def write_atomic(table: pa.Table, path: str | Path) -> Path:

@@ -90,11 +90,12 @@ def compare(
     n_boot: int = 2000,
     seed: int = 0,
     bertscore_model: str | None = None,
+    names: tuple[str, str] = ("OLD", "NEW"),
 ) -> Comparison:
     """All flip metrics of OLD -> NEW as one JSON-ready summary (see the module docstring)."""
     if epsilon < 0:
         raise ValueError("epsilon must be >= 0")
-    p = flips.pair(old, new)
+    p = flips.pair(old, new, names)
     s_old = _scores(p.old, metric, bertscore_model)
     s_new = _scores(p.new, metric, bertscore_model)
     if metric is None:
@@ -107,7 +108,7 @@ def compare(
         c_old = c_new = None
     same = pc.fill_null(pc.equal(p.old.column("prediction"), p.new.column("prediction")), False)
     same = same.to_numpy(zero_copy_only=False)
-    cont = flips.continuous_metrics(s_old, s_new, epsilon, n_boot, seed)
+    cont = flips.continuous_metrics(s_old, s_new, epsilon, n_boot, seed, mean_ci=c_old is None)
     summary = {
         "n": p.n,
         "only_old": p.only_old,

@@ -1,0 +1,93 @@
+"""Benchmark `muscle flips --json` on two 10-million-row result files.
+
+Generates OLD and NEW multiple-choice result sets (under bench/out/, gitignored; reused
+when present) whose ids are shuffled differently and overlap except for 1,000 per side,
+then times the real console script in a subprocess: wall time and the child's peak RSS
+(resource.getrusage(RUSAGE_CHILDREN)). Prints one JSON line. Target: < 10 s on 2 cores.
+
+    .venv/bin/python bench/bench_flips.py [--rows 10000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+
+
+def make_results(n: int, seed: int, accuracy: float, id_offset: int) -> pa.Table:
+    """n rows of 4-way multiple choice, ids 'q<k>' for k in [id_offset, id_offset + n), shuffled."""
+    rng = np.random.default_rng(seed)
+    k = rng.permutation(n) + id_offset
+    ids = pc.binary_join_element_wise("q", pa.array(k).cast(pa.string()), "")
+    gold = (k * 7919) % 4  # the same gold answer for the same id on both sides
+    correct = rng.random(n) < accuracy
+    wrong = (gold + rng.integers(1, 4, size=n)) % 4
+    pred = np.where(correct, gold, wrong)
+    return pa.table({
+        "id": ids,
+        "task": pa.repeat("mc", n),
+        "correct": pa.array(correct),
+        "score": pa.array(correct.astype(np.float64)),
+        "prediction": pa.array(pred).cast(pa.string()),
+        "reference": pa.array(gold).cast(pa.string()),
+    })
+
+
+def ensure(path: Path, n: int, seed: int, accuracy: float, id_offset: int) -> Path:
+    if path.exists() and pq.read_metadata(path).num_rows == n:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(make_results(n, seed, accuracy, id_offset), path, row_group_size=1 << 20)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    old = ensure(OUT / f"old_{args.rows}.parquet", args.rows, seed=1, accuracy=0.70, id_offset=0)
+    new = ensure(OUT / f"new_{args.rows}.parquet", args.rows, seed=2, accuracy=0.75, id_offset=1000)
+    gen_s = time.perf_counter() - t0
+
+    muscle = Path(sys.executable).parent / "muscle"
+    start = time.perf_counter()
+    proc = subprocess.run([str(muscle), "flips", str(old), str(new), "--json"], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"muscle flips failed ({proc.returncode}): {proc.stderr.strip()}")
+    summary = json.loads(proc.stdout)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
+    print(json.dumps({
+        "rows_per_file": args.rows,
+        "generate_s": round(gen_s, 2),
+        "flips_wall_s": round(wall, 2),
+        "peak_rss_mib": round(peak_kib / 1024, 1),
+        "target_s": 10.0,
+        "within_target": wall < 10.0,
+        "cpus": os.cpu_count(),
+        "n_joined": summary["n"],
+        "only_old": summary["only_old"],
+        "only_new": summary["only_new"],
+        "nfr": summary["nfr"],
+        "pfr": summary["pfr"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
