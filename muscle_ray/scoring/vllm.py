@@ -12,6 +12,7 @@ vllm is imported only here, when the backend is chosen.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from muscle_ray.errors import MuscleError
@@ -22,6 +23,8 @@ from muscle_ray.tasks.base import Instance
 
 
 def _import_vllm():
+    # One engine per scorer, in this process: a Ray actor already is the process boundary.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         import vllm
         from vllm.inputs import TokensPrompt
@@ -70,7 +73,13 @@ class VLLMScorer:
                 span.append(len(cont))
             spans.append(span)
         params = self._SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outs, k, results = self._run(seqs, params), 0, []
+        if self.lora_request is None:
+            outs = self._run(seqs, params)
+        else:
+            # vLLM 0.32 indexes LoRA logits by request, not by prompt position, when several
+            # requests ask for prompt logprobs at once (einsum size mismatch): one at a time.
+            outs = [o for seq in seqs for o in self._run([seq], params)]
+        k, results = 0, []
         for span in spans:
             lls, n_tokens = [], 0
             for n_cont in span:
