@@ -50,7 +50,8 @@ def test_discrete_hand_case():
 def test_pair_aligns_by_id_in_old_order():
     p = flips.pair(OLD, NEW)
     assert p.old.column("id").to_pylist() == list("abcdefghij")
-    assert p.new.column("id").to_pylist() == list("abcdefghij")
+    assert NEW.column("id").take(p.new_rows).to_pylist() == list("abcdefghij")
+    assert p.new.column("prediction").to_pylist() == NEW.column("prediction").take(p.new_rows).to_pylist()
 
 
 def test_continuous_hand_case_and_epsilon():

@@ -66,8 +66,11 @@ def test_continuous_identities(pairs, eps):
 @given(st.lists(st.integers(0, 1000), min_size=1, max_size=40, unique=True),
        st.lists(st.integers(0, 1000), min_size=1, max_size=40, unique=True))
 def test_join_counts_every_id(a, b):
-    mk = lambda xs: pa.table({"id": [str(x) for x in xs]})  # noqa: E731
-    p = flips.pair(mk(a), mk(b))
+    mk = lambda xs: pa.table({"id": [str(x) for x in xs], "v": xs})  # noqa: E731
+    old, new = mk(a), mk(b)
+    p = flips.pair(old, new)
     shared = set(a) & set(b)
     assert p.n == len(shared) and p.only_old == len(set(a) - shared) and p.only_new == len(set(b) - shared)
-    assert p.old.column("id").to_pylist() == p.new.column("id").to_pylist()
+    assert p.old.column("id").to_pylist() == new.column("id").take(p.new_rows).to_pylist()
+    assert p.old.column("v").to_pylist() == p.new.column("v").to_pylist()  # rows aligned
+    assert p.old_rows.tolist() == sorted(p.old_rows.tolist())  # OLD's order

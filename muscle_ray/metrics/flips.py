@@ -34,12 +34,18 @@ EXAMPLES = 5
 
 @dataclass
 class Paired:
-    """Two result sets aligned row by row on their shared ids (in OLD's row order)."""
+    """Two result sets aligned row by row on their shared ids (in OLD's row order).
+
+    `new` has no id column (it would repeat old's); `old_rows`/`new_rows` are the source
+    row numbers of each joined pair.
+    """
 
     old: pa.Table
     new: pa.Table
     only_old: int
     only_new: int
+    old_rows: np.ndarray
+    new_rows: np.ndarray
     only_old_examples: list[str] = field(default_factory=list)
     only_new_examples: list[str] = field(default_factory=list)
 
@@ -57,10 +63,10 @@ def pair(old: pa.Table, new: pa.Table, names: tuple[str, str] = ("OLD", "NEW")) 
     in OLD's row order, which makes the flip table deterministic.
     """
     n_old = old.num_rows
-    ids = pa.chunked_array(list(old.column("id").chunks) + list(new.column("id").chunks), type=pa.string())
-    encoded = pc.dictionary_encode(ids)
-    codes = np.concatenate([c.indices.to_numpy() for c in encoded.chunks]) if encoded.num_chunks else np.zeros(0, np.int32)
-    k = len(encoded.chunks[-1].dictionary) if encoded.num_chunks else 0
+    ids = pa.concat_arrays(list(old.column("id").chunks) + list(new.column("id").chunks) or [pa.array([], pa.string())])
+    encoded = pc.dictionary_encode(ids)  # one contiguous array hashes ~10% faster than chunks
+    codes = encoded.indices.to_numpy()
+    k = len(encoded.dictionary)
     code_old, code_new = codes[:n_old], codes[n_old:]
     _check_unique(old, code_old, k, names[0])
     _check_unique(new, code_new, k, names[1])
@@ -71,9 +77,11 @@ def pair(old: pa.Table, new: pa.Table, names: tuple[str, str] = ("OLD", "NEW")) 
     inew = hit[io]
     return Paired(
         old=old.take(io),
-        new=new.take(inew),
+        new=new.drop_columns(["id"]).take(inew),  # same ids as old's, in the same order
         only_old=old.num_rows - len(io),
         only_new=new.num_rows - len(inew),
+        old_rows=io,
+        new_rows=inew,
         only_old_examples=_unmatched(old, io),
         only_new_examples=_unmatched(new, inew),
     )
