@@ -98,6 +98,9 @@ class FaultDrill(_Strict):
 
     at_step: int = Field(gt=0)
     marker: str
+    # Ray Train collects reports when it polls the workers (every 2 s): a crash right after a
+    # report could lose it, so the drill waits as a real crash long after a checkpoint would.
+    delay_s: float = Field(5.0, ge=0)
 
 
 class TrainConfig(_Strict):

@@ -229,6 +229,7 @@ def train_loop_per_worker(config: dict):
             window.update(t0=time.perf_counter(), tokens=0)
             acc_stats, n_micro = {}, 0
             if drill and step == drill.at_step and rank == 0 and not os.path.exists(drill.marker):
+                time.sleep(drill.delay_s)
                 Path(drill.marker).write_text(f"killed at step {step}\n")
                 os._exit(1)   # the drill: this worker dies without cleanup
             if cfg.run.eval_every_steps and step % cfg.run.eval_every_steps == 0 and step < total_steps:

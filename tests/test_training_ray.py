@@ -1,0 +1,98 @@
+"""End to end on Ray Train (slow): a two-worker FSDP2 compat run on CPU that loses a worker
+mid-run, resumes from its last checkpoint, finishes, and exports a loadable PEFT adapter;
+then the same run name restarts from storage; and `muscle train-adapter` from a YAML file."""
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from muscle_ray.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
+        for _ in range(40):
+            x, y = rng.randint(1, 9), rng.randint(1, 9)
+            f.write(json.dumps({"prompt": f"ann has {x} figs. bob has {y} figs. figs in all?",
+                                "completion": f" {x + y}."}) + "\n")
+    return path
+
+
+def _lora_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
+        ray_session, tmp_path, train_file, tiny_model, tiny_model_b, tiny_adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from muscle_ray.training.config import validate_config
+    from muscle_ray.training.job import run_training
+    from muscle_ray.zoo.llama import random_lora_dir
+
+    new_adapter = random_lora_dir(tiny_model_b, tmp_path / "new_task", seed=5)
+    marker = tmp_path / "killed.txt"
+    raw = {
+        "base": str(tiny_model_b), "out": str(tmp_path / "compat"),
+        "data": {"path": str(train_file), "max_length": 40, "val_fraction": 0.2},
+        "optim": {"micro_batch_size": 4, "epochs": 2, "lr": 5e-3, "warmup_steps": 1},
+        "run": {"name": "fsdp-drill", "storage_path": str(tmp_path / "ray"), "num_workers": 2,
+                "strategy": "fsdp", "cpus_per_worker": 0.25, "max_failures": 1, "eval_every_steps": 2},
+        "compat": {"old": {"base": str(tiny_model), "adapter": str(tiny_adapter)},
+                   "new_adapter": str(new_adapter), "mask": "muscle", "teachers": "inline"},
+        "fault_drill": {"at_step": 3, "marker": str(marker)},
+    }
+    cfg = validate_config(raw, "compat")
+    manifest = run_training(cfg)
+
+    # The worker died once at step 3 and the replacement resumed from the step-2 checkpoint.
+    assert marker.read_text().splitlines() == ["killed at step 3", "resumed at step 2"]
+    assert manifest["best_metrics"]["val_loss"] > 0 and manifest["mask"] == "muscle"
+    out = tmp_path / "compat"
+    assert json.loads((out / "muscle_manifest.json").read_text())["base"]["config_sha256"]
+    # Standard PEFT layout, same keys as the v2 task adapter it started from, weights moved.
+    trained, start = _lora_weights(out), _lora_weights(new_adapter)
+    assert set(trained) == set(start)
+    assert any(not torch.allclose(trained[k], start[k]) for k in trained)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_b), str(out))
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+    # Same name, same storage: Ray Train restores the run; it is already complete, so no new steps.
+    again = run_training(cfg.model_copy(update={"fault_drill": None}))
+    assert again["best_metrics"]["step"] == manifest["best_metrics"]["step"]
+
+
+def test_train_adapter_command_from_yaml(ray_session, tmp_path, train_file, tiny_model):
+    from muscle_ray.cli import main
+
+    cfg = {"base": str(tiny_model), "out": str(tmp_path / "task"),
+           "data": {"path": str(train_file), "max_length": 40, "loss_on": "completion"},
+           "lora": {"r": 4, "alpha": 8},
+           "optim": {"micro_batch_size": 8, "max_steps": 3, "epochs": 5, "lr": 1e-2},
+           "run": {"name": "task", "storage_path": str(tmp_path / "ray"), "cpus_per_worker": 0.25}}
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train-adapter", "--config", str(path), "--set", "optim.schedule=cosine"]) == 0
+    manifest = json.loads((tmp_path / "task" / "muscle_manifest.json").read_text())
+    assert manifest["kind"] == "task_adapter" and manifest["best_metrics"]["step"] == 3
+    assert json.loads((tmp_path / "task" / "adapter_config.json").read_text())["r"] == 4
