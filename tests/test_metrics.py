@@ -49,9 +49,9 @@ def test_discrete_hand_case():
 
 def test_pair_aligns_by_id_in_old_order():
     p = flips.pair(OLD, NEW)
-    assert p.old.column("id").to_pylist() == list("abcdefghij")
-    assert NEW.column("id").take(p.new_rows).to_pylist() == list("abcdefghij")
-    assert p.new.column("prediction").to_pylist() == NEW.column("prediction").take(p.new_rows).to_pylist()
+    assert p.old_column("id").to_pylist() == list("abcdefghij")
+    assert p.new_column("id").to_pylist() == list("abcdefghij")
+    assert p.new_column("prediction", np.array([3])).to_pylist() == ["1"]  # d: NEW row 6
 
 
 def test_continuous_hand_case_and_epsilon():

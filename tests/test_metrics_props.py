@@ -71,6 +71,6 @@ def test_join_counts_every_id(a, b):
     p = flips.pair(old, new)
     shared = set(a) & set(b)
     assert p.n == len(shared) and p.only_old == len(set(a) - shared) and p.only_new == len(set(b) - shared)
-    assert p.old.column("id").to_pylist() == new.column("id").take(p.new_rows).to_pylist()
-    assert p.old.column("v").to_pylist() == p.new.column("v").to_pylist()  # rows aligned
+    assert p.old_column("id").to_pylist() == p.new_column("id").to_pylist()
+    assert p.old_column("v").to_pylist() == p.new_numpy("v").tolist()  # rows aligned
     assert p.old_rows.tolist() == sorted(p.old_rows.tolist())  # OLD's order

@@ -36,17 +36,17 @@ class Comparison:
     s_new: np.ndarray
     correct_old: np.ndarray | None
     correct_new: np.ndarray | None
-    same_prediction: np.ndarray
     summary: dict
     epsilon: float
 
     def flip_table(self) -> pa.Table:
         """One row per joined instance: both sides' answers and scores, D, and its flip class."""
         p = self.paired
+        pred_old, pred_new = p.old_column("prediction"), p.new_column("prediction")
         cols = {
-            "id": p.old.column("id"),
-            "prediction_old": p.old.column("prediction"),
-            "prediction_new": p.new.column("prediction"),
+            "id": p.old_column("id"),
+            "prediction_old": pred_old,
+            "prediction_new": pred_new,
             "s_old": pa.array(self.s_old),
             "s_new": pa.array(self.s_new),
             "d": pa.array(self.s_new - self.s_old),
@@ -56,7 +56,7 @@ class Comparison:
             cols["correct_old"] = pa.array(self.correct_old)
             cols["correct_new"] = pa.array(self.correct_new)
             cols["quadrant"] = _categories(
-                flips.quadrant_codes(self.correct_old, self.correct_new, self.same_prediction), flips.QUADRANTS
+                flips.quadrant_codes(self.correct_old, self.correct_new, _same(pred_old, pred_new)), flips.QUADRANTS
             )
         return pa.table(cols)
 
@@ -65,21 +65,26 @@ def _categories(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray
     return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), pa.array(names, pa.string()))
 
 
-def _scores(table: pa.Table, metric: str | None, bertscore_model: str | None) -> np.ndarray:
+def _same(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
+    return pc.fill_null(pc.equal(a, b), False).to_numpy(zero_copy_only=False)
+
+
+def _scores(p: flips.Paired, side: str, metric: str | None, bertscore_model: str | None) -> np.ndarray:
     if metric is None:
-        return table.column("score").to_numpy().astype(np.float64, copy=False)
-    preds = pc.fill_null(table.column("prediction"), "")
-    refs = pc.fill_null(table.column("reference"), "")
+        return getattr(p, f"{side}_numpy")("score").astype(np.float64, copy=False)
+    column = getattr(p, f"{side}_column")
+    preds = pc.fill_null(column("prediction"), "")
+    refs = pc.fill_null(column("reference"), "")
     if metric == "exact":
         return similarity("exact", preds, refs)
     return similarity(metric, preds.to_pylist(), refs.to_pylist(), bertscore_model=bertscore_model)
 
 
-def _correct(table: pa.Table) -> np.ndarray | None:
-    col = table.column("correct")
-    if col.null_count:
+def _correct(p: flips.Paired, side: str) -> np.ndarray | None:
+    source = getattr(p, f"{side}_source").column("correct")
+    if source.null_count and getattr(p, f"{side}_column")("correct").null_count:
         return None
-    return col.to_numpy().astype(bool)
+    return getattr(p, f"{side}_numpy")("correct").astype(bool)
 
 
 def compare(
@@ -96,18 +101,16 @@ def compare(
     if epsilon < 0:
         raise ValueError("epsilon must be >= 0")
     p = flips.pair(old, new, names)
-    s_old = _scores(p.old, metric, bertscore_model)
-    s_new = _scores(p.new, metric, bertscore_model)
+    s_old = _scores(p, "old", metric, bertscore_model)
+    s_new = _scores(p, "new", metric, bertscore_model)
     if metric is None:
-        c_old, c_new = _correct(p.old), _correct(p.new)
+        c_old, c_new = _correct(p, "old"), _correct(p, "new")
         if c_old is None or c_new is None:
             c_old = c_new = None
     elif metric == "exact":
         c_old, c_new = s_old == 1.0, s_new == 1.0
     else:
         c_old = c_new = None
-    same = pc.fill_null(pc.equal(p.old.column("prediction"), p.new.column("prediction")), False)
-    same = same.to_numpy(zero_copy_only=False)
     cont = flips.continuous_metrics(s_old, s_new, epsilon, n_boot, seed, mean_ci=c_old is None)
     summary = {
         "n": p.n,
@@ -120,6 +123,11 @@ def compare(
     }
     if c_old is not None:
         summary["kind"] = "discrete"
+        # Whether the answers agree matters only where NEW is wrong (both-wrong split and
+        # NFR_mc), so only those rows' prediction strings are gathered; the rest stay False.
+        new_wrong = np.flatnonzero(~c_new)
+        same = np.zeros(p.n, dtype=bool)
+        same[new_wrong] = _same(p.old_column("prediction", new_wrong), p.new_column("prediction", new_wrong))
         summary.update(flips.discrete_metrics(c_old, c_new, same, n_boot, seed))
     else:
         summary["kind"] = "continuous"
@@ -132,7 +140,7 @@ def compare(
     summary["m_g"] = cont["m_g"]
     summary["m_r"] = cont["m_r"]
     summary["continuous"] = cont
-    return Comparison(p, s_old, s_new, c_old, c_new, same, flips.clean(summary), epsilon)
+    return Comparison(p, s_old, s_new, c_old, c_new, flips.clean(summary), epsilon)
 
 
 def compat_deltas(base: dict, compat: dict) -> dict:

@@ -34,24 +34,41 @@ EXAMPLES = 5
 
 @dataclass
 class Paired:
-    """Two result sets aligned row by row on their shared ids (in OLD's row order).
+    """Two result sets aligned on their shared ids, as row numbers into each source.
 
-    `new` has no id column (it would repeat old's); `old_rows`/`new_rows` are the source
-    row numbers of each joined pair.
+    Columns are gathered on demand (`old_column`, `new_column`, optionally for a subset of
+    the pairs), so a summary never pays for copying the wide string columns it does not
+    need. Pairs are in OLD's row order.
     """
 
-    old: pa.Table
-    new: pa.Table
-    only_old: int
-    only_new: int
+    old_source: pa.Table
+    new_source: pa.Table
     old_rows: np.ndarray
     new_rows: np.ndarray
+    only_old: int
+    only_new: int
     only_old_examples: list[str] = field(default_factory=list)
     only_new_examples: list[str] = field(default_factory=list)
 
     @property
     def n(self) -> int:
-        return self.old.num_rows
+        return len(self.old_rows)
+
+    def old_column(self, name: str, where: np.ndarray | None = None) -> pa.ChunkedArray:
+        return _take(self.old_source, name, self.old_rows, where)
+
+    def new_column(self, name: str, where: np.ndarray | None = None) -> pa.ChunkedArray:
+        return _take(self.new_source, name, self.new_rows, where)
+
+    def old_numpy(self, name: str) -> np.ndarray:
+        return self.old_source.column(name).to_numpy()[self.old_rows]
+
+    def new_numpy(self, name: str) -> np.ndarray:
+        return self.new_source.column(name).to_numpy()[self.new_rows]
+
+
+def _take(table: pa.Table, name: str, rows: np.ndarray, where: np.ndarray | None) -> pa.ChunkedArray:
+    return table.column(name).take(rows if where is None else rows[where])
 
 
 def pair(old: pa.Table, new: pa.Table, names: tuple[str, str] = ("OLD", "NEW")) -> Paired:
@@ -59,8 +76,8 @@ def pair(old: pa.Table, new: pa.Table, names: tuple[str, str] = ("OLD", "NEW")) 
 
     One hash pass: dictionary-encode both sides' ids together, so equal ids get equal
     integer codes; the join and the duplicate check are then O(N) numpy scatters and
-    gathers (no sort, no Python loop). The wide columns are gathered once with `take`,
-    in OLD's row order, which makes the flip table deterministic.
+    gathers (no sort, no Python loop). Pairs come in OLD's row order, which makes the
+    flip table deterministic; columns are gathered later, only those a caller needs.
     """
     n_old = old.num_rows
     ids = pa.concat_arrays(list(old.column("id").chunks) + list(new.column("id").chunks) or [pa.array([], pa.string())])
@@ -76,12 +93,12 @@ def pair(old: pa.Table, new: pa.Table, names: tuple[str, str] = ("OLD", "NEW")) 
     io = np.flatnonzero(hit >= 0)
     inew = hit[io]
     return Paired(
-        old=old.take(io),
-        new=new.drop_columns(["id"]).take(inew),  # same ids as old's, in the same order
-        only_old=old.num_rows - len(io),
-        only_new=new.num_rows - len(inew),
+        old_source=old,
+        new_source=new,
         old_rows=io,
         new_rows=inew,
+        only_old=old.num_rows - len(io),
+        only_new=new.num_rows - len(inew),
         only_old_examples=_unmatched(old, io),
         only_new_examples=_unmatched(new, inew),
     )
