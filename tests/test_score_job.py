@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from muscle_ray.cli import main
-from muscle_ray.errors import MuscleError
 from muscle_ray.results import read_results
 from muscle_ray.scoring.config import ScoreConfig
 from muscle_ray.scoring.job import run_score
@@ -128,7 +127,7 @@ def test_generation_job(tmp_path, ray_session, tiny_model):
 def test_killed_run_resumes_to_the_same_table(tmp_path, ray_session, tiny_model):
     import ray
 
-    data = write_mc(tmp_path / "mc.jsonl", 160)
+    data = write_mc(tmp_path / "mc.jsonl", 320)
     args = ["--model", str(tiny_model), "--task", "mc_jsonl", "--data", str(data), "--shard-size", "4",
             "--batch-size", "1", "--workers", "1"]
     cmd = [sys.executable, "-m", "muscle_ray.cli", "score", *args]
@@ -146,16 +145,16 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, ray_session, tiny_model)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     n_done = len(list(shards.glob("shard-*.parquet")))
-    assert 0 < n_done < 40, f"{n_done} shards done at the kill: not mid-way"
+    assert 0 < n_done < 80, f"{n_done} shards done at the kill: not mid-way"
     assert not list(shards.glob(".*.tmp"))   # atomic: no half-written shard is visible
 
     rerun = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming: {n_done}/40 shards already done" in rerun.stdout
+    assert f"resuming: {n_done}/80 shards already done" in rerun.stdout
     assert main(["score", *args, "--out", str(tmp_path / "whole")]) == 0
     a = read_results(shards).to_pandas().drop(columns=["n_tokens"])
     b = read_results(tmp_path / "whole" / "model" / "mc_jsonl").to_pandas().drop(columns=["n_tokens"])
-    assert len(a) == 156
+    assert len(a) == 316
     assert a[["id", "prediction", "pred_norm", "correct", "row"]].equals(b[["id", "prediction", "pred_norm", "correct", "row"]])
     np.testing.assert_allclose(np.stack(a["choice_logliks"].map(list)), np.stack(b["choice_logliks"].map(list)), atol=1e-5)
     assert pq.read_table(shards / "errors.parquet").num_rows == 4
@@ -172,15 +171,3 @@ def test_real_hellaswag_sample(tmp_path, ray_session, shared_data, tiny_model):
     t = read_results(s.out).to_pylist()
     assert len(t) == 12 and s.errors == 0
     assert all(len(r["choice_logliks"]) == 4 for r in t)
-
-
-def test_config_errors_are_one_line(tmp_path, tiny_model):
-    with pytest.raises(MuscleError, match="workers"):
-        ScoreConfig.build(versions=[{"base": "x"}], task="mc_jsonl", out="o", workers="3,1")
-    with pytest.raises(MuscleError, match="duplicate name"):
-        ScoreConfig.build(versions=[{"name": "a", "base": "x"}, {"name": "a", "base": "y"}], task="t", out="o")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"task: mc_jsonl\nout: {tmp_path}/o\nworkers: [1, 2]\nversions:\n  - {{name: old, base: {tiny_model}}}\n")
-    assert ScoreConfig.from_yaml(cfg, batch_size=3).workers == (1, 2)
-    assert main(["score", "--config", str(cfg), "--data", str(tmp_path / "missing.jsonl")]) == 2
-    assert main(["score", "--model", str(tmp_path), "--task", "mc_jsonl", "--data", "x", "--out", "o"]) == 2

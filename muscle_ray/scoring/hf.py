@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from muscle_ray.errors import MuscleError
 from muscle_ray.models import ModelVersion, load_model, load_tokenizer
 from muscle_ray.scoring.encode import PackedQuestion, cut_at_stop, max_length, pack_question, prompt_tokens
 from muscle_ray.tasks.base import Instance
@@ -110,6 +111,9 @@ class HFScorer:
         for i, inst in enumerate(instances):
             groups.setdefault((tuple(inst.stop), inst.max_new_tokens), []).append(i)
         for (stops, max_new), members in groups.items():
+            if not 0 < max_new < self.max_len:
+                raise MuscleError(f"task {instances[members[0]].task}: max_new_tokens {max_new} must be "
+                                  f"between 1 and the model's context length - 1 ({self.max_len - 1})")
             prompts = [prompt_tokens(self.tokenizer, instances[i].contexts[0], self.max_len - max_new)
                        for i in members]
             for idx in length_sorted_batches([len(p) for p in prompts], self.batch_size):
