@@ -145,3 +145,15 @@ def test_duplicate_id_found_by_the_join():
     dup = results(["a", "b", "a"], [True, True, False], ["0", "0", "1"])
     with pytest.raises(MuscleError, match=r"new.parquet: column 'id' has duplicate id 'a' at rows 0 and 2"):
         compare(OLD, dup, names=("old.parquet", "new.parquet"))
+
+
+@pytest.mark.parametrize("b, c", [(0, 1), (3, 3), (7, 2), (0, 24), (12, 12), (13, 40), (200, 170), (5, 5000)])
+def test_mcnemar_matches_scipy(b, c):
+    from scipy import stats as sp
+
+    n = b + c
+    if n < stats.EXACT_BELOW:
+        want = sp.binomtest(min(b, c), n, 0.5).pvalue
+    else:
+        want = sp.chi2.sf((abs(b - c) - 1) ** 2 / n, df=1)
+    assert stats.mcnemar_p(b, c) == pytest.approx(want, rel=1e-9, abs=1e-300)
