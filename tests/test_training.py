@@ -118,3 +118,36 @@ def test_cli_reports_bad_config_as_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "muscle_ray.cli", "train-adapter", "--config", str(bad)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "field 'data'" in proc.stderr
+
+
+def test_compat_ce_control_is_plain_cross_entropy(tmp_path, tiny_model):
+    """`mask: ce` loads no teachers and trains with the task loss: the fair control."""
+    from muscle_ray.training.config import LoraSettings
+    from muscle_ray.training.losses import ce_loss
+    from muscle_ray.training.lora import build_student
+    from muscle_ray.training.loop import batch_loss, make_teachers
+
+    cfg = validate_config(_raw(tiny_model, tmp_path, compat={"old": {"base": "x"}, "new_adapter": "y",
+                                                             "mask": "ce"}), "compat")
+    student = build_student(str(tiny_model), LoraSettings(r=2), None)
+    assert make_teachers(cfg, student, "cpu") is None
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([[6, 7, 8, 9, -100]])}
+    loss, stats = batch_loss(student, None, batch, cfg)
+    assert torch.allclose(loss, ce_loss(student(input_ids=ids).logits, batch["labels"]))
+    assert stats["tokens"] == 4
+
+
+def test_warmup_then_schedule(tmp_path, tiny_model):
+    from muscle_ray.training.loop import make_scheduler
+
+    for kind, last in (("linear", 0.0), ("cosine", 0.0), ("constant", 1.0)):
+        cfg = validate_config(_raw(tiny_model, tmp_path, optim={"warmup_steps": 2, "schedule": kind}), "adapter")
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make_scheduler(opt, cfg, total_steps=6)
+        lrs = [sched.get_last_lr()[0]]
+        for _ in range(6):
+            opt.step()
+            sched.step()
+            lrs.append(sched.get_last_lr()[0])
+        assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[-1] == pytest.approx(last)

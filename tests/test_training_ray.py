@@ -1,6 +1,7 @@
 """End to end on Ray Train (slow): a two-worker FSDP2 compat run on CPU that loses a worker
 mid-run, resumes from its last checkpoint, finishes, and exports a loadable PEFT adapter;
-then the same run name restarts from storage; and `muscle train-adapter` from a YAML file."""
+then the same run name restarts from storage; and `muscle train-adapter` (two DDP workers)
+from a YAML file."""
 
 import json
 import random
@@ -82,14 +83,15 @@ def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
     assert again["best_metrics"]["step"] == manifest["best_metrics"]["step"]
 
 
-def test_train_adapter_command_from_yaml(ray_session, tmp_path, train_file, tiny_model):
+def test_train_adapter_command_from_yaml_with_ddp(ray_session, tmp_path, train_file, tiny_model):
     from muscle_ray.cli import main
 
     cfg = {"base": str(tiny_model), "out": str(tmp_path / "task"),
            "data": {"path": str(train_file), "max_length": 40, "loss_on": "completion"},
            "lora": {"r": 4, "alpha": 8},
            "optim": {"micro_batch_size": 8, "max_steps": 3, "epochs": 5, "lr": 1e-2},
-           "run": {"name": "task", "storage_path": str(tmp_path / "ray"), "cpus_per_worker": 0.25}}
+           "run": {"name": "task", "storage_path": str(tmp_path / "ray"), "cpus_per_worker": 0.25,
+                   "num_workers": 2, "strategy": "ddp"}}
     path = tmp_path / "task.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train-adapter", "--config", str(path), "--set", "optim.schedule=cosine"]) == 0

@@ -82,6 +82,7 @@ class CompatSettings(_Strict):
     teachers: Literal["inline", "colocated", "cached"] = "inline"
     topk: int | None = Field(None, gt=0)        # colocated: None = full logits; cached: required
     teacher_cpus: float = Field(0.25, gt=0)     # colocated actors / cache workers
+    teacher_gpus: float = Field(0.0, ge=0)      # > 0: teachers on their own GPU share (bf16)
     cache_dir: str | None = None                # cached: where the Parquet goes (default out/teacher_cache)
     chunk_tokens: int = Field(1024, gt=0)
 

@@ -36,7 +36,7 @@ def prepare_datasets(cfg: TrainConfig):
         old = ModelVersion(c.old.base, c.old.adapter, name="old")
         new = ModelVersion(cfg.base, c.new_adapter, name="new")
         args = dict(old=old, new=new, topk=c.topk, temperature=c.temperature, num_cpus=c.teacher_cpus,
-                    batch_size=cfg.optim.micro_batch_size)
+                    num_gpus=c.teacher_gpus, batch_size=cfg.optim.micro_batch_size)
         train = build_teacher_cache(train, out_dir=str(cache / "train"), **args)
         val = build_teacher_cache(val, out_dir=str(cache / "val"), **args)
     return train, val

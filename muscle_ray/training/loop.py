@@ -8,6 +8,7 @@ accumulation -> validation + checkpoint at each epoch end (and every `eval_every
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -76,7 +77,7 @@ def make_teachers(cfg: TrainConfig, student, device):
     if c.teachers == "colocated":
         new = ModelVersion(cfg.base, c.new_adapter, name="new")
         return T.ColocatedTeachers(old, new, c.topk, c.temperature, num_cpus=c.teacher_cpus,
-                                   num_gpus=0.0, device=device)
+                                   num_gpus=c.teacher_gpus, device=device)
     return T.CachedTeachers()
 
 
@@ -206,8 +207,11 @@ def train_loop_per_worker(config: dict):
             sync = (i + 1) % o.grad_accum == 0
             if cfg.run.num_workers > 1 and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(sync)      # FSDP2: reduce only on the last micro-step
-            loss, stats = batch_loss(model, teachers, b, cfg)
-            (loss / o.grad_accum).backward()
+            # DDP: skip the gradient all-reduce on all but the last micro-step.
+            no_sync = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+            with no_sync:
+                loss, stats = batch_loss(model, teachers, b, cfg)
+                (loss / o.grad_accum).backward()
             window["tokens"] += stats["tokens"]
             for k, v in {"loss": float(loss), **stats}.items():
                 acc_stats[k] = acc_stats.get(k, 0.0) + float(v)

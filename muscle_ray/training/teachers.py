@@ -162,13 +162,13 @@ class _CacheMapper:
 
 
 def build_teacher_cache(ds, old: ModelVersion, new: ModelVersion, topk: int, temperature: float,
-                        out_dir: str, num_cpus: float = 0.25, batch_size: int = 16):
+                        out_dir: str, num_cpus: float = 0.25, num_gpus: float = 0.0, batch_size: int = 16):
     """Ray Data job: tokens -> tokens + both teachers' top-k columns, written to Parquet; returns
     the Parquet-backed dataset training reads."""
     import ray
 
     ds.map_batches(
         _CacheMapper, fn_constructor_args=(old, new, topk, temperature),
-        batch_size=batch_size, concurrency=1, num_cpus=num_cpus, batch_format="numpy",
+        batch_size=batch_size, concurrency=1, num_cpus=num_cpus, num_gpus=num_gpus, batch_format="numpy",
     ).write_parquet(out_dir)
     return ray.data.read_parquet(out_dir)
