@@ -104,12 +104,21 @@ def test_topk_is_a_lower_bound_and_masks_are_exact(mask):
 
 
 def test_topk_without_label_logprob_uses_tail():
+    """No label log-prob stored: labels in the top-k use their stored log-prob, others the tail."""
     s, o, nw, y = make(v=200)
+    y[0, :4] = o[0, :4].argmax(-1)   # some labels inside the old model's top-k
     t = topk_from_logits(o, 5, 1.0)
     assert t.label_logprob is None
-    # labels inside the top-k get their exact log-prob, others the tail mass (an upper bound)
-    loss = compat_loss(s, t, topk_from_logits(nw, 5, 1.0), y, mask="token_likelihood", temperature=1.0)
-    assert torch.isfinite(loss)
+    _, st = compat_loss(s, t, topk_from_logits(nw, 5, 1.0), y, mask="token_likelihood", temperature=1.0,
+                        return_stats=True)
+    valid = y != -100
+    lp_o = F.log_softmax(o, -1)
+    in_top = (t.ids == y[..., None]).any(-1)
+    o_lab = torch.where(in_top, lp_o.gather(-1, y.clamp(min=0)[..., None])[..., 0], t.tail_logmass)
+    s_lab = F.log_softmax(s, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    expected = (s_lab < o_lab)[valid].float().mean()
+    assert in_top[valid].any() and (~in_top[valid]).any()
+    assert st["share_old"] == pytest.approx(float(expected))
 
 
 def test_masks_carry_no_gradient_and_all_ignored_is_zero():
