@@ -128,6 +128,9 @@ def test_vllm_backend_says_how_to_install(tiny_model):
 
     with pytest.raises(MuscleError, match=r"pip install muscle-ray\[vllm\]"):
         make_scorer("vllm", ModelVersion(str(tiny_model)), batch_size=4)
+    # the job checks on the driver, before any actor starts: a one-line error, exit code 2
+    assert main(["score", "--model", str(tiny_model), "--task", "mc_jsonl", "--data", __file__,
+                 "--out", "unused", "--backend", "vllm"]) == 2
 
 
 def test_generation_does_not_depend_on_batch_size(tiny_model):
@@ -148,3 +151,27 @@ def test_config_errors_are_one_line(tmp_path, tiny_model):
     assert ScoreConfig.from_yaml(cfg, batch_size=3).workers == (1, 2)
     assert main(["score", "--config", str(cfg), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["score", "--model", str(tmp_path), "--task", "mc_jsonl", "--data", "x", "--out", "o"]) == 2
+
+
+@pytest.mark.parametrize("name", ["hellaswag", "piqa", "winogrande", "arc_easy", "gsm8k", "dialogsum"])
+def test_real_task_instances_score_like_lm_eval(name, shared_data, scorer, lm):
+    """The built-in tasks' first records from the real files, scored by both."""
+    import dataclasses
+    from itertools import islice
+
+    from lm_eval.api.instance import Instance as LmInstance
+
+    from muscle_ray.tasks import get_task
+
+    task = get_task(name)
+    insts = [task.parse(raw, row) for row, raw in islice(task.records(str(shared_data / task.default_path)), 3)]
+    if task.kind == "mc":
+        ours = [o.logliks for o in scorer.loglikelihoods(insts)]
+        for inst, a, b in zip(insts, ours, lm_eval_logliks(lm, insts)):
+            np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"{name} {inst.id}")
+            assert np.argmax(a) == np.argmax(b)
+        return
+    insts = [dataclasses.replace(i, max_new_tokens=6) for i in insts[:2]]   # a random model: short is enough
+    reqs = [LmInstance(request_type="generate_until", doc={}, idx=0, arguments=(
+        i.contexts[0], {"until": list(i.stop), "max_gen_toks": i.max_new_tokens, "do_sample": False})) for i in insts]
+    assert [o.text for o in scorer.generate(insts)] == lm.generate_until(reqs, disable_tqdm=True)

@@ -200,6 +200,10 @@ def run_score(cfg: ScoreConfig, log=print) -> list[VersionSummary]:
             check_same_tokenizer(versions)
         except MuscleError as e:
             log(f"warning: {e} (predictions are still comparable; token-level comparisons are not)")
+    if cfg.backend == "vllm":
+        from muscle_ray.scoring.vllm import require_vllm
+
+        require_vllm()
     data = cfg.data_path(task.default_path)
     records = _load_records(task, data, cfg.limit)
     if not records:

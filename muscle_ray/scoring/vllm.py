@@ -22,7 +22,8 @@ from muscle_ray.scoring.hf import GenOutput, MCOutput
 from muscle_ray.tasks.base import Instance
 
 
-def _import_vllm():
+def require_vllm():
+    """Import vllm or say how to install it (called on the driver before any actor starts)."""
     # One engine per scorer, in this process: a Ray actor already is the process boundary.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
@@ -40,7 +41,7 @@ class VLLMScorer:
 
     def __init__(self, version: ModelVersion, dtype: str | None = None, max_model_len: int | None = None,
                  **llm_kwargs):
-        vllm, self._TokensPrompt, LoRARequest = _import_vllm()
+        vllm, self._TokensPrompt, LoRARequest = require_vllm()
         from transformers import AutoConfig
 
         self.version = version
