@@ -80,7 +80,8 @@ def test_context_is_encoded_once_per_question(scorer):
     q = pack_question(scorer.tokenizer, inst, scorer.max_len)
     ctx, _ = encode_pair(scorer.tokenizer, inst.contexts[0], inst.continuations[0])
     per_option = sum(len(sum(encode_pair(scorer.tokenizer, inst.contexts[0], c), [])) - 1 for c in inst.continuations)
-    assert q.branch[:len(ctx)] == [0] * len(ctx) and q.tokens.count(q.tokens[0]) >= 1
+    assert q.tokens[:len(ctx)] == ctx and q.branch[:len(ctx)] == [0] * len(ctx)
+    assert q.branch.count(0) == len(ctx)   # the context appears once, not once per option
     assert len(q) == per_option - (len(inst.continuations) - 1) * len(ctx)
 
 

@@ -4,6 +4,9 @@ Multiple choice runs each question as ONE packed sequence (shared context once, 
 option as its own branch, see `encode.PackedQuestion`), several questions per forward pass in
 length-sorted batches. Generation is batched greedy decoding with left padding, a token limit,
 and stop strings checked per sequence on the generated text only (as lm-eval does).
+
+Packing passes a custom 4D attention mask and explicit position ids, which transformers'
+"sdpa" and "eager" attention (the defaults) honour; flash-attention-2 would ignore the mask.
 """
 
 from __future__ import annotations
