@@ -1,12 +1,14 @@
 """Benchmark the HF scorer against lm-evaluation-harness's HFLM on the HellaSwag sample.
 
 Same model (random weights, hidden 256 / 4 layers: a realistic shape, tiny size), same
-requests, same batch size, same process: times `HFScorer.loglikelihoods` (each question's
+requests, same process: times `HFScorer.loglikelihoods` (each question's
 context encoded once, options packed in one sequence) and `HFLM.loglikelihood` (one request
 per option), checks that every per-instance prediction is identical and the log-likelihoods
-agree, and prints one JSON line with both wall times and the ratio. Target: ratio >= 1.5.
+agree, and prints one JSON line with the wall times and the ratio to lm-eval's FASTEST batch size
+(on CPU, lm-eval's batch 1 often beats its batch 8: padded full-vocabulary log-softmax).
+Target: ratio >= 1.5.
 
-    .venv/bin/python bench/bench_score.py [--items 200] [--batch-size 8]
+    .venv/bin/python bench/bench_score.py [--items 200] [--batch-size 8] [--lm-eval-batch-sizes 1,8]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--items", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lm-eval-batch-sizes", default="1,8")
     p.add_argument("--data", default=str(DATA))
     args = p.parse_args(argv)
 
@@ -56,22 +59,23 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = random_model_dir(Path(tmp) / "m", spec, seed=0, tokenizer=build_tokenizer(texts, vocab_size=4096))
         ours = HFScorer(ModelVersion(str(model)), batch_size=args.batch_size, device="cpu")
-        lm = HFLM(pretrained=str(model), batch_size=args.batch_size, device="cpu")
         reqs = [LmInstance(request_type="loglikelihood", doc={}, arguments=(i.context_for(k), c), idx=k)
                 for i in insts for k, c in enumerate(i.continuations)]
-        ours.loglikelihoods(insts[:4])                         # warm both up the same way
-        lm.loglikelihood(reqs[:16], disable_tqdm=True)
-
+        ours.loglikelihoods(insts[:4])                         # warm up
         t0 = time.perf_counter()
         outs = ours.loglikelihoods(insts)
         t_ours = time.perf_counter() - t0
         mine = [o.logliks for o in outs]
+        t_lm = {}
+        for bs in [int(b) for b in args.lm_eval_batch_sizes.split(",")]:
+            lm = HFLM(pretrained=str(model), batch_size=bs, device="cpu")
+            lm.loglikelihood(reqs[:16], disable_tqdm=True)      # warm up the same way
+            t0 = time.perf_counter()
+            flat = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
+            t_lm[bs] = time.perf_counter() - t0
         from muscle_ray.scoring.encode import encode_pair
 
         lm_tokens = sum(len(sum(encode_pair(ours.tokenizer, *r.args), [])) - 1 for r in reqs)
-        t0 = time.perf_counter()
-        flat = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
-        t_lm = time.perf_counter() - t0
 
     ref = [flat[4 * k:4 * k + 4] for k in range(len(insts))]
     same_pred = [int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(mine, ref)]
@@ -80,7 +84,8 @@ def main(argv: list[str]) -> int:
     diff = float(np.max(np.abs(np.array(mine) - np.array(ref))))
     result = {
         "items": len(insts), "requests": len(reqs), "batch_size": args.batch_size,
-        "muscle_s": round(t_ours, 2), "lm_eval_s": round(t_lm, 2), "speedup": round(t_lm / t_ours, 2),
+        "muscle_s": round(t_ours, 3), "lm_eval_s_by_batch_size": {b: round(t, 3) for b, t in t_lm.items()},
+        "speedup_vs_lm_eval_best": round(min(t_lm.values()) / t_ours, 2),
         "tokens_muscle": sum(o.n_tokens for o in outs), "tokens_lm_eval": lm_tokens,
         "identical_predictions": all(same_pred) and all(same_norm), "max_abs_loglik_diff": diff,
         "target_speedup": 1.5,
