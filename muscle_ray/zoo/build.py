@@ -60,6 +60,8 @@ class ZooConfig(BaseModel):
     tasks: list[str] = list(world.TASKS)
     sizes: TaskSizes = TaskSizes()
     data_seed: int = 1234
+    max_number: int = Field(15, ge=3, le=99)   # largest quantity in the world: task difficulty
+    qa_share: float = Field(0.15, ge=0, le=1)  # share of task-like sentences in pretraining
 
     def key(self) -> str:
         blob = json.dumps({"zoo_version": ZOO_VERSION, **self.model_dump()}, sort_keys=True)
@@ -85,7 +87,7 @@ def build_task_data(cfg: ZooConfig, out: Path) -> None:
         rows: list[dict] = []
         need = cfg.sizes.train + cfg.sizes.val + cfg.sizes.test
         while len(rows) < need:
-            rec = make(rng)
+            rec = make(rng, cfg.max_number)
             prompt = rec.get("prompt") or rec["context"]
             if prompt in seen:
                 continue
@@ -116,7 +118,7 @@ def build_zoo(out: str | Path, cfg: ZooConfig = ZooConfig(), log=print) -> Path:
     for name, base in (("v1", cfg.v1), ("v2", cfg.v2)):
         t = time.perf_counter()
         log(f"zoo: pretraining base {name} ({base.num_hidden_layers}x{base.hidden_size}, {base.steps} steps)")
-        stream = pack(tokenizer, world.corpus(base.corpus_docs, seed=base.seed))
+        stream = pack(tokenizer, world.corpus(base.corpus_docs, seed=base.seed, qa_share=cfg.qa_share, max_n=cfg.max_number))
         model = init_model(base.spec(), tokenizer, seed=base.seed)
         pretrain(model, stream, base.steps, base.seed, base.batch_size, base.seq_len, base.lr,
                  log=lambda m: log(f"zoo[{name}]{m}"))

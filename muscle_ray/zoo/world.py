@@ -13,7 +13,7 @@ import random
 
 NAMES = ["ann", "bob", "cal", "dee", "eve", "fay", "gus", "hal", "ivy", "jon", "kim", "lou"]
 ITEMS = ["figs", "pears", "limes", "plums", "nuts", "eggs", "cups", "pens", "hats", "keys"]
-MAX_N = 49   # each quantity is 1..MAX_N, sums stay two-digit
+MAX_N = 15   # default largest quantity: the knob for how hard the arithmetic is
 
 
 def _people(rng: random.Random, k: int) -> list[str]:
@@ -22,11 +22,11 @@ def _people(rng: random.Random, k: int) -> list[str]:
 
 # --- the three tasks -------------------------------------------------------------------------
 
-def sum_question(rng: random.Random) -> tuple[str, int]:
+def sum_question(rng: random.Random, max_n: int = MAX_N) -> tuple[str, int]:
     """'ann has 37 figs. bob has 48 figs. how many figs in all?' -> 85 (GSM8K-like)."""
     a, b = _people(rng, 2)
     item = rng.choice(ITEMS)
-    x, y = rng.randint(1, MAX_N), rng.randint(1, MAX_N)
+    x, y = rng.randint(1, max_n), rng.randint(1, max_n)
     return f"{a} has {x} {item}. {b} has {y} {item}. how many {item} in all?", x + y
 
 
@@ -37,20 +37,20 @@ def distractors(answer: int, rng: random.Random, k: int = 3) -> list[int]:
     return rng.sample(cands, k)
 
 
-def make_sum_em(rng: random.Random) -> dict:
-    q, ans = sum_question(rng)
+def make_sum_em(rng: random.Random, max_n: int = MAX_N) -> dict:
+    q, ans = sum_question(rng, max_n)
     return {"prompt": q, "reference": str(ans), "completion": f" {ans}."}
 
 
-def make_sum_mc(rng: random.Random) -> dict:
-    q, ans = sum_question(rng)
+def make_sum_mc(rng: random.Random, max_n: int = MAX_N) -> dict:
+    q, ans = sum_question(rng, max_n)
     options = distractors(ans, rng) + [ans]
     rng.shuffle(options)
     return {"context": q, "choices": [str(o) for o in options], "label": options.index(ans),
             "completion": f" {ans}"}
 
 
-def make_story_summary(rng: random.Random) -> dict:
+def make_story_summary(rng: random.Random, max_n: int = MAX_N) -> dict:
     """A short 'dialogue' whose summary needs the names, the item and the total (SAMsum-like).
 
     ROUGE-1 gives partial credit: a wrong total or a dropped name costs a few unigrams, so
@@ -59,7 +59,7 @@ def make_story_summary(rng: random.Random) -> dict:
     k = rng.choice([2, 3])
     people = _people(rng, k)
     item = rng.choice(ITEMS)
-    counts = [rng.randint(1, 29) for _ in people]
+    counts = [rng.randint(1, max_n) for _ in people]
     lines = [f"{p}: i have {c} {item}." for p, c in zip(people, counts)]
     lines.append(f"{people[0]}: let us put them together.")
     names = " and ".join([", ".join(people[:-1]), people[-1]]) if k > 2 else " and ".join(people)
@@ -73,20 +73,20 @@ TASKS = {"sum_mc": make_sum_mc, "sum_em": make_sum_em, "story_rouge": make_story
 
 # --- the pretraining corpus --------------------------------------------------------------------
 
-def _fact(rng):
-    x, y = rng.randint(0, MAX_N), rng.randint(0, MAX_N)
+def _fact(rng, max_n):
+    x, y = rng.randint(0, max_n), rng.randint(0, max_n)
     return f"{x} + {y} = {x + y}."
 
 
-def _statement(rng):
-    return f"{rng.choice(NAMES)} has {rng.randint(1, MAX_N)} {rng.choice(ITEMS)}."
+def _statement(rng, max_n):
+    return f"{rng.choice(NAMES)} has {rng.randint(1, max_n)} {rng.choice(ITEMS)}."
 
 
-def _near_qa(rng):
+def _near_qa(rng, max_n):
     """Close to the tasks' formats but never equal to them."""
     a, b = _people(rng, 2)
     item = rng.choice(ITEMS)
-    x, y = rng.randint(1, MAX_N), rng.randint(1, MAX_N)
+    x, y = rng.randint(1, max_n), rng.randint(1, max_n)
     return rng.choice([
         f"{a} had {x} {item} and {b} had {y} {item}, so together they had {x + y} {item}.",
         f"q: {x} {item} and {y} {item}. a: {x + y} {item}.",
@@ -94,7 +94,7 @@ def _near_qa(rng):
     ])
 
 
-def corpus(n_docs: int, seed: int, qa_share: float = 0.15) -> list[str]:
+def corpus(n_docs: int, seed: int, qa_share: float = 0.15, max_n: int = MAX_N) -> list[str]:
     """Documents of a few sentences; `qa_share` of sentences are task-like."""
     rng = random.Random(seed)
     docs = []
@@ -102,7 +102,7 @@ def corpus(n_docs: int, seed: int, qa_share: float = 0.15) -> list[str]:
         parts = []
         for _ in range(rng.randint(2, 5)):
             r = rng.random()
-            parts.append(_near_qa(rng) if r < qa_share else _fact(rng) if r < 0.6 else _statement(rng))
+            parts.append(_near_qa(rng, max_n) if r < qa_share else _fact(rng, max_n) if r < 0.6 else _statement(rng, max_n))
         docs.append(" ".join(parts))
     return docs
 
