@@ -42,12 +42,13 @@ def task_row(metric: str, v2: Comparison, compat: Comparison, control: Compariso
     if control is not None:
         row.update({"acc_control": control.summary["acc_new"], "nfr_control": control.summary["nfr"],
                     "pfr_control": control.summary["pfr"]})
-    # Paired fixed/broken among instances v1 gets right (same ids in both comparisons).
-    d_v2 = dict(zip(v2.paired.old.column("id").to_pylist(), (v2.s_new - v2.s_old).tolist()))
-    d_c = dict(zip(compat.paired.old.column("id").to_pylist(), (compat.s_new - compat.s_old).tolist()))
-    common = d_v2.keys() & d_c.keys()
-    row["fixed"] = sum(1 for i in common if d_v2[i] < 0 <= d_c[i])
-    row["broken"] = sum(1 for i in common if d_v2[i] >= 0 > d_c[i])
+    # Paired fixed/broken among the instances both comparisons joined (v1 right on them).
+    ids_v2 = v2.paired.old_column("id").to_numpy(zero_copy_only=False)
+    ids_c = compat.paired.old_column("id").to_numpy(zero_copy_only=False)
+    _, i_v2, i_c = np.intersect1d(ids_v2, ids_c, assume_unique=True, return_indices=True)
+    d_v2, d_c = (v2.s_new - v2.s_old)[i_v2], (compat.s_new - compat.s_old)[i_c]
+    row["fixed"] = int(np.sum((d_v2 < 0) & (d_c >= 0)))
+    row["broken"] = int(np.sum((d_v2 >= 0) & (d_c < 0)))
     return row
 
 

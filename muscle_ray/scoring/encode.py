@@ -120,3 +120,11 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
         if s:
             text = text.split(s)[0]
     return text
+
+
+def generation_groups(instances) -> dict[tuple[tuple[str, ...], int], list[int]]:
+    """Indices of instances sharing (stop strings, max_new_tokens): one generate call each."""
+    groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+    for i, inst in enumerate(instances):
+        groups.setdefault((tuple(inst.stop), inst.max_new_tokens), []).append(i)
+    return groups

@@ -17,7 +17,7 @@ import torch
 
 from muscle_ray.errors import MuscleError
 from muscle_ray.models import ModelVersion, load_model, load_tokenizer
-from muscle_ray.scoring.encode import PackedQuestion, cut_at_stop, max_length, pack_question, prompt_tokens
+from muscle_ray.scoring.encode import PackedQuestion, cut_at_stop, generation_groups, max_length, pack_question, prompt_tokens
 from muscle_ray.tasks.base import Instance
 
 
@@ -110,10 +110,7 @@ class HFScorer:
     # -- generation --------------------------------------------------------------------------
     def generate(self, instances: list[Instance]) -> list[GenOutput]:
         out: list[GenOutput | None] = [None] * len(instances)
-        groups: dict[tuple, list[int]] = {}
-        for i, inst in enumerate(instances):
-            groups.setdefault((tuple(inst.stop), inst.max_new_tokens), []).append(i)
-        for (stops, max_new), members in groups.items():
+        for (stops, max_new), members in generation_groups(instances).items():
             if not 0 < max_new < self.max_len:
                 raise MuscleError(f"task {instances[members[0]].task}: max_new_tokens {max_new} must be "
                                   f"between 1 and the model's context length - 1 ({self.max_len - 1})")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from muscle_ray.errors import MuscleError
 from muscle_ray.models import ModelVersion, default_device, default_dtype, load_tokenizer
-from muscle_ray.scoring.encode import cut_at_stop, encode_pair, max_length, prompt_tokens
+from muscle_ray.scoring.encode import cut_at_stop, encode_pair, generation_groups, max_length, prompt_tokens
 from muscle_ray.scoring.hf import GenOutput, MCOutput
 from muscle_ray.tasks.base import Instance
 
@@ -93,11 +93,8 @@ class VLLMScorer:
 
     def generate(self, instances: list[Instance]) -> list[GenOutput]:
         out: list[GenOutput | None] = [None] * len(instances)
-        groups: dict[tuple, list[int]] = {}
-        for i, inst in enumerate(instances):
-            groups.setdefault((tuple(inst.stop), inst.max_new_tokens), []).append(i)
         eos = self.tokenizer.decode([self.tokenizer.eos_token_id]) if self.tokenizer.eos_token_id is not None else None
-        for (stops, max_new), members in groups.items():
+        for (stops, max_new), members in generation_groups(instances).items():
             prompts = [prompt_tokens(self.tokenizer, instances[i].contexts[0], self.max_len - max_new) for i in members]
             stop = [s for s in stops if s]
             params = self._SamplingParams(max_tokens=max_new, temperature=0.0, stop=stop or None,
