@@ -12,6 +12,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +40,7 @@ class BaseConfig(BaseModel):
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(32, gt=0)
     seq_len: int = Field(64, gt=8)
+    schedule: Literal["constant", "cosine"] = "constant"
 
     def spec(self) -> LlamaSpec:
         return LlamaSpec(self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
@@ -121,7 +123,7 @@ def build_zoo(out: str | Path, cfg: ZooConfig = ZooConfig(), log=print) -> Path:
         stream = pack(tokenizer, world.corpus(base.corpus_docs, seed=base.seed, qa_share=cfg.qa_share, max_n=cfg.max_number))
         model = init_model(base.spec(), tokenizer, seed=base.seed)
         pretrain(model, stream, base.steps, base.seed, base.batch_size, base.seq_len, base.lr,
-                 log=lambda m: log(f"zoo[{name}]{m}"))
+                 log=lambda m: log(f"zoo[{name}]{m}"), schedule=base.schedule)
         save_model_dir(model, tokenizer, out / name)
         timings[name] = round(time.perf_counter() - t, 1)
     build_task_data(cfg, out / "data")

@@ -18,12 +18,21 @@ def pack(tokenizer, docs: list[str]) -> torch.Tensor:
 
 
 def pretrain(model, stream: torch.Tensor, steps: int, seed: int, batch_size: int = 32, seq_len: int = 64,
-             lr: float = 3e-3, warmup: int = 50, log_every: int = 100, log=print):
-    """Random windows of the stream; AdamW with warmup then cosine decay."""
+             lr: float = 3e-3, warmup: int = 50, log_every: int = 100, log=print,
+             schedule: str = "constant", on_step=None):
+    """Random windows of the stream; AdamW with warmup, then a constant or cosine-decayed LR.
+
+    "constant" (the zoo's default) makes the model after k steps independent of the total, so
+    the step count is a monotone, predictable accuracy knob; `on_step(step, model)` lets a
+    calibration sweep evaluate those snapshots in one run.
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup)
+        * (1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
@@ -37,4 +46,6 @@ def pretrain(model, stream: torch.Tensor, steps: int, seed: int, batch_size: int
         opt.zero_grad(set_to_none=True)
         if log and (step + 1) % log_every == 0:
             log(f"  pretrain step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+        if on_step is not None:
+            on_step(step + 1, model)
     return model.eval()
