@@ -40,7 +40,7 @@ class BaseConfig(BaseModel):
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(32, gt=0)
     seq_len: int = Field(64, gt=8)
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["cosine", "constant"] = "cosine"
 
     def spec(self) -> LlamaSpec:
         return LlamaSpec(self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
