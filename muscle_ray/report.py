@@ -88,7 +88,7 @@ def tables_markdown(report: dict) -> str:
             f"{_pct(r.get('acc_control'))} | {_pct(r['d_acc_c'], True)} | {_pct(r['nfr'])}{_spread(r, 'nfr')} | "
             f"{_pct(r['nfr_compat'])}{_spread(r, 'nfr_compat')} | {_pct(r.get('nfr_control'))} | {_pct(r['d_nfr_c'], True)} | "
             f"{'–' if r.get('d_pct_nfr_c') is None else format(r['d_pct_nfr_c'], '+.1f')} | "
-            f"{_pct(r['m_g']) if cont else '–'} | {_pct(r['m_r']) if cont else '–'} | "
+            f"{_pct(r.get('m_g')) if cont else '–'} | {_pct(r.get('m_r')) if cont else '–'} | "
             f"{_pct(r.get('d_m_g'), True) if cont else '–'} | {_pct(r.get('d_m_r'), True) if cont else '–'} | "
             f"{r.get('fixed', 0):.0f}/{r.get('broken', 0):.0f} |")
     if report.get("ablation"):

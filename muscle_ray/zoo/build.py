@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from muscle_ray.zoo import world
@@ -57,8 +56,12 @@ class TaskSizes(BaseModel):
 class ZooConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vocab_size: int = Field(400, ge=300)
-    v1: BaseConfig = BaseConfig(seed=1, steps=1500)
-    v2: BaseConfig = BaseConfig(seed=2, steps=2000, corpus_docs=30000)
+    # Calibrated on this 2-core machine (task adapters after LoRA): v1 ~56% EM / ~63% MC,
+    # v2 ~71% / ~67%, with flips both ways. Skill emerges sharply with steps and the step of
+    # emergence differs by seed (seed 2 reaches 96% EM by step 800), so the pair is chosen,
+    # not derived: v2 is another seed that saw more tokens (more steps).
+    v1: BaseConfig = BaseConfig(seed=3, steps=850, corpus_docs=30000)
+    v2: BaseConfig = BaseConfig(seed=1, steps=900, corpus_docs=20000)
     tasks: list[str] = list(world.TASKS)
     sizes: TaskSizes = TaskSizes()
     data_seed: int = 1234
@@ -106,28 +109,41 @@ def build_task_data(cfg: ZooConfig, out: Path) -> None:
                          [{"prompt": r.get("prompt") or r["context"], "completion": r["completion"]} for r in part])
 
 
-def build_zoo(out: str | Path, cfg: ZooConfig = ZooConfig(), log=print) -> Path:
-    """Build (or reuse) the zoo under `out`: tokenizer, v1/, v2/, data/<task>/, zoo.json."""
+def pretrain_base(name: str, base: BaseConfig, cfg: ZooConfig, tokenizer_dir: str | Path, out: str | Path,
+                  log=print) -> float:
+    """Pretrain one base from scratch and save it as an HF directory; returns seconds taken."""
+    from transformers import AutoTokenizer
+
+    t = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    log(f"zoo: pretraining base {name} ({base.num_hidden_layers}x{base.hidden_size}, {base.steps} steps)")
+    stream = pack(tokenizer, world.corpus(base.corpus_docs, seed=base.seed, qa_share=cfg.qa_share, max_n=cfg.max_number))
+    model = init_model(base.spec(), tokenizer, seed=base.seed)
+    pretrain(model, stream, base.steps, base.seed, base.batch_size, base.seq_len, base.lr,
+             log=lambda m: log(f"zoo[{name}]{m}"), schedule=base.schedule)
+    save_model_dir(model, tokenizer, out)
+    return round(time.perf_counter() - t, 1)
+
+
+def build_zoo(out: str | Path, cfg: ZooConfig = ZooConfig(), log=print, map_fn=None) -> Path:
+    """Build (or reuse) the zoo under `out`: tokenizer/, v1/, v2/, data/<task>/, zoo.json.
+
+    `map_fn(fn, list_of_kwargs) -> results` runs the two pretraining jobs; the default runs
+    them one after the other, the demo passes one that runs them as parallel Ray tasks.
+    """
     out = Path(out)
     stamp = out / "zoo.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == cfg.key():
         log(f"zoo: reusing {out} (key {cfg.key()})")
         return out
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    tokenizer = build_tokenizer(world.tokenizer_text(), cfg.vocab_size, individual_digits=True)
-    timings = {}
-    for name, base in (("v1", cfg.v1), ("v2", cfg.v2)):
-        t = time.perf_counter()
-        log(f"zoo: pretraining base {name} ({base.num_hidden_layers}x{base.hidden_size}, {base.steps} steps)")
-        stream = pack(tokenizer, world.corpus(base.corpus_docs, seed=base.seed, qa_share=cfg.qa_share, max_n=cfg.max_number))
-        model = init_model(base.spec(), tokenizer, seed=base.seed)
-        pretrain(model, stream, base.steps, base.seed, base.batch_size, base.seq_len, base.lr,
-                 log=lambda m: log(f"zoo[{name}]{m}"), schedule=base.schedule)
-        save_model_dir(model, tokenizer, out / name)
-        timings[name] = round(time.perf_counter() - t, 1)
+    build_tokenizer(world.tokenizer_text(), cfg.vocab_size, individual_digits=True).save_pretrained(out / "tokenizer")
+    jobs = [dict(name=n, base=b, cfg=cfg, tokenizer_dir=str(out / "tokenizer"), out=str(out / n), log=log)
+            for n, b in (("v1", cfg.v1), ("v2", cfg.v2))]
+    map_fn = map_fn or (lambda fn, kwargs: [fn(**kw) for kw in kwargs])
+    seconds = map_fn(pretrain_base, jobs)
     build_task_data(cfg, out / "data")
-    stamp.write_text(json.dumps({"key": cfg.key(), "config": cfg.model_dump(), "seconds": timings,
+    stamp.write_text(json.dumps({"key": cfg.key(), "config": cfg.model_dump(), "seconds": dict(zip(("v1", "v2"), seconds)),
                                  "total_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     log(f"zoo: built in {time.perf_counter() - t0:.0f}s at {out}")
     return out
