@@ -12,7 +12,10 @@ only against the vanilla v2 adapter: extra training alone removes flips.
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -65,28 +68,40 @@ class DemoConfig(BaseModel):
 
 
 class Stopwatch:
-    """Per-stage wall time, and one progress line per stage as it starts and ends."""
+    """Progress lines per stage, and each stage's wall-clock span.
+
+    Task pipelines run concurrently, so a stage's time is the span from its first start to its
+    last end across pipelines (summing would count overlapped time twice).
+    """
 
     def __init__(self, log=print):
-        self.timings: dict[str, float] = {}
+        self.spans: dict[str, list[float]] = {}
         self.log = log
         self.t0 = time.perf_counter()
+        self._lock = threading.Lock()
 
-    def stage(self, name: str):
-        watch = self
+    @property
+    def timings(self) -> dict[str, float]:
+        return {k: round(end - start, 1) for k, (start, end) in self.spans.items()}
 
-        class _Stage:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                watch.log(f"[demo +{self.t - watch.t0:5.0f}s] {name} ...")
+    @contextmanager
+    def stage(self, name: str, who: str = ""):
+        t = time.perf_counter()
+        label = f"{who}: {name}" if who else name
+        self.log(f"[demo +{t - self.t0:5.0f}s] {label} ...")
+        yield
+        end = time.perf_counter()
+        with self._lock:
+            start0, end0 = self.spans.get(name, (t, end))
+            self.spans[name] = [min(start0, t), max(end0, end)]
+        self.log(f"[demo +{end - self.t0:5.0f}s] {label} done in {end - t:.1f}s")
 
-            def __exit__(self, *exc):
-                dt = time.perf_counter() - self.t
-                watch.timings[name] = watch.timings.get(name, 0.0) + dt
-                if exc[0] is None:
-                    watch.log(f"[demo +{time.perf_counter() - watch.t0:5.0f}s] {name} done in {dt:.1f}s")
 
-        return _Stage()
+def _both(f, g):
+    """Run two independent stages at once (v1 and v2 adapters; compat and control)."""
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.submit(f), pool.submit(g)
+        return a.result(), b.result()
 
 
 def _train(cfg: DemoConfig, base: Path, data: Path, out: Path, name: str, seed: int, compat: dict | None = None,
@@ -101,7 +116,7 @@ def _train(cfg: DemoConfig, base: Path, data: Path, out: Path, name: str, seed: 
         "lora": {"r": a.r, "alpha": 2 * a.r},
         "optim": {"lr": a.lr, "epochs": a.epochs, "micro_batch_size": a.micro_batch_size,
                   "warmup_steps": a.warmup_steps, "schedule": "linear"},
-        "run": {"name": name, "storage_path": str(Path(cfg.out) / "ray"), "seed": seed, "cpus_per_worker": 0.5},
+        "run": {"name": name, "storage_path": str(Path(cfg.out) / "ray"), "seed": seed, "cpus_per_worker": 0.25},
     }
     if compat is not None:
         raw["optim"] = {"lr": c.lr, "max_steps": steps or c.steps, "epochs": 100, "micro_batch_size": c.micro_batch_size,
@@ -132,10 +147,49 @@ def _compare(results: Path, task: str, names: list[str]):
     return {n: compare(old, read_results(results / n / SCORING[task][0]), n_boot=1000) for n in names}
 
 
+def _ray_map(fn, kwargs_list):
+    """Run calls as parallel Ray tasks (the zoo's two pretraining jobs)."""
+    import ray
+
+    remote = ray.remote(num_cpus=1)(lambda kw: fn(**kw))
+    return ray.get([remote.remote({**kw, "log": print}) for kw in kwargs_list])
+
+
+def _task_pipeline(cfg: DemoConfig, task: str, seed: int, first: bool, zoo: Path, watch: Stopwatch):
+    """One task and seed: adapters, flips, compat and control, their comparisons (and ablation)."""
+    from muscle_ray.report import task_row
+
+    root = Path(cfg.out) if first else Path(cfg.out) / f"seed{seed}"
+    v1, v2 = zoo / "v1", zoo / "v2"
+    data, ad, res = zoo / "data" / task, root / "adapters" / task, root / "results" / task
+    tag, c = f"{task}-s{seed}", cfg.compat
+    old = {"base": str(v1), "adapter": str(ad / "v1")}
+    with watch.stage("task adapters", tag):
+        _both(lambda: _train(cfg, v1, data, ad / "v1", f"{tag}-v1", seed),
+              lambda: _train(cfg, v2, data, ad / "v2", f"{tag}-v2", seed))
+    with watch.stage("score v1/v2", tag):
+        _score(cfg, task, data, res, {"v1": (v1, ad / "v1"), "v2": (v2, ad / "v2")})
+    with watch.stage("compat and control adapters", tag):
+        _both(lambda: _train(cfg, v2, data, ad / "compat", f"{tag}-compat", seed,
+                             compat={"old": old, "new_adapter": str(ad / "v2"), "mask": c.mask,
+                                     "temperature": c.temperature, "ce_weight": c.ce_weight}),
+              lambda: _train(cfg, v2, data, ad / "control", f"{tag}-control", seed,
+                             compat={"old": old, "new_adapter": str(ad / "v2"), "mask": "ce"}))
+    with watch.stage("score compat/control", tag):
+        _score(cfg, task, data, res, {"compat": (v2, ad / "compat"), "control": (v2, ad / "control")})
+    cmps = _compare(res, task, ["v2", "compat", "control"])
+    row = task_row(SCORING[task][2], cmps["v2"], cmps["compat"], cmps["control"])
+    ablation = {}
+    if cfg.ablation_task == task and first:
+        with watch.stage("ablation", tag):
+            ablation = _ablation(cfg, task, v1, v2, data, ad, res, old, seed)
+    return row, cmps, ablation
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     import ray
 
-    from muscle_ray.report import mean_over_seeds, task_row, write_report
+    from muscle_ray.report import mean_over_seeds, write_report
     from muscle_ray.runtime import init_ray
     from muscle_ray.zoo.build import build_zoo
 
@@ -143,66 +197,72 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     watch = Stopwatch(log)
     init_ray()
     with watch.stage("zoo"):
-        zoo = Path(ray.get(ray.remote(num_cpus=1)(build_zoo).remote(str(out / "zoo"), cfg.zoo)))
-    v1, v2 = zoo / "v1", zoo / "v2"
+        zoo = Path(ray.get(ray.remote(num_cpus=0.25)(build_zoo).remote(str(out / "zoo"), cfg.zoo, map_fn=_ray_map)))
+    runs = [(task, seed, i == 0) for i, seed in enumerate(cfg.seeds) for task in cfg.tasks]
+    _import_before_threads()
+    with watch.stage("task pipelines"), ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(_task_pipeline, cfg, task, seed, first, zoo, watch) for task, seed, first in runs]
+        results = [f.result() for f in futures]
     rows: dict[str, list[dict]] = {t: [] for t in cfg.tasks}
     comparisons: dict[str, dict] = {}
-    ablation: dict[str, dict] = {}
-    for i, seed in enumerate(cfg.seeds):
-        root = out if i == 0 else out / f"seed{seed}"
-        for task in cfg.tasks:
-            data, ad, res = zoo / "data" / task, root / "adapters" / task, root / "results" / task
-            tag = f"{task}-s{seed}"
-            with watch.stage("task adapters"):
-                for v, base in (("v1", v1), ("v2", v2)):
-                    _train(cfg, base, data, ad / v, f"{tag}-{v}", seed)
-            with watch.stage("score v1/v2"):
-                _score(cfg, task, data, res, {"v1": (v1, ad / "v1"), "v2": (v2, ad / "v2")})
-            c = cfg.compat
-            old = {"base": str(v1), "adapter": str(ad / "v1")}
-            with watch.stage("compat adapter"):
-                _train(cfg, v2, data, ad / "compat", f"{tag}-compat", seed,
-                       compat={"old": old, "new_adapter": str(ad / "v2"), "mask": c.mask,
-                               "temperature": c.temperature, "ce_weight": c.ce_weight})
-            with watch.stage("control adapter"):
-                _train(cfg, v2, data, ad / "control", f"{tag}-control", seed,
-                       compat={"old": old, "new_adapter": str(ad / "v2"), "mask": "ce"})
-            with watch.stage("score compat/control"):
-                _score(cfg, task, data, res, {"compat": (v2, ad / "compat"), "control": (v2, ad / "control")})
-            with watch.stage("metrics"):
-                cmps = _compare(res, task, ["v2", "compat", "control"])
-                rows[task].append(task_row(SCORING[task][2], cmps["v2"], cmps["compat"], cmps["control"]))
-                comparisons.setdefault(task, cmps)
-            if cfg.ablation_task == task and i == 0:
-                ablation = _ablation(cfg, task, v1, v2, data, ad, res, old, watch, seed)
+    ablation: dict = {}
+    for (task, _, first), (row, cmps, abl) in zip(runs, results):
+        rows[task].append(row)
+        if first:
+            comparisons[task] = cmps
+        ablation = ablation or abl
     report = {"tasks": {t: mean_over_seeds(r) for t, r in rows.items()}, "seeds": cfg.seeds,
-              "config": json.loads(cfg.model_dump_json()), "timings": watch.timings}
+              "config": json.loads(cfg.model_dump_json()), "ray": _ray_facts()}
     if ablation:
         report["ablation"] = ablation
     with watch.stage("report"):
+        report["timings"] = {**watch.timings, "total": round(time.perf_counter() - watch.t0, 1)}
         paths = write_report(report, comparisons, out)
-    report["timings"] = watch.timings
-    paths["json"].write_text(json.dumps(report, indent=2))
     log("\n" + (out / "report.md").read_text())
     log(f"report: {paths['html']}")
     return report
 
 
-def _ablation(cfg, task, v1, v2, data, ad, res, old, watch, seed) -> dict:
-    """All six masks from the same v2 adapter and steps (the paper's Table 7)."""
+def _import_before_threads() -> None:
+    """transformers resolves its names lazily on first use, which is not thread-safe: do the
+    first imports here, before the pipelines' threads race to them."""
+    import peft  # noqa: F401
+    import ray.train.torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+    import muscle_ray.metrics.compare  # noqa: F401
+    import muscle_ray.scoring.job  # noqa: F401
+    import muscle_ray.training.job  # noqa: F401
+    import muscle_ray.training.loop  # noqa: F401
+
+
+def _ray_facts() -> dict:
+    """Where the work ran, so a reader (and the test) can see every stage went through Ray."""
+    import ray
+
+    return {"address": ray.get_runtime_context().gcs_address, "job_id": ray.get_runtime_context().get_job_id(),
+            "nodes": len(ray.nodes()), "cluster_cpus": ray.cluster_resources().get("CPU")}
+
+
+def _ablation(cfg, task, v1, v2, data, ad, res, old, seed) -> dict:
+    """All six masks from the same v2 adapter and steps (the paper's Table 7).
+
+    The likelihood masks get CE mixed in (`ablation_ce_weight`): the paper found they need it.
+    """
     from muscle_ray.report import task_row
 
     c = cfg.compat
-    masks = {}
-    for mask in MASKS:
-        w = cfg.compat.ablation_ce_weight if mask.endswith("likelihood") else c.ce_weight
-        label = mask if not w else f"{mask}+ce{w:g}"
-        with watch.stage("ablation"):
-            _train(cfg, v2, data, ad / f"ablation-{mask}", f"{task}-s{seed}-ablation-{mask}", seed,
-                   compat={"old": old, "new_adapter": str(ad / "v2"), "mask": mask,
-                           "temperature": c.temperature, "ce_weight": w})
-            _score(cfg, task, data, res, {f"ablation-{mask}": (v2, ad / f"ablation-{mask}")})
-            cmps = _compare(res, task, ["v2", f"ablation-{mask}"])
-            masks[label] = task_row(SCORING[task][2], cmps["v2"], cmps[f"ablation-{mask}"])
-    first = next(iter(masks.values()))
-    return {"task": task, "nfr": first["nfr"], "masks": masks}
+    weights = {m: c.ablation_ce_weight if m.endswith("likelihood") else c.ce_weight for m in MASKS}
+
+    def train(mask):
+        _train(cfg, v2, data, ad / f"ablation-{mask}", f"{task}-s{seed}-ablation-{mask}", seed,
+               compat={"old": old, "new_adapter": str(ad / "v2"), "mask": mask,
+                       "temperature": c.temperature, "ce_weight": weights[mask]})
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(train, MASKS))
+    _score(cfg, task, data, res, {f"ablation-{m}": (v2, ad / f"ablation-{m}") for m in MASKS})
+    cmps = _compare(res, task, ["v2"] + [f"ablation-{m}" for m in MASKS])
+    masks = {(m if not weights[m] else f"{m}+ce{weights[m]:g}"): task_row(SCORING[task][2], cmps["v2"], cmps[f"ablation-{m}"])
+             for m in MASKS}
+    return {"task": task, "nfr": cmps["v2"].summary["nfr"], "masks": masks}
