@@ -143,19 +143,22 @@ def plots(report: dict, comparisons: dict[str, dict[str, Comparison]]) -> dict[s
             ax.set_title(f"{task}: distribution of D")
             ax.legend(fontsize=8)
             figs[f"{task}: D distribution"] = _png(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for task, r in report["tasks"].items():
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    markers = {"v2": "o", "compat": "*", "control": "s"}
+    for color, (task, r) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], report["tasks"].items()):
         pts = [("v2", r["acc_v2"], r["nfr"]), ("compat", r["acc_compat"], r["nfr_compat"])]
         if r.get("acc_control") is not None:
             pts.append(("control", r["acc_control"], r["nfr_control"]))
-        xs, ys = [100 * p[1] for p in pts], [100 * p[2] for p in pts]
-        ax.plot(xs, ys, "-", alpha=0.4)
-        for (label, _, _), x, y in zip(pts, xs, ys):
-            ax.scatter([x], [y], marker={"v2": "o", "compat": "*", "control": "s"}[label], s=60)
-            ax.annotate(f"{task} {label}", (x, y), fontsize=7)
+        ax.plot([100 * p[1] for p in pts], [100 * p[2] for p in pts], "-", color=color, alpha=0.35)
+        for label, acc, nfr in pts:
+            ax.scatter([100 * acc], [100 * nfr], marker=markers[label], s=70, color=color)
+        ax.plot([], [], "-", color=color, label=task)
+    for label, m in markers.items():
+        ax.scatter([], [], marker=m, color="gray", label=label)
     ax.set_xlabel("accuracy / score (%)")
-    ax.set_ylabel("NFR (%)")
-    ax.set_title("NFR against accuracy")
+    ax.set_ylabel("NFR against v1 (%)")
+    ax.set_title("NFR against accuracy: v2, compat, control")
+    ax.legend(fontsize=7, ncol=2)
     figs["NFR vs accuracy"] = _png(fig)
     return figs
 
