@@ -80,7 +80,7 @@ def _conform(table: pa.Table, source: str, required=None) -> pa.Table:
         if col.type != typ:
             try:
                 col = col.cast(typ)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            except pa.ArrowException as e:
                 raise MuscleError(f"{source}: column '{name}' has type {col.type}, expected {typ} ({e})") from None
             table = table.set_column(table.schema.get_field_index(name), name, col)
     return table

@@ -19,12 +19,11 @@ def pack(tokenizer, docs: list[str]) -> torch.Tensor:
 
 def pretrain(model, stream: torch.Tensor, steps: int, seed: int, batch_size: int = 32, seq_len: int = 64,
              lr: float = 3e-3, warmup: int = 50, log_every: int = 100, log=print,
-             schedule: str = "cosine", on_step=None):
+             schedule: str = "cosine"):
     """Random windows of the stream; AdamW with warmup, then a cosine-decayed (or constant) LR.
 
     Cosine is the default: snapshots of a constant-LR run never anneal, and their task accuracy
-    jumps around by 20 points between neighbouring steps. `on_step(step, model)` is a hook for
-    watching a run (e.g. evaluating snapshots).
+    jumps around by 20 points between neighbouring steps.
     """
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', not {schedule!r}")
@@ -46,6 +45,4 @@ def pretrain(model, stream: torch.Tensor, steps: int, seed: int, batch_size: int
         opt.zero_grad(set_to_none=True)
         if log and (step + 1) % log_every == 0:
             log(f"  pretrain step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
-        if on_step is not None:
-            on_step(step + 1, model)
     return model.eval()
