@@ -1,8 +1,48 @@
-"""Train a task LoRA adapter: `python jobs/train_adapter.py --config jobs/configs/train_adapter.yaml`."""
+"""Ray job entrypoint: train a task LoRA adapter with Ray Train; flags as `muscle train-adapter`.
 
+    python jobs/train_adapter.py --config jobs/configs/train_adapter.yaml [--set optim.lr=2e-3]
+    ray job submit --working-dir . -- python jobs/train_adapter.py --config jobs/configs/train_adapter.yaml
+
+What the job adds to `muscle train-adapter` for clusters: relative paths are taken under
+MUSCLE_WORKSPACE when it is set (under `ray job submit` the job runs in Ray's unpacked copy of
+the code), training data may be a pyarrow URI (fetched to the driver, which tokenizes it) and
+`out` may be one (the adapter is exported locally, then copied there).
+"""
+
+import argparse
+import json
+import os
 import sys
+import tempfile
+from pathlib import Path
 
-from muscle_ray.cli import main
+from muscle_ray.errors import MuscleError
+from muscle_ray.results import copy_location
+from muscle_ray.training import cli
+
+STAGING = Path(tempfile.gettempdir()) / "muscle-ray-staging"
+
+
+def run_job(kind: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"jobs/train_{kind}.py", description=f"train a {kind} adapter")
+    cli.add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        from muscle_ray.training.config import load_config
+        from muscle_ray.training.job import run_training
+
+        cfg, copies = load_config(args.config, kind, cli.overrides(args)).located(
+            os.environ.get("MUSCLE_WORKSPACE"), STAGING)
+        manifest = run_training(cfg, threads_per_worker=args.threads)
+        for local, uri in copies:
+            copy_location(local, uri)
+        print(json.dumps({"out": copies[0][1] if copies else cfg.out, "best_metrics": manifest["best_metrics"]},
+                         indent=2))
+    except MuscleError as e:
+        print(f"jobs/train_{kind}.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit(main(["train-adapter", *sys.argv[1:]]))
+    sys.exit(run_job("adapter", sys.argv[1:]))

@@ -192,6 +192,44 @@ def write_atomic(table: pa.Table, path: str | Path) -> Path:
 
 
 
+# --- Locations: a local path or a pyarrow filesystem URI (s3://, gs://, hdfs://, file://) ---
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://...` locations, which pyarrow.fs resolves; False for plain paths."""
+    return "://" in str(location)
+
+
+def uri_exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def copy_location(src: str | Path, dst: str | Path) -> None:
+    """Copy a file or a directory tree between local paths and URIs (pyarrow.fs.copy_files).
+
+    Object stores have no directories or renames, so jobs write locally and copy the finished
+    files out; a reader of the destination sees each file whole or not at all.
+    """
+    import pyarrow.fs as pafs
+
+    def resolve(loc):
+        return pafs.FileSystem.from_uri(str(loc)) if is_uri(loc) else (pafs.LocalFileSystem(), str(Path(loc).resolve()))
+
+    (src_fs, src_path), (dst_fs, dst_path) = resolve(src), resolve(dst)
+    info = src_fs.get_file_info(src_path)
+    if info.type == pafs.FileType.NotFound:
+        raise MuscleError(f"{src}: no such file or directory")
+    if isinstance(dst_fs, pafs.LocalFileSystem):   # object stores have no directories to make
+        dst_fs.create_dir(dst_path if info.type == pafs.FileType.Directory else str(Path(dst_path).parent),
+                          recursive=True)
+    try:
+        pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    except (OSError, pa.ArrowException) as e:
+        raise MuscleError(f"cannot copy {src} to {dst} ({e})") from None
+
+
 # --- JSON Lines: rows of the results format, or lm-evaluation-harness sample logs ---------
 
 LMEVAL_FIELDS = ("doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics")

@@ -14,6 +14,8 @@ A YAML config scores several model versions in one invocation::
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,3 +119,52 @@ class ScoreConfig(BaseModel):
             return str(Path(self.data_root) / default_path)
         hint = f" or --data-root (the task's file is {default_path})" if default_path else ""
         raise MuscleError(f"task {self.task}: no input file; give --data PATH{hint}")
+
+    def located(self, workspace: str | None = None, staging: str | Path | None = None
+                ) -> tuple["ScoreConfig", list[tuple[str, str]]]:
+        """This config with locations the driver can open, and the copies to make on success.
+
+        A cluster job's working directory is Ray's unpacked copy of the code, so relative paths
+        are taken under `workspace` (MUSCLE_WORKSPACE) when given. A `data` URI is fetched into
+        `staging`; an `out` URI becomes a local directory, seeded with the shards already there
+        (so a rerun resumes), and is returned as a (local_dir, uri) copy to make after the run.
+        The driver reads the data and writes every shard, so this holds on any number of nodes.
+        Model directories are read by actors on every node: they must be a path all nodes see.
+        """
+        from muscle_ray.results import copy_location, is_uri, uri_exists
+
+        def local(field: str, p: str | None) -> str | None:
+            if p is None:
+                return None
+            if is_uri(p):
+                raise MuscleError(f"{field}: {p}: model directories and data_root must be a path every "
+                                  "node can read (local or NFS), not a URI; copy them there first")
+            return str(Path(workspace) / p) if workspace and not Path(p).is_absolute() else p
+
+        def staged(uri: str) -> Path:
+            if staging is None:
+                raise MuscleError(f"{uri}: URIs need a staging directory (run through jobs/score.py)")
+            return Path(staging) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+        copies: list[tuple[str, str]] = []
+        fields = self.model_dump()
+        fields["versions"] = [{**v, "base": local(f"versions[{i}].base", v["base"]),
+                               "adapter": local(f"versions[{i}].adapter", v["adapter"])}
+                              for i, v in enumerate(fields["versions"])]
+        fields["data_root"] = local("data_root", self.data_root)
+        if self.data and is_uri(self.data):
+            dest = staged(self.data) / self.data.rstrip("/").rsplit("/", 1)[-1]
+            copy_location(self.data, dest)
+            fields["data"] = str(dest)
+        else:
+            fields["data"] = local("data", self.data)
+        if is_uri(self.out):
+            dest = staged(self.out) / "out"
+            shutil.rmtree(dest, ignore_errors=True)
+            if uri_exists(self.out):
+                copy_location(self.out, dest)
+            fields["out"] = str(dest)
+            copies.append((str(dest), self.out))
+        else:
+            fields["out"] = local("out", self.out)
+        return type(self).build("located config", **fields), copies

@@ -114,6 +114,64 @@ class TrainConfig(_Strict):
     compat: CompatSettings | None = None
     fault_drill: FaultDrill | None = None
 
+    def located(self, workspace: str | None = None, staging: str | Path | None = None
+                ) -> tuple["TrainConfig", list[tuple[str, str]]]:
+        """This config with locations the driver can open, and the copies to make on success.
+
+        Relative paths are taken under `workspace` (MUSCLE_WORKSPACE: a cluster job runs in
+        Ray's unpacked copy of the code, not in your checkout). Training data URIs are fetched
+        into `staging` (the driver reads and tokenizes them); an `out` URI becomes a local
+        directory returned as a (local_dir, uri) copy to make after the run. Model directories
+        are read by every train worker, so they must be a path all nodes see (local or NFS).
+        """
+        import hashlib
+        import shutil
+
+        from muscle_ray.results import copy_location, is_uri
+
+        def local(field: str, p: str | None) -> str | None:
+            if p is None:
+                return None
+            if is_uri(p):
+                hint = ("Ray Train takes storage URIs, but muscle_ray/training/job.py resolves "
+                        "run.storage_path as a local path" if field == "run.storage_path" else
+                        "model directories must be a path every node can read (local or NFS)")
+                raise MuscleError(f"{field}: {p}: not a URI here; {hint}")
+            return str(Path(workspace) / p) if workspace and not Path(p).is_absolute() else p
+
+        def staged(uri: str) -> Path:
+            if staging is None:
+                raise MuscleError(f"{uri}: URIs need a staging directory (run through jobs/train_*.py)")
+            return Path(staging) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+        def data_file(field: str, p: str | None) -> str | None:
+            if p is None or not is_uri(p):
+                return local(field, p)
+            dest = staged(p) / p.rstrip("/").rsplit("/", 1)[-1]
+            copy_location(p, dest)
+            return str(dest)
+
+        raw, copies = self.model_dump(), []
+        raw["base"] = local("base", self.base)
+        raw["data"]["path"] = data_file("data.path", self.data.path)
+        raw["data"]["val_path"] = data_file("data.val_path", self.data.val_path)
+        raw["run"]["storage_path"] = local("run.storage_path", self.run.storage_path)
+        if is_uri(self.out):
+            raw["out"] = str(staged(self.out) / "out")
+            shutil.rmtree(raw["out"], ignore_errors=True)   # the export must hold this run's files only
+            copies.append((raw["out"], self.out))
+        else:
+            raw["out"] = local("out", self.out)
+        if self.compat is not None:
+            c = raw["compat"]
+            c["old"]["base"] = local("compat.old.base", c["old"]["base"])
+            c["old"]["adapter"] = local("compat.old.adapter", c["old"]["adapter"])
+            c["new_adapter"] = local("compat.new_adapter", c["new_adapter"])
+            c["cache_dir"] = local("compat.cache_dir", c["cache_dir"])
+        if self.fault_drill is not None:
+            raw["fault_drill"]["marker"] = local("fault_drill.marker", self.fault_drill.marker)
+        return TrainConfig.model_validate(raw), copies
+
 
 def load_config(path: str | Path, kind: Literal["adapter", "compat"], overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
