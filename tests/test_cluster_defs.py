@@ -1,0 +1,229 @@
+"""The cluster definitions and job configs are checked, not just shipped.
+
+Every YAML in cluster/ must carry what its tool requires (the launcher's schema; KubeRay's head
+and worker groups, replica bounds, rayStartParams, entrypoints), and everything a file names
+(job scripts, job configs, the serve import path, volumes) must exist. Every config in
+jobs/configs/ validates against its pydantic class and mirrors how the demo trains and scores.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+CONFIGS = REPO / "jobs" / "configs"
+IMAGE_ROOT = "/app/"          # cluster/Dockerfile puts the repo there
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _all_docs() -> list[tuple[str, dict]]:
+    return [(str(p.relative_to(REPO)), d) for p in sorted(CLUSTER.rglob("*.yaml")) for d in _docs(p)]
+
+
+def _kind(kind: str) -> list[tuple[str, dict]]:
+    return [(f, d) for f, d in _all_docs() if d.get("kind") == kind]
+
+
+def _ray_cluster_spec(doc: dict) -> dict:
+    spec = doc["spec"]
+    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
+            "RayService": lambda: spec["rayClusterConfig"]}[doc["kind"]]()
+
+
+def _repo_path(path: str) -> Path:
+    return REPO / (path[len(IMAGE_ROOT):] if path.startswith(IMAGE_ROOT) else path)
+
+
+def load_job_config(path: Path):
+    """The config class of a jobs/configs file, by its name: score*, train_adapter*, train_compat*."""
+    from muscle_ray.scoring.config import ScoreConfig
+    from muscle_ray.training.config import load_config
+
+    name = path.name
+    if name.startswith("score"):
+        return ScoreConfig.from_yaml(path)
+    if name.startswith("train_adapter"):
+        return load_config(path, "adapter")
+    if name.startswith("train_compat"):
+        return load_config(path, "compat")
+    raise AssertionError(f"{path}: no config class for this name (score*, train_adapter*, train_compat*)")
+
+
+# --- cluster/ as a whole -------------------------------------------------------------------
+
+
+def test_cluster_dir_has_every_definition_the_readme_names():
+    kinds = {d.get("kind") for _, d in _all_docs()}
+    assert {"RayCluster", "RayJob", "RayService", "PersistentVolumeClaim"} <= kinds
+    readme = (CLUSTER / "README.md").read_text()
+    for p in sorted(CLUSTER.rglob("*.yaml")):
+        assert str(p.relative_to(REPO)) in readme, f"cluster/README.md does not say when to use {p.name}"
+    for f, d in _all_docs():
+        if "kind" in d:
+            assert d["apiVersion"] == ("v1" if d["kind"] == "PersistentVolumeClaim" else "ray.io/v1"), f
+
+
+# --- the cluster launcher --------------------------------------------------------------------
+
+
+def test_launcher_yaml_passes_rays_schema_and_autoscales_cpu_and_gpu_workers():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = _docs(CLUSTER / "launcher.yaml")[0]
+    cfg = prepare_config(raw)
+    validate_config(cfg)             # Ray's own JSON schema for `ray up`
+    types = raw["available_node_types"]
+    head = types[raw["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and "GPU" not in head["node_config"]["InstanceType"]
+    workers = {n: t for n, t in types.items() if n != raw["head_node_type"]}
+    assert {"cpu_worker", "gpu_worker"} <= set(workers)
+    for name, t in workers.items():
+        assert 0 <= t["min_workers"] <= t["max_workers"], name
+    assert workers["gpu_worker"]["node_config"]["InstanceType"].startswith(("g", "p"))
+    assert raw["idle_timeout_minutes"] > 0
+    assert sum(t["max_workers"] for t in workers.values()) >= raw["max_workers"] > 0
+    # The project is synced to every node and installed there.
+    assert raw["file_mounts"]["/home/ubuntu/muscle-ray"] == "."
+    assert any("pip install" in c and "-e ~/muscle-ray" in c for c in raw["setup_commands"])
+    assert (REPO / "pyproject.toml").is_file()
+    # Every node starts Ray in token mode with the shipped token.
+    assert raw["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    head_start = " ".join(raw["head_start_ray_commands"])
+    worker_start = " ".join(raw["worker_start_ray_commands"])
+    assert "ray start --head" in head_start and "--autoscaling-config" in head_start
+    assert "ray start --address=$RAY_HEAD_IP:6379" in worker_start
+    for cmd in (head_start, worker_start):
+        assert "RAY_AUTH_MODE=token" in cmd and "MUSCLE_WORKSPACE=" in cmd
+
+
+# --- KubeRay ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob", "RayService"])
+def test_kuberay_cluster_specs_have_head_and_autoscaled_worker_groups(kind):
+    docs = _kind(kind)
+    assert docs, f"no {kind} in cluster/"
+    claims = {d["metadata"]["name"] for _, d in _kind("PersistentVolumeClaim")}
+    for f, doc in docs:
+        spec = _ray_cluster_spec(doc)
+        assert spec["rayVersion"] == "2.60.0", f
+        assert spec["enableInTreeAutoscaling"] is True, f
+        assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0, f
+        assert spec["authOptions"] == {"mode": "token"}, f
+        head = spec["headGroupSpec"]
+        assert isinstance(head["rayStartParams"], dict), f
+        pods = [("head", head["template"]["spec"])]
+        groups = spec["workerGroupSpecs"]
+        assert groups, f
+        for g in groups:
+            assert g["groupName"] and isinstance(g["rayStartParams"], dict), f
+            assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["maxReplicas"] > 0, (f, g["groupName"])
+            pods.append((g["groupName"], g["template"]["spec"]))
+            limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert ("nvidia.com/gpu" in limits) == (g["groupName"] == "gpu"), (f, g["groupName"])
+        if kind == "RayCluster":
+            assert {g["groupName"] for g in groups} == {"cpu", "gpu"}, f
+        for name, pod in pods:
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for c in pod["containers"]:
+                assert c["image"].startswith("muscle-ray:"), (f, name)
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert env.get("MUSCLE_WORKSPACE") == "/data/muscle", (f, name)
+                for m in c.get("volumeMounts", []):
+                    assert m["name"] in volumes, (f, name, m)
+                    assert volumes[m["name"]]["persistentVolumeClaim"]["claimName"] in claims, (f, name)
+
+
+def test_rayjob_entrypoints_name_scripts_and_configs_that_exist_and_validate():
+    from muscle_ray.scoring.config import ScoreConfig
+    from muscle_ray.training.config import TrainConfig
+
+    seen = {}
+    for f, doc in _kind("RayJob"):
+        argv = shlex.split(doc["spec"]["entrypoint"])
+        assert argv[0] == "python", f
+        script = _repo_path(argv[1])
+        assert script.is_file() and script.parent.name == "jobs", (f, argv[1])
+        config = _repo_path(argv[argv.index("--config") + 1])
+        assert config.is_file(), (f, config)
+        cfg = load_job_config(config)
+        seen[script.name] = cfg
+        assert doc["spec"]["shutdownAfterJobFinishes"] is True, f
+    assert set(seen) == {"score.py", "train_compat.py"}
+    assert isinstance(seen["score.py"], ScoreConfig) and seen["score.py"].gpus_per_worker >= 1
+    assert isinstance(seen["train_compat.py"], TrainConfig) and seen["train_compat.py"].compat is not None
+
+
+def test_rayservice_imports_the_serve_app_in_the_repo():
+    (f, doc), = _kind("RayService")
+    apps = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    assert [a["import_path"] for a in apps] == ["serve.app:app"], f
+    module, attr = apps[0]["import_path"].split(":")
+    source = REPO / (module.replace(".", "/") + ".py")
+    if not source.is_file():
+        pytest.skip(f"{source.relative_to(REPO)} is not in the repo yet (the serving app is built separately)")
+    assert f"{attr} =" in source.read_text() or f"def {attr}" in source.read_text(), source
+    serve_config = REPO / "serve" / "config.yaml"
+    if serve_config.is_file():   # serveConfigV2 mirrors the app's own `serve deploy` config
+        mine = {a["import_path"] for a in apps}
+        assert mine == {a["import_path"] for a in yaml.safe_load(serve_config.read_text())["applications"]}
+
+
+# --- jobs/configs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_config_validates_and_writes_outside_the_demo(path):
+    cfg = load_job_config(path)
+    out = Path(cfg.out)
+    assert out.parts[:2] == ("runs", "jobs"), f"{path.name}: out {cfg.out} would clobber the demo's products"
+    storage = getattr(getattr(cfg, "run", None), "storage_path", "runs/jobs/ray")
+    assert Path(storage).parts[:2] == ("runs", "jobs"), path.name
+
+
+def test_score_configs_mirror_how_the_demo_scores_sum_em():
+    from muscle_ray.demo import SCORING
+
+    task, options, _ = SCORING["sum_em"]
+    for name in ("score.yaml", "score_gpu.yaml"):
+        cfg = load_job_config(CONFIGS / name)
+        assert (cfg.task, cfg.task_options) == (task, options), name
+        assert cfg.data == "runs/demo/zoo/data/sum_em/test.jsonl"
+        assert {v.name: (v.base, v.adapter) for v in cfg.versions} == {
+            "v1": ("runs/demo/zoo/v1", "runs/demo/adapters/sum_em/v1"),
+            "v2": ("runs/demo/zoo/v2", "runs/demo/adapters/sum_em/v2"),
+            "compat": ("runs/demo/zoo/v2", "runs/demo/adapters/sum_em/compat"),
+            "control": ("runs/demo/zoo/v2", "runs/demo/adapters/sum_em/control"),
+        }
+        assert cfg.workers[0] < cfg.workers[1], f"{name}: the pool should autoscale"
+
+
+def test_train_configs_mirror_the_demo_recipes():
+    from muscle_ray.demo import AdapterRecipe, CompatRecipe
+
+    a, c = AdapterRecipe(), CompatRecipe()
+    task = load_job_config(CONFIGS / "train_adapter.yaml")
+    compat = load_job_config(CONFIGS / "train_compat.yaml")
+    for cfg in (task, compat):
+        assert cfg.base == "runs/demo/zoo/v2"
+        assert (cfg.data.path, cfg.data.val_path, cfg.data.max_length) == (
+            "runs/demo/zoo/data/sum_em/train_pairs.jsonl", "runs/demo/zoo/data/sum_em/val_pairs.jsonl", 128)
+        assert (cfg.lora.r, cfg.lora.alpha) == (a.r, 2 * a.r)
+        assert cfg.run.cpus_per_worker == 0.25
+    assert (task.optim.lr, task.optim.epochs, task.optim.micro_batch_size, task.optim.warmup_steps,
+            task.optim.schedule) == (a.lr, a.epochs, a.micro_batch_size, a.warmup_steps, "linear")
+    assert (compat.optim.lr, compat.optim.max_steps, compat.optim.micro_batch_size, compat.optim.schedule,
+            compat.run.eval_every_steps) == (c.lr, c.steps, c.micro_batch_size, "constant", c.steps)
+    cc = compat.compat
+    assert (cc.mask, cc.temperature, cc.ce_weight) == (c.mask, c.temperature, c.ce_weight)
+    assert (cc.old.base, cc.old.adapter, cc.new_adapter) == (
+        "runs/demo/zoo/v1", "runs/demo/adapters/sum_em/v1", "runs/demo/adapters/sum_em/v2")
+

@@ -1,0 +1,147 @@
+"""Where a cluster job reads and writes: MUSCLE_WORKSPACE, pyarrow URIs, and the resources its
+actor pools ask for. URIs are exercised with real `file://` URIs through pyarrow.fs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from muscle_ray.errors import MuscleError
+from muscle_ray.results import copy_location, uri_exists, write_atomic
+from muscle_ray.scoring.config import ScoreConfig
+from muscle_ray.training.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _score_cfg(**fields) -> ScoreConfig:
+    base = dict(task="gen_jsonl", out="runs/jobs/x", versions=[{"name": "v1", "base": "runs/demo/zoo/v1"}])
+    return ScoreConfig.build("test", **{**base, **fields})
+
+
+def test_copy_location_round_trips_a_tree_through_a_file_uri(tmp_path):
+    src = tmp_path / "src"
+    (src / "v1" / "gen_jsonl").mkdir(parents=True)
+    write_atomic(pa.table({"id": ["a"]}), src / "v1" / "gen_jsonl" / "shard-00000.parquet")
+    (src / "summary.json").write_text("[]")
+    uri = f"file://{tmp_path}/bucket/run"
+    assert not uri_exists(uri)
+    copy_location(src, uri)
+    assert uri_exists(uri) and (tmp_path / "bucket/run/v1/gen_jsonl/shard-00000.parquet").is_file()
+    copy_location(f"{uri}/summary.json", tmp_path / "back" / "summary.json")
+    assert (tmp_path / "back/summary.json").read_text() == "[]"
+    with pytest.raises(MuscleError, match="no such file"):
+        copy_location(f"file://{tmp_path}/nothing", tmp_path / "x")
+
+
+def test_score_config_takes_relative_paths_under_the_workspace(tmp_path):
+    cfg, copies = _score_cfg(data="runs/demo/zoo/data/sum_em/test.jsonl").located(str(tmp_path), tmp_path / "st")
+    assert cfg.versions[0].base == str(tmp_path / "runs/demo/zoo/v1")
+    assert cfg.data == str(tmp_path / "runs/demo/zoo/data/sum_em/test.jsonl")
+    assert cfg.out == str(tmp_path / "runs/jobs/x") and copies == []
+    same, _ = _score_cfg(data="/abs/test.jsonl").located(None, None)      # no workspace: untouched
+    assert (same.versions[0].base, same.data, same.out) == ("runs/demo/zoo/v1", "/abs/test.jsonl", "runs/jobs/x")
+
+
+def test_score_config_fetches_a_data_uri_and_stages_an_out_uri_with_its_shards(tmp_path):
+    (tmp_path / "bucket").mkdir()
+    (tmp_path / "bucket" / "test.jsonl").write_text('{"prompt": "p", "reference": "r"}\n')
+    remote_out = tmp_path / "bucket" / "out"
+    (remote_out / "v1" / "gen_jsonl").mkdir(parents=True)
+    (remote_out / "v1" / "gen_jsonl" / "_run.json").write_text("{}")    # a previous run's state
+    staging = tmp_path / "staging"
+    cfg, copies = _score_cfg(data=f"file://{tmp_path}/bucket/test.jsonl", out=f"file://{remote_out}").located(
+        None, staging)
+    assert Path(cfg.data).read_text() == '{"prompt": "p", "reference": "r"}\n'
+    assert Path(cfg.data).is_relative_to(staging) and Path(cfg.data).name == "test.jsonl"
+    assert (Path(cfg.out) / "v1" / "gen_jsonl" / "_run.json").is_file()   # seeded: a rerun resumes
+    assert copies == [(cfg.out, f"file://{remote_out}")]
+    again, _ = _score_cfg(data=f"file://{tmp_path}/bucket/test.jsonl", out=f"file://{remote_out}").located(
+        None, staging)
+    assert (again.data, again.out) == (cfg.data, cfg.out)   # stable paths: the resume fingerprint holds
+
+
+def test_score_config_refuses_model_uris_and_uris_without_staging(tmp_path):
+    bad = _score_cfg(versions=[{"name": "v1", "base": "s3://bucket/models/v1"}])
+    with pytest.raises(MuscleError, match=r"versions\[0\]\.base: s3://bucket/models/v1: model directories"):
+        bad.located(None, tmp_path)
+    with pytest.raises(MuscleError, match="staging"):
+        _score_cfg(out="s3://bucket/out").located(None, None)
+
+
+def test_train_config_located_fetches_data_stages_out_and_keeps_models_local(tmp_path):
+    pairs = tmp_path / "bucket" / "train_pairs.jsonl"
+    pairs.parent.mkdir()
+    pairs.write_text('{"prompt": "a", "completion": "b"}\n')
+    cfg = load_config(REPO / "jobs/configs/train_compat.yaml", "compat",
+                      {"data.path": f"file://{pairs}", "out": "gs://bucket/adapters/compat"})
+    local, copies = cfg.located(str(tmp_path / "ws"), tmp_path / "st")
+    assert Path(local.data.path).read_text() == pairs.read_text()
+    assert local.data.val_path == str(tmp_path / "ws/runs/demo/zoo/data/sum_em/val_pairs.jsonl")
+    assert local.compat.old.adapter == str(tmp_path / "ws/runs/demo/adapters/sum_em/v1")
+    assert local.run.storage_path == str(tmp_path / "ws/runs/jobs/ray")
+    assert copies == [(local.out, "gs://bucket/adapters/compat")] and Path(local.out).is_relative_to(tmp_path / "st")
+    with pytest.raises(MuscleError, match="compat.new_adapter"):
+        load_config(REPO / "jobs/configs/train_compat.yaml", "compat",
+                    {"compat.new_adapter": "s3://b/v2"}).located(None, tmp_path)
+    with pytest.raises(MuscleError, match="run.storage_path"):
+        load_config(REPO / "jobs/configs/train_adapter.yaml", "adapter",
+                    {"run.storage_path": "s3://b/ray"}).located(None, tmp_path)
+
+
+def _job_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_score_job_reports_a_user_error_as_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "score.yaml"
+    cfg.write_text(json.dumps({"task": "gen_jsonl", "out": "runs/jobs/x", "data": "x.jsonl",
+                               "versions": [{"name": "v1", "base": "s3://bucket/v1"}]}))
+    assert _job_module("score").main(["--config", str(cfg)]) == 2
+    assert "versions[0].base" in capsys.readouterr().err
+
+
+# --- the resources a scoring pool asks Ray for -------------------------------------------------
+
+
+class _Captured(Exception):
+    pass
+
+
+def _pool_request(monkeypatch, tmp_path, config: str) -> dict:
+    """The map_batches arguments the real scoring job builds for `config` (no actor starts)."""
+    import ray.data
+
+    from muscle_ray.scoring.job import score_version
+
+    seen = {}
+
+    class FakeDataset:
+        def map_batches(self, fn, **kwargs):
+            seen.update(kwargs)
+            raise _Captured
+
+    monkeypatch.setattr(ray.data, "from_items", lambda items: FakeDataset())
+    cfg = ScoreConfig.from_yaml(REPO / "jobs/configs" / config, out=str(tmp_path / config))
+    with pytest.raises(_Captured):
+        score_version(cfg, cfg.versions[0], [(0, '{"prompt": "p", "reference": "r"}')], str(tmp_path / "d.jsonl"))
+    return seen
+
+
+def test_cpu_pool_asks_for_fractional_cpus_and_no_gpu(monkeypatch, tmp_path):
+    req = _pool_request(monkeypatch, tmp_path, "score.yaml")
+    assert (req["compute"].min_size, req["compute"].max_size) == (1, 2)     # autoscales 1..2 actors
+    assert req["num_cpus"] == 0.25 and req["num_gpus"] is None
+
+
+def test_gpu_pool_asks_each_actor_for_a_gpu(monkeypatch, tmp_path):
+    req = _pool_request(monkeypatch, tmp_path, "score_gpu.yaml")
+    assert (req["compute"].min_size, req["compute"].max_size) == (1, 8)
+    assert req["num_gpus"] == 1 and req["num_cpus"] == 1
