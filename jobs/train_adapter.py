@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from muscle_ray.errors import MuscleError
-from muscle_ray.results import copy_location
+from muscle_ray.results import copy_location, is_uri
 from muscle_ray.training import cli
 
 STAGING = Path(tempfile.gettempdir()) / "muscle-ray-staging"
@@ -31,9 +31,12 @@ def run_job(kind: str, argv: list[str]) -> int:
         from muscle_ray.training.config import load_config
         from muscle_ray.training.job import run_training
 
-        cfg, copies = load_config(args.config, kind, cli.overrides(args)).located(
-            os.environ.get("MUSCLE_WORKSPACE"), STAGING)
+        given = load_config(args.config, kind, cli.overrides(args))
+        cfg, copies = given.located(os.environ.get("MUSCLE_WORKSPACE"), STAGING)
         manifest = run_training(cfg, threads_per_worker=args.threads)
+        if is_uri(given.data.path):   # record the data the user named, not its staged copy
+            path = Path(cfg.out) / "muscle_manifest.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "data": given.data.path}, indent=2))
         for local, uri in copies:
             copy_location(local, uri)
         print(json.dumps({"out": copies[0][1] if copies else cfg.out, "best_metrics": manifest["best_metrics"]},

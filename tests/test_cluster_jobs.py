@@ -182,10 +182,15 @@ def test_score_job_via_ray_job_submit_cli(head, workspace):
 
 
 def test_compat_job_via_sdk_writes_adapter_to_uri(head, workspace, tmp_path):
-    """train_compat.yaml as it is, output to a file:// URI (the URI path of a cluster job)."""
+    """train_compat.yaml as it is, but data and output as file:// URIs (what a cluster job reads
+    from object storage) and 3 steps instead of 200."""
     dest = tmp_path / "exported" / "compat"
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    shutil.copy(workspace / "runs/demo/zoo/data/sum_em/train_pairs.jsonl", bucket / "pairs.jsonl")
     job_id = head.client().submit_job(
         entrypoint=f"python jobs/train_compat.py --config jobs/configs/train_compat.yaml --out file://{dest} "
+                   f"--data file://{bucket}/pairs.jsonl "
                    "--set optim.max_steps=3 --set run.eval_every_steps=3 --set optim.micro_batch_size=8",
         runtime_env=_runtime_env(workspace),
     )
@@ -194,5 +199,6 @@ def test_compat_job_via_sdk_writes_adapter_to_uri(head, workspace, tmp_path):
     manifest = json.loads((dest / "muscle_manifest.json").read_text())
     assert manifest["kind"] == "compat" and manifest["mask"] == "muscle"
     assert manifest["new_adapter"] == str(workspace / "runs/demo/adapters/sum_em/v2")
+    assert manifest["data"] == f"file://{bucket}/pairs.jsonl"     # what was given, not the staged copy
     # Ray Train's run directory went under the workspace, not into the job's unpacked code copy.
     assert (workspace / "runs/jobs/ray/sum_em-compat-job").is_dir()

@@ -145,3 +145,15 @@ def test_gpu_pool_asks_each_actor_for_a_gpu(monkeypatch, tmp_path):
     req = _pool_request(monkeypatch, tmp_path, "score_gpu.yaml")
     assert (req["compute"].min_size, req["compute"].max_size) == (1, 8)
     assert req["num_gpus"] == 1 and req["num_cpus"] == 1
+
+
+def test_train_compat_job_script_runs_and_reports_a_user_error_as_exit_2():
+    """The script as `ray job submit` runs it (python jobs/train_compat.py, jobs/ on sys.path)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "jobs/train_compat.py", "--config", "jobs/configs/train_compat.yaml",
+                          "--set", "compat.new_adapter=s3://bucket/v2"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "compat.new_adapter: s3://bucket/v2" in res.stderr
