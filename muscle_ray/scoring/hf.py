@@ -122,26 +122,44 @@ class HFScorer:
                     out[members[j]] = GenOutput(text, n)
         return out  # type: ignore[return-value]
 
-    @torch.no_grad()
     def _generate(self, prompts: list[list[int]], stops: list[str], max_new: int) -> list[tuple[str, int]]:
-        from transformers import StoppingCriteriaList
-
         tok = self.tokenizer
-        B, L = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        for b, p in enumerate(prompts):   # left padding
-            ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
-        eos = tok.decode([tok.eos_token_id]) if tok.eos_token_id is not None else None
-        stops = stops + ([eos] if eos and eos not in stops else [])
-        gen = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-            max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
-            stopping_criteria=StoppingCriteriaList([_StopStrings(tok, stops, L)]),
-            pad_token_id=tok.pad_token_id, use_cache=True,
-        )[:, L:].tolist()
-        results = []
-        for p, g in zip(prompts, gen):
-            n_new = sum(1 for t in g if t != tok.pad_token_id) if tok.pad_token_id != tok.eos_token_id else len(g)
-            results.append((cut_at_stop(tok.decode(g, skip_special_tokens=True), stops), len(p) + n_new))
-        return results
+        stops = with_eos(tok, stops)
+        gen = generate_tokens(self.model, tok, prompts, stops, max_new)
+        return [(cut_at_stop(tok.decode(g, skip_special_tokens=True), stops), len(p) + len(g))
+                for p, g in zip(prompts, gen)]
+
+
+def with_eos(tokenizer, stops: list[str]) -> list[str]:
+    """The stop strings plus the EOS token's text (generation ends there too)."""
+    eos = tokenizer.decode([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else None
+    return stops + ([eos] if eos and eos not in stops else [])
+
+
+@torch.no_grad()
+def generate_tokens(model, tokenizer, prompts: list[list[int]], stops: list[str], max_new: int,
+                    sampling: dict | None = None) -> list[list[int]]:
+    """New token ids per prompt: one left-padded batch, stop strings checked per sequence.
+
+    Greedy unless `sampling` gives `generate` sampling kwargs (do_sample, temperature, top_p).
+    Shared by the scoring job and the serving engine, so both produce the same greedy text.
+    Padding added after a sequence stopped is dropped (when pad differs from EOS).
+    """
+    from transformers import StoppingCriteriaList
+
+    tok = tokenizer
+    device = next(model.parameters()).device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    for b, p in enumerate(prompts):   # left padding
+        ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
+    decoding = sampling or {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    gen = model.generate(
+        input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new, **decoding,
+        stopping_criteria=StoppingCriteriaList([_StopStrings(tok, stops, L)]),
+        pad_token_id=tok.pad_token_id, use_cache=True,
+    )[:, L:].tolist()
+    if tok.pad_token_id == tok.eos_token_id:
+        return gen
+    return [[t for t in g if t != tok.pad_token_id] for g in gen]
