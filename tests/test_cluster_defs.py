@@ -43,18 +43,26 @@ def _repo_path(path: str) -> Path:
 
 
 def load_job_config(path: Path):
-    """The config class of a jobs/configs file, by its name: score*, train_adapter*, train_compat*."""
+    """The config class of a jobs/configs file, by its name: demo*, score*, train_adapter*, train_compat*."""
     from muscle_ray.scoring.config import ScoreConfig
     from muscle_ray.training.config import load_config
 
     name = path.name
+    if name.startswith("demo"):
+        import argparse
+
+        from muscle_ray.demo_cli import add_arguments, build_config
+
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return build_config(parser.parse_args(["--config", str(path)]))
     if name.startswith("score"):
         return ScoreConfig.from_yaml(path)
     if name.startswith("train_adapter"):
         return load_config(path, "adapter")
     if name.startswith("train_compat"):
         return load_config(path, "compat")
-    raise AssertionError(f"{path}: no config class for this name (score*, train_adapter*, train_compat*)")
+    raise AssertionError(f"{path}: no config class for this name (demo*, score*, train_adapter*, train_compat*)")
 
 
 # --- cluster/ as a whole -------------------------------------------------------------------
@@ -183,6 +191,11 @@ def test_rayservice_imports_the_serve_app_in_the_repo():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_job_config_validates_and_writes_outside_the_demo(path):
     cfg = load_job_config(path)
+    if path.name == "demo.yaml":   # the one job that writes runs/demo, with the demo's defaults
+        from muscle_ray.demo import DemoConfig
+
+        assert cfg == DemoConfig(), "jobs/configs/demo.yaml should spell out what `make demo` runs"
+        return
     out = Path(cfg.out)
     assert out.parts[:2] == ("runs", "jobs"), f"{path.name}: out {cfg.out} would clobber the demo's products"
     storage = getattr(getattr(cfg, "run", None), "storage_path", "runs/jobs/ray")
@@ -227,3 +240,9 @@ def test_train_configs_mirror_the_demo_recipes():
     assert (cc.old.base, cc.old.adapter, cc.new_adapter) == (
         "runs/demo/zoo/v1", "runs/demo/adapters/sum_em/v1", "runs/demo/adapters/sum_em/v2")
 
+
+
+def test_every_job_has_an_example_config():
+    jobs = {p.stem for p in (REPO / "jobs").glob("*.py") if not p.name.startswith("_")}
+    assert jobs == {"demo", "score", "train_adapter", "train_compat"}
+    assert all((CONFIGS / f"{job}.yaml").is_file() for job in jobs)
