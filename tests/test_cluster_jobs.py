@@ -54,7 +54,7 @@ class Head:
         return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
 
 
-def _stop_tree(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+def _stop_tree(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     """SIGTERM `ray start --block` and everything under it (GCS, raylet, workers), then SIGKILL."""
     import psutil
 
