@@ -6,7 +6,8 @@
 What the job adds to `muscle score` for clusters: relative paths are taken under
 MUSCLE_WORKSPACE when it is set (under `ray job submit` the job runs in Ray's unpacked copy of
 the code), and `data` / `out` may be pyarrow URIs (s3://, gs://, file://): the data is fetched
-to the driver, the shards are written locally and copied to `out` when the run succeeds.
+to the driver, the shards are written locally and copied to `out` when the run ends (also when it
+fails: a rerun into the same `out` fetches them back and resumes).
 """
 
 import argparse
@@ -30,10 +31,13 @@ def main(argv: list[str]) -> int:
         from muscle_ray.scoring.job import run_score
 
         cfg, copies = cli.config_from_args(args).located(os.environ.get("MUSCLE_WORKSPACE"), STAGING)
-        run_score(cfg)
-        for local, uri in copies:
-            copy_location(local, uri)
-            print(f"copied {local} -> {uri}")
+        try:
+            run_score(cfg)
+        finally:   # also after a failure: finished shards are whole files, so a rerun resumes from them
+            for local, uri in copies:
+                if Path(local).exists():
+                    copy_location(local, uri)
+                    print(f"copied {local} -> {uri}")
     except MuscleError as e:
         print(f"jobs/score.py: error: {e}", file=sys.stderr)
         return 2

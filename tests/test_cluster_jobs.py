@@ -202,3 +202,20 @@ def test_compat_job_via_sdk_writes_adapter_to_uri(head, workspace, tmp_path):
     assert manifest["data"] == f"file://{bucket}/pairs.jsonl"     # what was given, not the staged copy
     # Ray Train's run directory went under the workspace, not into the job's unpacked code copy.
     assert (workspace / "runs/jobs/ray/sum_em-compat-job").is_dir()
+
+
+def test_score_job_reads_and_writes_uris_and_resumes_from_the_remote_shards(head, workspace, tmp_path):
+    """data and out as file:// URIs; the second run fetches the finished shards and scores nothing."""
+    from muscle_ray.results import read_results
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    shutil.copy(workspace / "runs/demo/zoo/data/sum_em/test.jsonl", bucket / "test.jsonl")
+    run = (f"python jobs/score.py --config jobs/configs/score.yaml --data file://{bucket}/test.jsonl "
+           f"--out file://{bucket}/results --version v2=runs/demo/zoo/v2:runs/demo/adapters/sum_em/v2 --limit 6")
+    job_id = head.client().submit_job(entrypoint=f"{run} && {run}", runtime_env=_runtime_env(workspace))
+    logs = _wait(head, job_id)
+    assert read_results(bucket / "results/v2/gen_jsonl").num_rows == 6
+    assert "resuming: 1/1 shards already done" in logs, logs[-3000:]
+    summary = json.loads((bucket / "results/summary.json").read_text())
+    assert [(s["version"], s["scored"], s["resumed_shards"]) for s in summary] == [("v2", 0, 1)]
