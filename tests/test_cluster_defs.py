@@ -170,19 +170,31 @@ def test_rayjob_entrypoints_name_scripts_and_configs_that_exist_and_validate():
     assert isinstance(seen["train_compat.py"], TrainConfig) and seen["train_compat.py"].compat is not None
 
 
-def test_rayservice_imports_the_serve_app_in_the_repo():
-    (f, doc), = _kind("RayService")
-    apps = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
-    assert [a["import_path"] for a in apps] == ["serve.app:app"], f
-    module, attr = apps[0]["import_path"].split(":")
-    source = REPO / (module.replace(".", "/") + ".py")
-    if not source.is_file():
-        pytest.skip(f"{source.relative_to(REPO)} is not in the repo yet (the serving app is built separately)")
-    assert f"{attr} =" in source.read_text() or f"def {attr}" in source.read_text(), source
+def test_rayservice_runs_the_serving_app_of_serve_config_yaml():
+    """serveConfigV2 = serve/config.yaml's application, its paths on the shared volume."""
+    from muscle_ray.serving.config import validate_app_config
+
     serve_config = REPO / "serve" / "config.yaml"
-    if serve_config.is_file():   # serveConfigV2 mirrors the app's own `serve deploy` config
-        mine = {a["import_path"] for a in apps}
-        assert mine == {a["import_path"] for a in yaml.safe_load(serve_config.read_text())["applications"]}
+    if not serve_config.is_file():
+        pytest.skip("serve/config.yaml is not in this checkout (the serving app lands separately)")
+    (f, doc), = _kind("RayService")
+    mine, = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    theirs, = yaml.safe_load(serve_config.read_text())["applications"]
+    assert mine["import_path"] == theirs["import_path"], f
+    module, attr = mine["import_path"].split(":")
+    source = REPO / (module.replace(".", "/") + ".py")
+    assert f"def {attr}(" in source.read_text(), f"{source} defines no {attr}"
+    validate_app_config(mine["args"], source=f)          # the app's own config class
+    on_volume = lambda p: p if p is None else "/data/muscle/" + p
+    assert {k: (b["path"], b["models"]) for k, b in mine["args"]["bases"].items()} == {
+        k: (on_volume(b["path"]), {n: on_volume(a) for n, a in b["models"].items()})
+        for k, b in theirs["args"]["bases"].items()}
+    assert mine["args"]["shadow"]["out"] == on_volume(theirs["args"]["shadow"]["out"])
+    assert [d["name"] for d in mine["deployments"]] == [d["name"] for d in theirs["deployments"]]
+    for d in mine["deployments"]:
+        gpus = d["ray_actor_options"].get("num_gpus", 0)
+        assert gpus == (1 if d["name"].startswith("model_") else 0), d["name"]
+        assert d["autoscaling_config"]["min_replicas"] < d["autoscaling_config"]["max_replicas"], d["name"]
 
 
 # --- jobs/configs ----------------------------------------------------------------------------
