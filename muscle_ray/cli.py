@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-compat": ("muscle_ray.training.cli_compat", "train a MUSCLE compatibility adapter with Ray Train (YAML config)"),
     "score": ("muscle_ray.scoring.cli", "score model versions on a task with a Ray Data actor pool (results-format Parquet)"),
     "flips": ("muscle_ray.metrics.cli", "negative/positive flips, paired statistics and compat deltas between result sets"),
+    "serve": ("muscle_ray.serving.cli", "host old/new/compat behind an OpenAI-compatible API with a compare endpoint (Ray Serve)"),
     "demo": ("muscle_ray.demo_cli", "the whole MUSCLE update end to end: zoo, adapters, flips, compat, report"),
 }
 
