@@ -182,8 +182,8 @@ def test_score_job_via_ray_job_submit_cli(head, workspace):
 
 
 def test_compat_job_via_sdk_writes_adapter_to_uri(head, workspace, tmp_path):
-    """train_compat.yaml as it is, but data and output as file:// URIs (what a cluster job reads
-    from object storage) and 3 steps instead of 200."""
+    """train_compat.yaml as it is, but data, output and Ray Train storage as file:// URIs (what a
+    cluster job reads from and writes to object storage) and 3 steps instead of 200."""
     dest = tmp_path / "exported" / "compat"
     bucket = tmp_path / "bucket"
     bucket.mkdir()
@@ -191,6 +191,7 @@ def test_compat_job_via_sdk_writes_adapter_to_uri(head, workspace, tmp_path):
     job_id = head.client().submit_job(
         entrypoint=f"python jobs/train_compat.py --config jobs/configs/train_compat.yaml --out file://{dest} "
                    f"--data file://{bucket}/pairs.jsonl "
+                   f"--set run.storage_path=file://{bucket}/ray "
                    "--set optim.max_steps=3 --set run.eval_every_steps=3 --set optim.micro_batch_size=8",
         runtime_env=_runtime_env(workspace),
     )
@@ -200,8 +201,9 @@ def test_compat_job_via_sdk_writes_adapter_to_uri(head, workspace, tmp_path):
     assert manifest["kind"] == "compat" and manifest["mask"] == "muscle"
     assert manifest["new_adapter"] == str(workspace / "runs/demo/adapters/sum_em/v2")
     assert manifest["data"] == f"file://{bucket}/pairs.jsonl"     # what was given, not the staged copy
-    # Ray Train's run directory went under the workspace, not into the job's unpacked code copy.
-    assert (workspace / "runs/jobs/ray/sum_em-compat-job").is_dir()
+    # Ray Train wrote its run directory (checkpoints) to the storage URI itself.
+    assert any((bucket / "ray/sum_em-compat-job").rglob("checkpoint_*")), logs[-3000:]
+    assert manifest["ray_run"]["storage_path"] == f"file://{bucket}/ray"
 
 
 def test_score_job_reads_and_writes_uris_and_resumes_from_the_remote_shards(head, workspace, tmp_path):

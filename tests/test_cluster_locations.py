@@ -88,9 +88,9 @@ def test_train_config_located_fetches_data_stages_out_and_keeps_models_local(tmp
     with pytest.raises(MuscleError, match="compat.new_adapter"):
         load_config(REPO / "jobs/configs/train_compat.yaml", "compat",
                     {"compat.new_adapter": "s3://b/v2"}).located(None, tmp_path)
-    with pytest.raises(MuscleError, match="run.storage_path"):
-        load_config(REPO / "jobs/configs/train_adapter.yaml", "adapter",
-                    {"run.storage_path": "s3://b/ray"}).located(None, tmp_path)
+    remote, _ = load_config(REPO / "jobs/configs/train_adapter.yaml", "adapter",
+                            {"run.storage_path": "s3://b/ray"}).located(None, tmp_path)
+    assert remote.run.storage_path == "s3://b/ray"     # handed to Ray Train as it is
 
 
 def _job_module(name: str):

@@ -133,10 +133,10 @@ class TrainConfig(_Strict):
             if p is None:
                 return None
             if is_uri(p):
-                hint = ("Ray Train takes storage URIs, but muscle_ray/training/job.py resolves "
-                        "run.storage_path as a local path" if field == "run.storage_path" else
-                        "model directories must be a path every node can read (local or NFS)")
-                raise MuscleError(f"{field}: {p}: not a URI here; {hint}")
+                if field == "run.storage_path":
+                    return p          # Ray Train writes its run directory to a URI itself
+                raise MuscleError(f"{field}: {p}: not a URI here; model directories must be a path "
+                                  "every node can read (local or NFS)")
             return str(Path(workspace) / p) if workspace and not Path(p).is_absolute() else p
 
         def staged(uri: str) -> Path:

@@ -42,6 +42,14 @@ def prepare_datasets(cfg: TrainConfig):
     return train, val
 
 
+def _storage(path: str) -> str:
+    """Ray Train takes a URI (s3://, gs://, file://) for its run directory as it is; a local
+    path is made absolute so workers on this machine agree on it."""
+    from muscle_ray.results import is_uri
+
+    return path if is_uri(path) else str(Path(path).resolve())
+
+
 def run_training(cfg: TrainConfig, threads_per_worker: int = 1) -> dict:
     """Fit with Ray Train, export the best checkpoint's adapter to cfg.out; returns the manifest."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -60,6 +68,7 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1) -> dict:
     if n_train < cfg.run.num_workers * cfg.optim.micro_batch_size:
         raise MuscleError(f"{cfg.data.path}: {n_train} training rows, fewer than num_workers x micro_batch_size")
     run = cfg.run
+    storage = _storage(run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "n_train": n_train, "threads": threads_per_worker},
@@ -68,7 +77,7 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1) -> dict:
         torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
         datasets={"train": train, "val": val},
         run_config=RunConfig(
-            name=run.name, storage_path=str(Path(run.storage_path).resolve()),
+            name=run.name, storage_path=storage,
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.num_to_keep, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
@@ -97,7 +106,7 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1) -> dict:
         "data": cfg.data.path,
         "mask": c.mask if c else "ce",
         "best_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
-        "ray_run": {"name": run.name, "storage_path": str(Path(run.storage_path).resolve())},
+        "ray_run": {"name": run.name, "storage_path": storage},
         "config": json.loads(cfg.model_dump_json()),
     }
     write_manifest(out, **manifest)
