@@ -65,13 +65,20 @@ def covering_tokens(tokenizer, ids: list[int], text: str) -> int:
     return k
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """A token as text; a token that is only part of a UTF-8 character (it would decode to
+    U+FFFD) is written `token_id:N`, as vLLM does, so alternatives never collide."""
+    text = tokenizer.decode([token_id])
+    return f"token_id:{token_id}" if "\ufffd" in text else text
+
+
 def logprobs_object(tokenizer, ids: list[int], lps: list[float | None], tops: list[dict | None] | None,
                     offset: int = 0) -> dict:
     """OpenAI's logprobs block: token strings, their log-probs, top alternatives, char offsets."""
     tokens, offsets = [], []
     for i in range(len(ids)):
         offsets.append(offset + len(tokenizer.decode(ids[:i], skip_special_tokens=True)))
-        tokens.append(tokenizer.decode(ids[i:i + 1]))
+        tokens.append(token_text(tokenizer, ids[i]))
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -175,7 +182,7 @@ class HFEngine:
                         tops.append(None)
                         continue
                     v, t = lp_all[b, j - 1].topk(r.logprobs)
-                    tops.append({self.tokenizer.decode([int(x)]): float(y) for x, y in zip(t, v)})
+                    tops.append({token_text(self.tokenizer, int(x)): float(y) for x, y in zip(t, v)})
             elif r.logprobs == 0:
                 tops = [None if j == 0 else {} for j in range(start, len(s))]
             prompt_text = self.tokenizer.decode(list(r.prompt_ids), skip_special_tokens=True)
