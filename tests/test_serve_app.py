@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 PORT = 18431
 URL = f"http://127.0.0.1:{PORT}"
+METRICS_PORT = PORT + 1
 KEY = "test-key-0123"
 KEY_ENV = "MUSCLE_TEST_SERVE_KEY"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -50,7 +51,8 @@ def app(models):
     small = {"ray_actor_options": {"num_cpus": 0.25}}
     deployments = {"model_a": small, "model_b": small,
                    "gateway": {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {KEY_ENV: KEY}}}}}
-    init_ray(num_cpus=2)
+    # Prometheus export on a known port, reported every second (Ray's default is 10 s)
+    init_ray(num_cpus=2, _metrics_export_port=METRICS_PORT, _system_config={"metrics_report_interval_ms": 1000})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         serve.run(build(args, deployments=deployments), name="muscle", route_prefix="/",
@@ -172,6 +174,23 @@ def test_shadow_log_written(app, client, models):
              ["shadow"] if s["new"] == "compat"}
     assert after.get("disagree", 0) - before.get("disagree", 0) == len(disagree)
     assert after.get("agree", 0) - before.get("agree", 0) == len(prompts) - len(disagree)
+
+
+def test_prometheus_counters_exported(app):
+    """Flips and shadow outcomes per model pair reach Ray's Prometheus endpoint."""
+    import re
+
+    want = [r'ray_muscle_flips_total\{[^}]*new="new"[^}]*old="old"[^}]*outcome="negative"[^}]*\} ([0-9.]+)',
+            r'ray_muscle_shadow_total\{[^}]*new="compat"[^}]*old="old"[^}]*outcome="disagree"[^}]*\} ([0-9.]+)']
+    deadline, text = time.time() + 20, ""
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        if all(re.search(w, text) for w in want):
+            break
+        time.sleep(0.5)
+    for w in want:
+        m = re.search(w, text)
+        assert m and float(m.group(1)) >= 1, w
 
 
 @pytest.mark.parametrize("path,body,status,param", [
