@@ -2,12 +2,13 @@
 
 Reads the same Ray Serve config file as `serve run` (default `serve/config.yaml`), applies its
 deployment options (autoscaling, CPUs) and http_options, starts or joins Ray through
-`runtime.init_ray` (loopback only when local) and blocks until Ctrl-C.
+`runtime.init_ray` (loopback only when local) and blocks until Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     from muscle_ray.runtime import init_ray
 
+    def stop(signum, frame):   # SIGTERM (service managers) shuts down like Ctrl-C: shadow rows are flushed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     init_ray(address=args.address, num_cpus=args.num_cpus)
     serve.start(http_options=http)
     print(f"muscle serve: http://{http['host']}:{http['port']} (Ctrl-C stops)", flush=True)
