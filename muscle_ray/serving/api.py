@@ -1,7 +1,7 @@
 """The HTTP contract: OpenAI's completion schema, the compare endpoint, and errors.
 
 Field names and response shapes follow OpenAI's legacy `/v1/completions`, so the official
-`openai` client and tools built on it (lm-eval's `local-completions`) work unchanged. Fixed
+`openai` client works unchanged (prompts are text; token-id prompts are refused). Fixed
 sanity bounds live here; the configurable limits (`config.Limits`) are checked by the gateway.
 Unknown request fields are ignored, as OpenAI-compatible servers do.
 """
