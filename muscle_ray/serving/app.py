@@ -46,7 +46,10 @@ class ModelServer:
             method.set_batch_wait_timeout_s(batch.get("batch_wait_timeout_s", 0.005))
 
     def info(self) -> dict:
-        return {"base": self.base, "models": self.models, "max_len": self.engine.max_len, "pid": os.getpid()}
+        import torch
+
+        return {"base": self.base, "models": self.models, "max_len": self.engine.max_len, "pid": os.getpid(),
+                "torch_threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
 
     async def complete(self, model: str, prompt: str, max_tokens: int, stop: list[str] = (),
                        temperature: float = 0.0, top_p: float = 1.0, logprobs: int | None = None,
