@@ -140,6 +140,10 @@ def test_finish_reason_and_logprobs(engine):
     assert lp["text_offset"][0] == len(PROMPTS[0])
     # greedy picks the most likely token: its log-prob is the best of the top alternatives
     assert all(abs(max(t.values()) - x) < 1e-5 for t, x in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    # the generation's own logits give the log-probs a teacher-forced pass (echo) gives
+    echoed = engine.generate([GenRequest("new", ids, 12, logprobs=2, echo=True)])[0]
+    assert echoed.text == PROMPTS[0] + full.text and len(echoed.logprobs["tokens"]) == len(ids) + 12
+    assert echoed.logprobs["token_logprobs"][-12:] == pytest.approx(lp["token_logprobs"], abs=1e-4)
     stop = full.text[3]
     cut = engine.generate([GenRequest("new", ids, 12, (stop,), logprobs=0)])[0]
     assert cut.finish_reason == "stop" and cut.text == full.text.split(stop)[0]

@@ -138,12 +138,14 @@ def with_eos(tokenizer, stops: list[str]) -> list[str]:
 
 @torch.no_grad()
 def generate_tokens(model, tokenizer, prompts: list[list[int]], stops: list[str], max_new: int,
-                    sampling: dict | None = None) -> list[list[int]]:
+                    sampling: dict | None = None, return_logits: bool = False):
     """New token ids per prompt: one left-padded batch, stop strings checked per sequence.
 
     Greedy unless `sampling` gives `generate` sampling kwargs (do_sample, temperature, top_p).
     Shared by the scoring job and the serving engine, so both produce the same greedy text.
     Padding added after a sequence stopped is dropped (when pad differs from EOS).
+    With `return_logits`: (ids per prompt with nothing dropped, so position j is step j,
+    raw logits [B, steps, vocab]) -- per-token log-probs without a second forward pass.
     """
     from transformers import StoppingCriteriaList
 
@@ -155,11 +157,14 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], stops: list[str]
     for b, p in enumerate(prompts):   # left padding
         ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
     decoding = sampling or {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    gen = model.generate(
+    out = model.generate(
         input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new, **decoding,
         stopping_criteria=StoppingCriteriaList([_StopStrings(tok, stops, L)]),
-        pad_token_id=tok.pad_token_id, use_cache=True,
-    )[:, L:].tolist()
+        pad_token_id=tok.pad_token_id, use_cache=True, return_dict_in_generate=True, output_logits=return_logits,
+    )
+    gen = out.sequences[:, L:].tolist()
+    if return_logits:
+        return gen, torch.stack(out.logits, dim=1).float().cpu()
     if tok.pad_token_id == tok.eos_token_id:
         return gen
     return [[t for t in g if t != tok.pad_token_id] for g in gen]

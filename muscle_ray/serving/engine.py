@@ -137,30 +137,51 @@ class HFEngine:
             sampling = None if temperature == 0 else {"do_sample": True, "temperature": temperature,
                                                       "top_p": top_p, "top_k": 0}
             with self.using(model):
-                gens: dict[int, list[int]] = {i: [] for i in idx}
-                if max_new > 0:
-                    for batch in length_sorted_batches([len(reqs[i].prompt_ids) for i in idx], self.batch_size):
-                        members = [idx[j] for j in batch]
-                        for i, g in zip(members, generate_tokens(self.model, self.tokenizer,
-                                                                 [list(reqs[i].prompt_ids) for i in members],
-                                                                 stops, max_new, sampling)):
-                            gens[i] = g
-                kept = {}
-                for i in idx:
-                    text, k, reason = finish(self.tokenizer, gens[i], stops, max_new)
-                    kept[i] = gens[i][:k]
-                    out[i] = GenResult(text, reason, len(reqs[i].prompt_ids), len(gens[i]), None)
-                want = [i for i in idx if reqs[i].logprobs is not None or reqs[i].echo]
-                for batch in length_sorted_batches([len(reqs[i].prompt_ids) + len(kept[i]) for i in want],
-                                                   self.batch_size):
-                    members = [want[j] for j in batch]
-                    self._attach_logprobs([reqs[i] for i in members], [kept[i] for i in members],
-                                          [out[i] for i in members])
+                for batch in length_sorted_batches([len(reqs[i].prompt_ids) for i in idx], self.batch_size):
+                    self._generate_batch([reqs[idx[j]] for j in batch], stops, sampling,
+                                         [idx[j] for j in batch], out)
         return out  # type: ignore[return-value]
 
+    def _generate_batch(self, reqs: list[GenRequest], stops: list[str], sampling: dict | None,
+                        where: list[int], out: list) -> None:
+        """One generate call; log-probs of generated tokens come from its own logits, and a
+        teacher-forced pass runs only for `echo` (the prompt's log-probs)."""
+        tok, max_new = self.tokenizer, reqs[0].max_tokens
+        prompts = [list(r.prompt_ids) for r in reqs]
+        raw, logits = [[] for _ in reqs], None
+        if max_new > 0:
+            if any(r.logprobs is not None and not r.echo for r in reqs):
+                raw, logits = generate_tokens(self.model, tok, prompts, stops, max_new, sampling, return_logits=True)
+            else:
+                raw = generate_tokens(self.model, tok, prompts, stops, max_new, sampling)
+        echo = []
+        for b, (r, seq, i) in enumerate(zip(reqs, raw, where)):
+            gen = [t for t in seq if t != tok.pad_token_id] if tok.pad_token_id != tok.eos_token_id else seq
+            text, _, reason = finish(tok, gen, stops, max_new)
+            k = covering_tokens(tok, seq, text)
+            out[i] = GenResult(text, reason, len(r.prompt_ids), len(gen), None)
+            if r.echo:
+                echo.append((r, seq[:k], out[i]))
+            elif r.logprobs is not None:
+                rows = torch.log_softmax(logits[b, :k], dim=-1)
+                lps, tops = self._entries(rows, seq[:k], r.logprobs)
+                offset = len(tok.decode(prompts[b], skip_special_tokens=True))
+                out[i].logprobs = logprobs_object(tok, seq[:k], lps, tops, offset)
+        if echo:
+            self._echo([e[0] for e in echo], [e[1] for e in echo], [e[2] for e in echo])
+
+    def _entries(self, rows: torch.Tensor, tokens: list[int], top: int | None):
+        """(log-probs of `tokens`, top alternatives) from the log-softmax rows that predict them."""
+        lps = rows.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+        if not top:
+            return lps, [{} for _ in tokens] if top == 0 else None
+        v, t = rows.topk(top, dim=-1)
+        return lps, [{token_text(self.tokenizer, int(x)): float(y) for x, y in zip(ts, vs)} for ts, vs in zip(t, v)]
+
     @torch.no_grad()
-    def _attach_logprobs(self, reqs: list[GenRequest], gens: list[list[int]], results: list[GenResult]) -> None:
-        """Teacher-forced log P(token | everything before it) for prompt and completion tokens."""
+    def _echo(self, reqs: list[GenRequest], gens: list[list[int]], results: list[GenResult]) -> None:
+        """Prompt + completion returned, with log P(token | everything before it) from one
+        teacher-forced pass (the first token has none, as in OpenAI's echo)."""
         seqs = [list(r.prompt_ids) + g for r, g in zip(reqs, gens)]
         B, L = len(seqs), max(len(s) for s in seqs)
         ids = torch.full((B, L), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -170,27 +191,12 @@ class HFEngine:
         device = next(self.model.parameters()).device
         logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
         lp_all = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for b, (r, g, res) in enumerate(zip(reqs, gens, results)):
-            s, P = seqs[b], len(r.prompt_ids)
-            start = 0 if r.echo else P
-            lps: list[float | None] = [None if j == 0 else float(lp_all[b, j - 1, s[j]]) for j in range(start, len(s))]
-            tops = None
-            if r.logprobs:
-                tops = []
-                for j in range(start, len(s)):
-                    if j == 0:
-                        tops.append(None)
-                        continue
-                    v, t = lp_all[b, j - 1].topk(r.logprobs)
-                    tops.append({token_text(self.tokenizer, int(x)): float(y) for x, y in zip(t, v)})
-            elif r.logprobs == 0:
-                tops = [None if j == 0 else {} for j in range(start, len(s))]
-            prompt_text = self.tokenizer.decode(list(r.prompt_ids), skip_special_tokens=True)
-            if r.echo:
-                res.text = prompt_text + res.text
-            if r.logprobs is not None:   # offsets count from the prompt's start, as OpenAI's do
-                res.logprobs = logprobs_object(self.tokenizer, s[start:], lps, tops,
-                                               offset=0 if r.echo else len(prompt_text))
+        for b, (r, s, res) in enumerate(zip(reqs, seqs, results)):
+            res.text = self.tokenizer.decode(list(r.prompt_ids), skip_special_tokens=True) + res.text
+            if r.logprobs is None:
+                continue
+            lps, tops = self._entries(lp_all[b, :len(s) - 1], s[1:], r.logprobs)
+            res.logprobs = logprobs_object(self.tokenizer, s, [None] + lps, None if tops is None else [None] + tops)
 
     # -- multiple choice ---------------------------------------------------------------------
     def choice_logliks(self, reqs: list[ChoiceRequest]) -> list[list[float]]:
