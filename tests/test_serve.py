@@ -48,6 +48,13 @@ def engine(tiny_model_b, adapters_b):
                                         "base": None})
 
 
+def test_model_names_need_not_be_peft_names(tiny_model_b, adapters_b):
+    e = HFEngine(str(tiny_model_b), {"default": str(adapters_b["compat"]), "v2.1": str(adapters_b["new"])})
+    ids = tuple(e.encode(PROMPTS[0]))
+    texts = [e.generate([GenRequest(n, ids, 8)])[0].text for n in ("default", "v2.1")]
+    assert texts[0] != texts[1]
+
+
 # -- config ------------------------------------------------------------------------------------
 def test_shipped_config_points_at_the_demo_and_is_safe():
     args, opts = read_serve_file(ROOT / "serve" / "config.yaml")

@@ -101,13 +101,13 @@ class HFEngine:
                                batch_size=batch_size, device=device)
         self.model, self.tokenizer, self.max_len = self.scorer.model, self.scorer.tokenizer, self.scorer.max_len
         self.batch_size = self.scorer.batch_size
-        self._peft = {}   # model name -> PEFT adapter name
-        for name, path in adapters.items():
-            if name == first:
-                self._peft[name] = "default"    # PeftModel.from_pretrained's name for the first
-            else:
-                self.model.load_adapter(path, adapter_name=name)
-                self._peft[name] = name
+        # model name -> PEFT adapter name: "default" (from_pretrained's) for the first, then
+        # a1, a2, ... (model names may hold '.', which PEFT's module keys cannot)
+        self._peft = {}
+        for j, (name, path) in enumerate(adapters.items()):
+            if name != first:
+                self.model.load_adapter(path, adapter_name=f"a{j}")
+            self._peft[name] = "default" if name == first else f"a{j}"
         self.models = dict(models)
         self._lock = threading.Lock()
 
