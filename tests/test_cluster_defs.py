@@ -240,11 +240,12 @@ def test_train_configs_mirror_the_demo_recipes():
     for cfg in (task, compat):
         assert cfg.base == "runs/demo/zoo/v2"
         assert (cfg.data.path, cfg.data.val_path, cfg.data.max_length) == (
-            "runs/demo/zoo/data/sum_em/train_pairs.jsonl", "runs/demo/zoo/data/sum_em/val_pairs.jsonl", 128)
+            "runs/demo/zoo/data/sum_em/train_pairs.jsonl", "runs/demo/zoo/data/sum_em/val_pairs.jsonl", 96)
         assert (cfg.lora.r, cfg.lora.alpha) == (a.r, 2 * a.r)
         assert cfg.run.cpus_per_worker == 0.25
-    assert (task.optim.lr, task.optim.epochs, task.optim.micro_batch_size, task.optim.warmup_steps,
-            task.optim.schedule) == (a.lr, a.epochs, a.micro_batch_size, a.warmup_steps, "linear")
+    assert (task.optim.lr, task.optim.max_steps, task.optim.micro_batch_size, task.optim.warmup_steps,
+            task.optim.schedule, task.data.loss_on, task.run.eval_every_steps) == (
+        a.lr, a.steps, a.micro_batch_size, a.warmup_steps, "cosine", a.loss_on, a.eval_every)
     assert (compat.optim.lr, compat.optim.max_steps, compat.optim.micro_batch_size, compat.optim.schedule,
             compat.run.eval_every_steps) == (c.lr, c.steps, c.micro_batch_size, "constant", c.steps)
     cc = compat.compat

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -49,11 +49,13 @@ class ScoreActor:
 
     def __init__(self, version: dict, task: str, task_options: dict, backend: str, batch_size: int,
                  threads: int):
+        import ray
         import torch
 
         from muscle_ray.scoring.backend import make_scorer
 
         torch.set_num_threads(threads)
+        self.actor_id = ray.get_runtime_context().get_actor_id()   # which pool actor scored a row
         spec = VersionSpec(**version)
         self.name = spec.name
         self.task = get_task(task, **task_options)
@@ -72,7 +74,8 @@ class ScoreActor:
         rows = score_instances(self.scorer, self.task, [(r, inst) for _, r, inst in good], self.name)
         for (i, _, _), res in zip(good, rows):
             results[i] = json.dumps(res)
-        return {"ord": batch["ord"], "shard": batch["shard"], "result": results, "error": errors}
+        return {"ord": batch["ord"], "shard": batch["shard"], "result": results, "error": errors,
+                "actor": [self.actor_id] * n}
 
 
 @dataclass
@@ -88,6 +91,7 @@ class VersionSummary:
     seconds: float
     rows_per_s: float
     tokens_per_s: float
+    actors: list[str] = field(default_factory=list)   # the Ray actors that scored this run's rows
 
 
 def _load_records(task: Task, path: str, limit: int | None) -> list[tuple[int, str]]:
@@ -134,7 +138,7 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[tuple[int, 
             for i, (r, raw) in enumerate(records) if i // S not in done]
     if done:
         log(f"[{spec.name}/{cfg.task}] resuming: {len(done)}/{n_shards} shards already done")
-    start, scored, tokens, new_errors = time.perf_counter(), 0, 0, 0
+    start, scored, tokens, new_errors, actors = time.perf_counter(), 0, 0, 0, set()
     old_errors = sum(pq.read_metadata(f).num_rows for f in out_dir.glob("_shard-*.errors.parquet")
                      if int(f.name[7:12]) in done)
     if todo:
@@ -154,6 +158,7 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[tuple[int, 
         pending: dict[int, list[dict]] = {}
         for out in ds.iter_rows():
             k = int(out["shard"])
+            actors.add(out["actor"])
             pending.setdefault(k, []).append(out)
             if len(pending[k]) < expected[k]:
                 continue
@@ -184,7 +189,7 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[tuple[int, 
         version=spec.name, task=cfg.task, out=str(out_dir), rows=rows, scored=scored,
         resumed_shards=n_shards - len({int(i["shard"]) for i in todo}), shards=n_shards, errors=n_errors,
         seconds=round(seconds, 3), rows_per_s=round(scored / seconds, 2) if seconds else 0.0,
-        tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
+        tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0, actors=sorted(actors),
     )
 
 

@@ -61,6 +61,7 @@ class RunSettings(_Strict):
     max_failures: int = Field(1, ge=-1)
     num_to_keep: int = Field(2, gt=0)
     eval_every_steps: int | None = Field(None, gt=0)   # also checkpoint mid-epoch
+    log_every_steps: int = Field(1, gt=0)              # a progress line every N optimizer steps
     seed: int = 0
 
 

@@ -106,7 +106,7 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1) -> dict:
         "data": cfg.data.path,
         "mask": c.mask if c else "ce",
         "best_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
-        "ray_run": {"name": run.name, "storage_path": storage},
+        "ray_run": {"name": run.name, "storage_path": storage, "path": result.path},
         "config": json.loads(cfg.model_dump_json()),
     }
     write_manifest(out, **manifest)

@@ -227,7 +227,7 @@ def train_loop_per_worker(config: dict):
             elapsed = time.perf_counter() - window["t0"]
             last = {k: v / n_micro for k, v in acc_stats.items() if k != "tokens"}
             last["tokens_per_s"] = window["tokens"] * world / max(elapsed, 1e-9)
-            if rank == 0:
+            if rank == 0 and (step % cfg.run.log_every_steps == 0 or step == total_steps):
                 print("[muscle-train] " + json.dumps({"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
                                                       **{k: round(v, 6) for k, v in last.items()}}), flush=True)
             window.update(t0=time.perf_counter(), tokens=0)
