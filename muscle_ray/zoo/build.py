@@ -48,7 +48,7 @@ class BaseConfig(BaseModel):
 
 class TaskSizes(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    train: int = Field(4000, gt=0)
+    train: int = Field(20000, gt=0)
     val: int = Field(400, gt=0)
     test: int = Field(1000, gt=0)
 
@@ -56,16 +56,17 @@ class TaskSizes(BaseModel):
 class ZooConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vocab_size: int = Field(400, ge=300)
-    # First calibration (sums <= 30): with 300-step task adapters v1 got ~56% EM and v2 ~71%
-    # with flips both ways, but trained to their plateau (~1000 steps) the same bases reach
-    # 93-97% and 97-99.8%, where flips vanish; the demo's pair is still being calibrated.
-    # Skill emerges sharply with pretraining steps and the step of emergence differs by seed.
-    v1: BaseConfig = BaseConfig(seed=3, steps=850, corpus_docs=30000)
-    v2: BaseConfig = BaseConfig(seed=1, steps=900, corpus_docs=20000)
+    # Calibration (README "What the demo shows"): quantities up to 99 and 20000 training pairs,
+    # so adapters cannot memorise the sums (train accuracy = test accuracy) and what a task
+    # model gets wrong comes from its base. Whether a base "gets" the arithmetic after 1500
+    # steps depends on its seed (seeds 2 and 4 stayed at 12-31% exact match, 1, 3, 5, 6 reached
+    # 90-94%); v1 and v2 are two seeds that did, so the update is close, as in the paper.
+    v1: BaseConfig = BaseConfig(seed=6, steps=1500, corpus_docs=20000)
+    v2: BaseConfig = BaseConfig(seed=3, steps=1500, corpus_docs=20000)
     tasks: list[str] = list(world.TASKS)
     sizes: TaskSizes = TaskSizes()
     data_seed: int = 1234
-    max_number: int = Field(15, ge=3, le=99)   # largest quantity in the world: task difficulty
+    max_number: int = Field(99, ge=3, le=99)   # largest quantity in the world: task difficulty
     qa_share: float = Field(0.15, ge=0, le=1)  # share of task-like sentences in pretraining
 
     def key(self) -> str:
