@@ -247,7 +247,7 @@ def test_train_configs_mirror_the_demo_recipes():
             task.optim.schedule, task.data.loss_on, task.run.eval_every_steps) == (
         a.lr, a.steps, a.micro_batch_size, a.warmup_steps, "cosine", a.loss_on, a.eval_every)
     assert (compat.optim.lr, compat.optim.max_steps, compat.optim.micro_batch_size, compat.optim.schedule,
-            compat.run.eval_every_steps) == (c.lr, c.steps, c.micro_batch_size, "constant", c.steps)
+            compat.run.eval_every_steps) == (c.lr, c.steps, c.micro_batch_size, "cosine", c.steps)
     cc = compat.compat
     assert (cc.mask, cc.temperature, cc.ce_weight) == (c.mask, c.temperature, c.ce_weight)
     assert (cc.old.base, cc.old.adapter, cc.new_adapter) == (
