@@ -23,7 +23,7 @@ def reduced(out: Path) -> DemoConfig:
     zoo = ZooConfig(v1=BaseConfig(seed=1, steps=250, corpus_docs=3000), v2=BaseConfig(seed=2, steps=300, corpus_docs=4000),
                     sizes=TaskSizes(train=800, val=64, test=160), max_number=15)
     return DemoConfig(out=str(out), zoo=zoo, tasks=TASKS, adapter=AdapterRecipe(steps=80, eval_every=40),
-                      compat=CompatRecipe(steps=40), threads=1)
+                      compat=CompatRecipe(steps=60, lr=2e-3), threads=1)
 
 
 @pytest.fixture(scope="module")
