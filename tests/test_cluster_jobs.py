@@ -99,7 +99,7 @@ def head(tmp_path_factory):
                                 start_new_session=True)
     h = Head(f"http://127.0.0.1:{dash}", token, env, log)
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 240
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -108,7 +108,7 @@ def head(tmp_path_factory):
                 break
             except Exception:
                 if time.time() > deadline:
-                    raise RuntimeError(f"job server not up in 90 s:\n{log.read_text()[-3000:]}") from None
+                    raise RuntimeError(f"job server not up in 240 s:\n{log.read_text()[-3000:]}") from None
                 time.sleep(1)
         # The job server refuses a request without the token (401) and with a wrong one (403).
         assert requests.get(f"{h.address}/api/jobs/", timeout=10).status_code == 401
