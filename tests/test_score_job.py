@@ -146,11 +146,13 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, ray_session, tiny_model)
         proc.wait()
     n_done = len(list(shards.glob("shard-*.parquet")))
     assert 0 < n_done < 80, f"{n_done} shards done at the kill: not mid-way"
-    assert not list(shards.glob(".*.tmp"))   # atomic: no half-written shard is visible
+    for f in shards.glob("shard-*.parquet"):  # atomic: every visible shard is whole (a kill mid-write
+        pq.read_table(f)                       # leaves only a hidden temp file)
 
     rerun = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resuming: {n_done}/80 shards already done" in rerun.stdout
+    assert not list(shards.glob(".*.tmp"))   # the rerun cleared any temp file the kill left
     assert main(["score", *args, "--out", str(tmp_path / "whole")]) == 0
     a = read_results(shards).to_pandas().drop(columns=["n_tokens"])
     b = read_results(tmp_path / "whole" / "model" / "mc_jsonl").to_pandas().drop(columns=["n_tokens"])

@@ -133,6 +133,8 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[tuple[int, 
         "limit": cfg.limit, "shard_size": S, "records": len(records), "backend": cfg.backend,
         "base": str(Path(spec.base).resolve()), "adapter": spec.adapter and str(Path(spec.adapter).resolve()),
     })
+    for stale in out_dir.glob(".*.tmp"):   # a writer killed mid-write left its temp file behind
+        stale.unlink(missing_ok=True)
     done = {k for k in range(n_shards) if (out_dir / shard_name(k)).exists()}
     todo = [{"ord": i, "shard": i // S, "row": r, "raw": raw.encode("utf-8", "surrogateescape")}
             for i, (r, raw) in enumerate(records) if i // S not in done]
