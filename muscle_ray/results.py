@@ -199,6 +199,21 @@ def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+def in_workspace(path: str, workspace: str | None) -> str:
+    """A relative config path taken under `workspace` (MUSCLE_WORKSPACE: a submitted job runs in
+    Ray's unpacked copy of the code, not in the user's checkout); others as they are."""
+    return str(Path(workspace) / path) if workspace and not Path(path).is_absolute() else path
+
+
+def staging_dir(uri: str, staging: str | Path | None, job: str) -> Path:
+    """The local directory a URI is staged in: stable per URI, so a rerun finds it again."""
+    import hashlib
+
+    if staging is None:
+        raise MuscleError(f"{uri}: URIs need a staging directory (run through {job})")
+    return Path(staging) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
 def uri_exists(uri: str) -> bool:
     import pyarrow.fs as pafs
 

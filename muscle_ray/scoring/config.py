@@ -14,7 +14,6 @@ A YAML config scores several model versions in one invocation::
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -131,7 +130,7 @@ class ScoreConfig(BaseModel):
         The driver reads the data and writes every shard, so this holds on any number of nodes.
         Model directories are read by actors on every node: they must be a path all nodes see.
         """
-        from muscle_ray.results import copy_location, is_uri, uri_exists
+        from muscle_ray.results import copy_location, in_workspace, is_uri, staging_dir, uri_exists
 
         def local(field: str, p: str | None) -> str | None:
             if p is None:
@@ -139,12 +138,10 @@ class ScoreConfig(BaseModel):
             if is_uri(p):
                 raise MuscleError(f"{field}: {p}: model directories and data_root must be a path every "
                                   "node can read (local or NFS), not a URI; copy them there first")
-            return str(Path(workspace) / p) if workspace and not Path(p).is_absolute() else p
+            return in_workspace(p, workspace)
 
         def staged(uri: str) -> Path:
-            if staging is None:
-                raise MuscleError(f"{uri}: URIs need a staging directory (run through jobs/score.py)")
-            return Path(staging) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+            return staging_dir(uri, staging, "jobs/score.py")
 
         copies: list[tuple[str, str]] = []
         fields = self.model_dump()

@@ -125,10 +125,9 @@ class TrainConfig(_Strict):
         directory returned as a (local_dir, uri) copy to make after the run. Model directories
         are read by every train worker, so they must be a path all nodes see (local or NFS).
         """
-        import hashlib
         import shutil
 
-        from muscle_ray.results import copy_location, is_uri
+        from muscle_ray.results import copy_location, in_workspace, is_uri, staging_dir
 
         def local(field: str, p: str | None) -> str | None:
             if p is None:
@@ -138,12 +137,10 @@ class TrainConfig(_Strict):
                     return p          # Ray Train writes its run directory to a URI itself
                 raise MuscleError(f"{field}: {p}: not a URI here; model directories must be a path "
                                   "every node can read (local or NFS)")
-            return str(Path(workspace) / p) if workspace and not Path(p).is_absolute() else p
+            return in_workspace(p, workspace)
 
         def staged(uri: str) -> Path:
-            if staging is None:
-                raise MuscleError(f"{uri}: URIs need a staging directory (run through jobs/train_*.py)")
-            return Path(staging) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+            return staging_dir(uri, staging, "jobs/train_*.py")
 
         def data_file(field: str, p: str | None) -> str | None:
             if p is None or not is_uri(p):
