@@ -59,10 +59,14 @@ class ZooConfig(BaseModel):
     # Calibration (README "What the demo shows"): quantities up to 99 and 20000 training pairs,
     # so adapters cannot memorise the sums (train accuracy = test accuracy) and what a task
     # model gets wrong comes from its base. Whether a base "gets" the arithmetic after 1500
-    # steps depends on its seed (seeds 2 and 4 stayed at 12-31% exact match, 1, 3, 5, 6 reached
-    # 90-94%); v1 and v2 are two seeds that did, so the update is close, as in the paper.
-    v1: BaseConfig = BaseConfig(seed=6, steps=1500, corpus_docs=20000)
-    v2: BaseConfig = BaseConfig(seed=3, steps=1500, corpus_docs=20000)
+    # steps depends on its seed, and on the machine's float kernels: the same seed can land on
+    # either side of the jump on another CPU. Measured on the 2-core CI machine with the demo's
+    # adapter recipe (sum_em / sum_mc / story_rouge): seed 1 71.9/61.2/75.6, seed 3 70.4/65.9/50.5,
+    # seed 5 76.0/70.4/48.5, seed 6 15.1/67.2/52.6 (it missed the jump here). v1 = seed 3 and
+    # v2 = seed 5: both imperfect and v2 a few points better on the sums (worse by 2 ROUGE-1
+    # points on the summaries), the close update the paper sees the most flips in.
+    v1: BaseConfig = BaseConfig(seed=3, steps=1500, corpus_docs=20000)
+    v2: BaseConfig = BaseConfig(seed=5, steps=1500, corpus_docs=20000)
     tasks: list[str] = list(world.TASKS)
     sizes: TaskSizes = TaskSizes()
     data_seed: int = 1234
