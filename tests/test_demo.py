@@ -102,3 +102,53 @@ def test_a_second_run_reuses_the_zoo(demo, tmp_path):
     lines: list[str] = []
     assert build_zoo(out / "zoo", cfg, log=lines.append) == out / "zoo"
     assert any("reusing" in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def seeds_and_ablation(demo, tmp_path_factory):
+    """`--seeds 0,1 --ablation sum_mc` on one task, reusing the first run's zoo (same config key)."""
+    import shutil
+
+    import ray
+
+    first, _, _ = demo
+    out = tmp_path_factory.mktemp("demo-seeds")
+    shutil.copytree(first / "zoo", out / "zoo")
+    weights = out / "zoo" / "v1" / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    cfg = reduced(out).model_copy(update={"tasks": ["sum_mc"], "seeds": [0, 1], "ablation_task": "sum_mc"})
+    lines: list[str] = []
+    report = run_demo(cfg, log=lines.append)
+    ray.shutdown()
+    assert weights.stat().st_mtime_ns == built     # the zoo was reused, not rebuilt
+    return out, report, lines
+
+
+def test_several_seeds_report_mean_and_per_seed_values(seeds_and_ablation):
+    out, report, lines = seeds_and_ablation
+    assert report["seeds"] == [0, 1]
+    row = json.loads((out / "report.json").read_text())["tasks"]["sum_mc"]
+    for k in ROW_KEYS - {"metric"}:
+        per_seed = row[f"{k}_per_seed"]
+        assert len(per_seed) == 2 and row[k] == pytest.approx(sum(per_seed) / 2), k
+        assert row[f"{k}_std"] >= 0
+    for root in (out, out / "seed1"):     # seed 0 is the default layout, later seeds sit beside it
+        for name in ("v1", "v2", "compat", "control"):
+            assert (root / "adapters" / "sum_mc" / name / "adapter_config.json").is_file(), (root, name)
+    assert "±" in (out / "report.md").read_text()
+
+
+def test_ablation_trains_and_scores_every_mask(seeds_and_ablation):
+    from muscle_ray.training.losses import MASKS
+
+    out, report, _ = seeds_and_ablation
+    ab = report["ablation"]
+    assert ab["task"] == "sum_mc" and ab["nfr"] == pytest.approx(report["tasks"]["sum_mc"]["nfr_per_seed"][0])
+    assert [m.split("+")[0] for m in ab["masks"]] == list(MASKS)
+    for mask, r in ab["masks"].items():
+        assert 0 <= r["nfr_compat"] <= 1 and r["d_nfr_c"] == pytest.approx(r["nfr_compat"] - ab["nfr"]), mask
+        assert r["d_acc_c"] == pytest.approx(r["d_pfr_c"] - r["d_nfr_c"]), mask   # Δacc = ΔPFR − ΔNFR
+    for mask in MASKS:
+        manifest = json.loads((out / "adapters" / "sum_mc" / f"ablation-{mask}" / "muscle_manifest.json").read_text())
+        assert manifest["mask"] == mask
+    assert "Masking ablation on sum_mc" in (out / "report.md").read_text()
