@@ -125,7 +125,7 @@ def seeds_and_ablation(demo, tmp_path_factory):
 
 
 def test_several_seeds_report_mean_and_per_seed_values(seeds_and_ablation):
-    out, report, lines = seeds_and_ablation
+    out, report, _ = seeds_and_ablation
     assert report["seeds"] == [0, 1]
     row = json.loads((out / "report.json").read_text())["tasks"]["sum_mc"]
     for k in ROW_KEYS - {"metric"}:
