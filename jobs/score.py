@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from muscle_ray.errors import MuscleError
-from muscle_ray.results import copy_location
+from muscle_ray.locations import copy_location
 from muscle_ray.scoring import cli
 
 STAGING = Path(tempfile.gettempdir()) / "muscle-ray-staging"

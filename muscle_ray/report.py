@@ -6,9 +6,7 @@ stay fractions in JSON and are printed in percent, as the paper prints them.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import statistics
 from pathlib import Path
@@ -16,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from muscle_ray.metrics.compare import Comparison, compat_deltas
+from muscle_ray.metrics.format import pct, relative
+from muscle_ray.metrics.plots import report_figures
 
 ROW_KEYS = ["acc_v1", "acc_v2", "acc_compat", "acc_control", "d_acc_c", "nfr", "nfr_compat", "nfr_control",
             "d_nfr_c", "d_pct_nfr_c", "pfr", "pfr_compat", "pfr_control", "d_pfr_c", "nfr_mc", "nfr_mc_compat",
@@ -66,12 +66,6 @@ def mean_over_seeds(rows: list[dict]) -> dict:
     return out
 
 
-def _pct(x, signed=False) -> str:
-    if x is None:
-        return "–"
-    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
-
-
 def _spread(row: dict, key: str) -> str:
     s = row.get(f"{key}_std")
     return f" ±{100 * s:.2f}" if s is not None else ""
@@ -84,83 +78,22 @@ def tables_markdown(report: dict) -> str:
     for name, r in report["tasks"].items():
         cont = r["metric"] not in ("acc", "exact")
         lines.append(
-            f"| {name} | {r['metric']} | {_pct(r['acc_v1'])} | {_pct(r['acc_v2'])} | {_pct(r['acc_compat'])}{_spread(r, 'acc_compat')} | "
-            f"{_pct(r.get('acc_control'))} | {_pct(r['d_acc_c'], True)} | {_pct(r['nfr'])}{_spread(r, 'nfr')} | "
-            f"{_pct(r['nfr_compat'])}{_spread(r, 'nfr_compat')} | {_pct(r.get('nfr_control'))} | {_pct(r['d_nfr_c'], True)} | "
-            f"{'–' if r.get('d_pct_nfr_c') is None else format(r['d_pct_nfr_c'], '+.1f')} | "
-            f"{_pct(r.get('m_g')) if cont else '–'} | {_pct(r.get('m_r')) if cont else '–'} | "
-            f"{_pct(r.get('d_m_g'), True) if cont else '–'} | {_pct(r.get('d_m_r'), True) if cont else '–'} | "
+            f"| {name} | {r['metric']} | {pct(r['acc_v1'])} | {pct(r['acc_v2'])} | {pct(r['acc_compat'])}{_spread(r, 'acc_compat')} | "
+            f"{pct(r.get('acc_control'))} | {pct(r['d_acc_c'], True)} | {pct(r['nfr'])}{_spread(r, 'nfr')} | "
+            f"{pct(r['nfr_compat'])}{_spread(r, 'nfr_compat')} | {pct(r.get('nfr_control'))} | {pct(r['d_nfr_c'], True)} | "
+            f"{relative(r.get('d_pct_nfr_c'))} | "
+            f"{pct(r.get('m_g')) if cont else '–'} | {pct(r.get('m_r')) if cont else '–'} | "
+            f"{pct(r.get('d_m_g'), True) if cont else '–'} | {pct(r.get('d_m_r'), True) if cont else '–'} | "
             f"{r.get('fixed', 0):.0f}/{r.get('broken', 0):.0f} |")
     if report.get("ablation"):
         ab = report["ablation"]
-        lines += ["", f"Masking ablation on {ab['task']} (baseline NFR {_pct(ab['nfr'])}):", "",
+        lines += ["", f"Masking ablation on {ab['task']} (baseline NFR {pct(ab['nfr'])}):", "",
                   "| mask | acc | NFR | ΔNFR_c | Δ%NFR_c | ΔPFR_c | Δacc_c |", "|---|---|---|---|---|---|---|"]
         for mask, r in ab["masks"].items():
-            lines.append(f"| {mask} | {_pct(r['acc_compat'])} | {_pct(r['nfr_compat'])} | {_pct(r['d_nfr_c'], True)} | "
-                         f"{'–' if r.get('d_pct_nfr_c') is None else format(r['d_pct_nfr_c'], '+.1f')} | "
-                         f"{_pct(r['d_pfr_c'], True)} | {_pct(r['d_acc_c'], True)} |")
+            lines.append(f"| {mask} | {pct(r['acc_compat'])} | {pct(r['nfr_compat'])} | {pct(r['d_nfr_c'], True)} | "
+                         f"{relative(r.get('d_pct_nfr_c'))} | "
+                         f"{pct(r['d_pfr_c'], True)} | {pct(r['d_acc_c'], True)} |")
     return "\n".join(lines)
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def plots(report: dict, comparisons: dict[str, dict[str, Comparison]]) -> dict[str, str]:
-    """Base64 PNGs: quadrants per update, NFR vs accuracy, and the distribution of D."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figs: dict[str, str] = {}
-    for task, cmps in comparisons.items():
-        first = next(iter(cmps.values()))
-        if first.summary.get("quadrants"):
-            fig, ax = plt.subplots(figsize=(6, 3))
-            names = list(first.summary["quadrants"])
-            width = 0.8 / len(cmps)
-            for i, (label, cmp) in enumerate(cmps.items()):
-                q = cmp.summary["quadrants"]
-                ax.bar(np.arange(len(names)) + i * width, [q[n] for n in names], width, label=f"v1→{label}")
-            ax.set_xticks(np.arange(len(names)) + width * (len(cmps) - 1) / 2, [n.replace("_", " ") for n in names],
-                          rotation=20, fontsize=8)
-            ax.set_ylabel("instances")
-            ax.set_title(f"{task}: quadrants of each update")
-            ax.legend(fontsize=8)
-            figs[f"{task}: quadrants"] = _png(fig)
-        else:
-            fig, ax = plt.subplots(figsize=(6, 3))
-            for label, cmp in cmps.items():
-                ax.hist(cmp.s_new - cmp.s_old, bins=40, alpha=0.5, label=f"v1→{label}")
-            ax.axvline(0, color="k", lw=0.8)
-            ax.set_xlabel("D = S(new) − S(v1)")
-            ax.set_title(f"{task}: distribution of D")
-            ax.legend(fontsize=8)
-            figs[f"{task}: D distribution"] = _png(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    markers = {"v2": "o", "compat": "*", "control": "s"}
-    for color, (task, r) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], report["tasks"].items()):
-        pts = [("v2", r["acc_v2"], r["nfr"]), ("compat", r["acc_compat"], r["nfr_compat"])]
-        if r.get("acc_control") is not None:
-            pts.append(("control", r["acc_control"], r["nfr_control"]))
-        ax.plot([100 * p[1] for p in pts], [100 * p[2] for p in pts], "-", color=color, alpha=0.35)
-        for label, acc, nfr in pts:
-            ax.scatter([100 * acc], [100 * nfr], marker=markers[label], s=70, color=color)
-        ax.plot([], [], "-", color=color, label=task)
-    for label, m in markers.items():
-        ax.scatter([], [], marker=m, color="gray", label=label)
-    ax.set_xlabel("accuracy / score (%)")
-    ax.set_ylabel("NFR against v1 (%)")
-    ax.set_title("NFR against accuracy: v2, compat, control")
-    ax.legend(fontsize=7, ncol=2)
-    figs["NFR vs accuracy"] = _png(fig)
-    return figs
 
 
 def write_report(report: dict, comparisons: dict[str, dict[str, Comparison]], out: str | Path) -> dict[str, Path]:
@@ -169,7 +102,7 @@ def write_report(report: dict, comparisons: dict[str, dict[str, Comparison]], ou
     out.mkdir(parents=True, exist_ok=True)
     md = "# MUSCLE update report\n\n" + tables_markdown(report) + "\n\nRates in %. Timings (s): " + \
         ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()) + "\n"
-    images = plots(report, comparisons)
+    images = report_figures(report, comparisons)
     body = "".join(f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'/>"
                    for t, b in images.items())
     table_html = _markdown_table_to_html(tables_markdown(report))

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from muscle_ray.errors import MuscleError
-from muscle_ray.results import copy_location, uri_exists, write_atomic
+from muscle_ray.locations import copy_location, uri_exists
+from muscle_ray.results import write_atomic
 from muscle_ray.scoring.config import ScoreConfig
 from muscle_ray.training.config import load_config
 

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from muscle_ray.errors import MuscleError
-from muscle_ray.results import lmeval_task_name, read_results
+from muscle_ray.lmeval import lmeval_task_name
+from muscle_ray.results import read_results
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lmeval"
 

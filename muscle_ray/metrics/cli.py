@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from muscle_ray.errors import MuscleError
+from muscle_ray.metrics.format import num as _num
+from muscle_ray.metrics.format import pct, relative
 from muscle_ray.metrics.text import SIMILARITIES
 
 
@@ -85,12 +87,8 @@ def _write_out(out: Path, base, comp, summary: dict) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:7.2f}%"
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
+def _rate(x) -> str:
+    return f"{pct(x, unit=True):>8}"
 
 
 def format_table(s: dict) -> str:
@@ -99,14 +97,14 @@ def format_table(s: dict) -> str:
 
     def with_ci(key, ci_key):
         c = ci.get(ci_key)
-        return _pct(s[key]) + (f"   95% CI [{100 * c[0]:.2f}, {100 * c[1]:.2f}]" if c else "")
+        return _rate(s[key]) + (f"   95% CI [{100 * c[0]:.2f}, {100 * c[1]:.2f}]" if c else "")
 
     score_word = "acc" if s["kind"] == "discrete" else f"mean {s['metric']}"
     lines = [
         f"instances joined  {s['n']}   (only in old: {s['only_old']}, only in new: {s['only_new']})",
         f"metric            {s['metric']} ({s['kind']}, epsilon {s['epsilon']})",
-        f"{score_word:<17} old {_pct(s['acc_old'])}   new {_pct(s['acc_new'])}",
-        f"delta             {_pct(None if s['acc_new'] is None else s['acc_new'] - s['acc_old'])}"
+        f"{score_word:<17} old {_rate(s['acc_old'])}   new {_rate(s['acc_new'])}",
+        f"delta             {_rate(None if s['acc_new'] is None else s['acc_new'] - s['acc_old'])}"
         + (f"   95% CI [{100 * ci['delta_acc'][0]:.2f}, {100 * ci['delta_acc'][1]:.2f}]" if ci.get("delta_acc") else ""),
         f"NFR               {with_ci('nfr', 'nfr')}",
         f"PFR               {with_ci('pfr', 'pfr')}",
@@ -114,7 +112,7 @@ def format_table(s: dict) -> str:
     if s["kind"] == "discrete":
         q = s["quadrants"]
         lines += [
-            f"NFR_mc            {_pct(s['nfr_mc'])}",
+            f"NFR_mc            {_rate(s['nfr_mc'])}",
             f"BTC / BEC         {_num(s['btc'])} / {_num(s['bec'])}",
             "quadrants         " + ", ".join(f"{k} {v}" for k, v in q.items()),
             f"McNemar p         {s['mcnemar_p']:.4g}",
@@ -126,11 +124,11 @@ def format_table(s: dict) -> str:
         lines.append(f"unmatched ids     old e.g. {s['only_old_examples']}, new e.g. {s['only_new_examples']}")
     if "deltas" in s:
         d, c = s["deltas"], s["compat"]
-        pct = "-" if d["d_pct_nfr_c"] is None else f"{d['d_pct_nfr_c']:.2f}%"
+        rel = relative(d["d_pct_nfr_c"]) + "%"
         lines += [
             "",
-            f"compat            n {c['n']}, acc {_pct(c['acc_new'])}, NFR_c {_pct(c['nfr'])}, PFR_c {_pct(c['pfr'])}",
-            f"ΔNFR_c {_pct(d['d_nfr_c'])}   Δ%NFR_c {pct}   Δacc_c {_pct(d['d_acc_c'])}   ΔPFR_c {_pct(d['d_pfr_c'])}",
+            f"compat            n {c['n']}, acc {_rate(c['acc_new'])}, NFR_c {_rate(c['nfr'])}, PFR_c {_rate(c['pfr'])}",
+            f"ΔNFR_c {_rate(d['d_nfr_c'])}   Δ%NFR_c {rel}   Δacc_c {_rate(d['d_acc_c'])}   ΔPFR_c {_rate(d['d_pfr_c'])}",
             f"Δm_g {_num(d['d_m_g'])}   Δm_r {_num(d['d_m_r'])}",
         ]
     return "\n".join(lines)

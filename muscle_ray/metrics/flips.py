@@ -18,6 +18,7 @@ Continuous (any per-instance score S): D = S(new) - S(old); PFR = mean(D > eps),
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -27,7 +28,19 @@ import pyarrow.compute as pc
 
 from muscle_ray.metrics import stats
 
-QUADRANTS = ("both_right", "positive_flip", "both_wrong_same", "both_wrong_different", "negative_flip")
+
+
+class Quadrant(enum.IntEnum):
+    """Where one instance lands in an update; the value is its code in flip tables."""
+
+    BOTH_RIGHT = 0
+    POSITIVE_FLIP = 1
+    BOTH_WRONG_SAME = 2
+    BOTH_WRONG_DIFFERENT = 3
+    NEGATIVE_FLIP = 4
+
+
+QUADRANTS = tuple(q.name.lower() for q in Quadrant)
 DIRECTIONS = ("improved", "tie", "regressed")
 EXAMPLES = 5
 
@@ -128,14 +141,14 @@ def _unmatched(table: pa.Table, matched: np.ndarray) -> list[str]:
 
 
 def quadrant_codes(correct_old: np.ndarray, correct_new: np.ndarray, same_prediction: np.ndarray) -> np.ndarray:
-    """Per-instance index into QUADRANTS."""
+    """Per-instance `Quadrant` code."""
     co, cn = correct_old.astype(bool), correct_new.astype(bool)
-    codes = np.full(len(co), 4, dtype=np.int8)  # negative_flip: old right, new wrong
-    codes[co & cn] = 0
-    codes[~co & cn] = 1
+    codes = np.full(len(co), Quadrant.NEGATIVE_FLIP, dtype=np.int8)
+    codes[co & cn] = Quadrant.BOTH_RIGHT
+    codes[~co & cn] = Quadrant.POSITIVE_FLIP
     both_wrong = ~co & ~cn
-    codes[both_wrong & same_prediction] = 2
-    codes[both_wrong & ~same_prediction] = 3
+    codes[both_wrong & same_prediction] = Quadrant.BOTH_WRONG_SAME
+    codes[both_wrong & ~same_prediction] = Quadrant.BOTH_WRONG_DIFFERENT
     return codes
 
 
@@ -146,7 +159,7 @@ def discrete_metrics(
     """acc, NFR, PFR, NFR_mc, quadrants, BTC, BEC, McNemar p and bootstrap CIs."""
     co, cn, same = correct_old.astype(bool), correct_new.astype(bool), same_prediction.astype(bool)
     n = len(co)
-    counts = np.bincount(quadrant_codes(co, cn, same), minlength=5).astype(np.int64)
+    counts = np.bincount(quadrant_codes(co, cn, same), minlength=len(Quadrant)).astype(np.int64)
     both_right, pos, bw_same, bw_diff, neg = (int(x) for x in counts)
     nfr_mc_count = int(np.count_nonzero(~cn & ~same))
     old_right = both_right + neg

@@ -1,21 +1,33 @@
-"""PNG plots of a comparison (matplotlib, Agg backend: no display needed)."""
+"""Every plot muscle-ray draws: PNG files of one comparison, and the report's embedded figures.
+
+matplotlib is imported on first use (Agg backend: no display needed), so `muscle flips`
+without `--out` never pays for it.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import numpy as np
 
 from muscle_ray.metrics import flips
+from muscle_ray.metrics.format import pct
 
 
-def quadrant_bars(summary: dict, out: Path) -> Path:
-    """Bar chart of the five quadrants (discrete) or improved / tie / regressed (continuous)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def quadrant_bars(summary: dict, out: Path) -> Path:
+    """Bar chart of the five quadrants (discrete) or improved / tie / regressed (continuous)."""
+    plt = _pyplot()
     if summary.get("quadrants"):
         names, values = list(flips.QUADRANTS), [summary["quadrants"][k] for k in flips.QUADRANTS]
         colors = ["tab:green", "tab:blue", "tab:gray", "tab:orange", "tab:red"]
@@ -26,7 +38,7 @@ def quadrant_bars(summary: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(names, values, color=colors)
     ax.set_ylabel("instances")
-    ax.set_title(f"old -> new flips (n={summary['n']}, NFR={_pct(summary['nfr'])}, PFR={_pct(summary['pfr'])})")
+    ax.set_title(f"old -> new flips (n={summary['n']}, NFR={pct(summary['nfr'], unit=True)}, PFR={pct(summary['pfr'], unit=True)})")
     ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -36,11 +48,7 @@ def quadrant_bars(summary: dict, out: Path) -> Path:
 
 def d_histogram(d: np.ndarray, metric: str, epsilon: float, out: Path) -> Path:
     """Histogram of D = S(new) - S(old), with the ±eps band marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.hist(d, bins=50, color="tab:purple")
     for x in {-epsilon, epsilon}:
@@ -53,5 +61,57 @@ def d_histogram(d: np.ndarray, metric: str, epsilon: float, out: Path) -> Path:
     return out
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
+def _png(fig) -> str:
+    """A figure as base64 PNG, for embedding in the HTML report."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def report_figures(report: dict, comparisons: dict) -> dict[str, str]:
+    """Base64 PNGs: quadrants per update, NFR vs accuracy, and the distribution of D."""
+    plt = _pyplot()
+    figs: dict[str, str] = {}
+    for task, cmps in comparisons.items():
+        first = next(iter(cmps.values()))
+        if first.summary.get("quadrants"):
+            fig, ax = plt.subplots(figsize=(6, 3))
+            names = list(first.summary["quadrants"])
+            width = 0.8 / len(cmps)
+            for i, (label, cmp) in enumerate(cmps.items()):
+                q = cmp.summary["quadrants"]
+                ax.bar(np.arange(len(names)) + i * width, [q[n] for n in names], width, label=f"v1→{label}")
+            ax.set_xticks(np.arange(len(names)) + width * (len(cmps) - 1) / 2, [n.replace("_", " ") for n in names],
+                          rotation=20, fontsize=8)
+            ax.set_ylabel("instances")
+            ax.set_title(f"{task}: quadrants of each update")
+            ax.legend(fontsize=8)
+            figs[f"{task}: quadrants"] = _png(fig)
+        else:
+            fig, ax = plt.subplots(figsize=(6, 3))
+            for label, cmp in cmps.items():
+                ax.hist(cmp.s_new - cmp.s_old, bins=40, alpha=0.5, label=f"v1→{label}")
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_xlabel("D = S(new) − S(v1)")
+            ax.set_title(f"{task}: distribution of D")
+            ax.legend(fontsize=8)
+            figs[f"{task}: D distribution"] = _png(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    markers = {"v2": "o", "compat": "*", "control": "s"}
+    for color, (task, r) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], report["tasks"].items()):
+        pts = [("v2", r["acc_v2"], r["nfr"]), ("compat", r["acc_compat"], r["nfr_compat"])]
+        if r.get("acc_control") is not None:
+            pts.append(("control", r["acc_control"], r["nfr_control"]))
+        ax.plot([100 * p[1] for p in pts], [100 * p[2] for p in pts], "-", color=color, alpha=0.35)
+        for label, acc, nfr in pts:
+            ax.scatter([100 * acc], [100 * nfr], marker=markers[label], s=70, color=color)
+        ax.plot([], [], "-", color=color, label=task)
+    for label, m in markers.items():
+        ax.scatter([], [], marker=m, color="gray", label=label)
+    ax.set_xlabel("accuracy / score (%)")
+    ax.set_ylabel("NFR against v1 (%)")
+    ax.set_title("NFR against accuracy: v2, compat, control")
+    ax.legend(fontsize=7, ncol=2)
+    figs["NFR vs accuracy"] = _png(fig)
+    return figs

@@ -130,7 +130,7 @@ class ScoreConfig(BaseModel):
         The driver reads the data and writes every shard, so this holds on any number of nodes.
         Model directories are read by actors on every node: they must be a path all nodes see.
         """
-        from muscle_ray.results import copy_location, in_workspace, is_uri, staging_dir, uri_exists
+        from muscle_ray.locations import copy_location, in_workspace, is_uri, staging_dir, uri_exists
 
         def local(field: str, p: str | None) -> str | None:
             if p is None:

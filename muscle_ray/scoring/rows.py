@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from muscle_ray.results import SCHEMA
+from muscle_ray.schema import SCHEMA
 from muscle_ray.tasks.base import Instance, Task
 
 EXTRA = [

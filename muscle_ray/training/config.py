@@ -127,7 +127,7 @@ class TrainConfig(_Strict):
         """
         import shutil
 
-        from muscle_ray.results import copy_location, in_workspace, is_uri, staging_dir
+        from muscle_ray.locations import copy_location, in_workspace, is_uri, staging_dir
 
         def local(field: str, p: str | None) -> str | None:
             if p is None:

@@ -45,7 +45,7 @@ def prepare_datasets(cfg: TrainConfig):
 def _storage(path: str) -> str:
     """Ray Train takes a URI (s3://, gs://, file://) for its run directory as it is; a local
     path is made absolute so workers on this machine agree on it."""
-    from muscle_ray.results import is_uri
+    from muscle_ray.locations import is_uri
 
     return path if is_uri(path) else str(Path(path).resolve())
 
