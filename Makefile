@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-slow test-vllm bench demo clean
+.PHONY: setup lint test test-fast test-slow test-vllm bench demo clean
 
 setup: $(STAMP)
 
@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# Lint and type-check the library (ruff: pyflakes, pycodestyle, isort; mypy with pydantic's plugin).
+lint: setup
+	$(VENV)/bin/ruff check muscle_ray jobs serve tests bench
+	$(VENV)/bin/ruff format --check muscle_ray jobs serve tests bench
+	$(VENV)/bin/mypy muscle_ray
 
 test: setup
 	$(PY) -m pytest -q -m "not slow and not vllm"

@@ -61,8 +61,8 @@ def load_model(version: ModelVersion, device: torch.device | str | None = None,
     if version.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, version.adapter, is_trainable=trainable_adapter)
-    return model.to(device).eval()
+        model = PeftModel.from_pretrained(model, version.adapter, is_trainable=trainable_adapter)  # type: ignore[assignment]
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def vocab_fingerprint(tokenizer) -> str:

@@ -52,7 +52,7 @@ class Comparison:
             "d": pa.array(self.s_new - self.s_old),
             "direction": _categories(flips.direction_codes(self.s_new - self.s_old, self.epsilon), flips.DIRECTIONS),
         }
-        if self.correct_old is not None:
+        if self.correct_old is not None and self.correct_new is not None:
             cols["correct_old"] = pa.array(self.correct_old)
             cols["correct_new"] = pa.array(self.correct_new)
             cols["quadrant"] = _categories(
@@ -121,7 +121,7 @@ def compare(
         "metric": metric or "score",
         "epsilon": epsilon,
     }
-    if c_old is not None:
+    if c_old is not None and c_new is not None:
         summary["kind"] = "discrete"
         # Whether the answers agree matters only where NEW is wrong (both-wrong split and
         # NFR_mc), so only those rows' prediction strings are gathered; the rest stay False.

@@ -63,5 +63,5 @@ def random_lora_dir(base: str | Path, out: str | Path, seed: int = 0, r: int = 4
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
     peft_model = get_peft_model(model, cfg)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     return Path(out)

@@ -32,9 +32,8 @@ def sum_question(rng: random.Random, max_n: int = MAX_N) -> tuple[str, int]:
 
 def distractors(answer: int, rng: random.Random, k: int = 3) -> list[int]:
     """Near-miss options (off by one or ten, digits swapped) that a weak model confuses."""
-    cands = {answer + 1, answer - 1, answer + 10, answer - 10, int(str(answer)[::-1]), answer + 2, answer - 2}
-    cands = sorted(c for c in cands if c >= 0 and c != answer)
-    return rng.sample(cands, k)
+    near = {answer + 1, answer - 1, answer + 10, answer - 10, int(str(answer)[::-1]), answer + 2, answer - 2}
+    return rng.sample(sorted(c for c in near if c >= 0 and c != answer), k)
 
 
 def make_sum_em(rng: random.Random, max_n: int = MAX_N) -> dict:
