@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"skipped": f"{args.data} not present"}))
         return 0
     task = get_task("hellaswag")
-    insts = [task.parse(raw, row) for row, raw in islice(task.records(args.data), args.items)]
+    insts = [task.parse(rec) for rec in islice(task.records(args.data), args.items)]
     texts = SAMPLE_TEXT + [c + e for i in insts for c, e in zip(i.contexts * 4, i.continuations)]
     spec = LlamaSpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                      intermediate_size=688, max_position_embeddings=1024)

@@ -21,7 +21,8 @@ import pytest
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from muscle_ray.tasks import get_task  # noqa: E402
+from muscle_ray.scoring.encode import cut_at_stop  # noqa: E402
+from muscle_ray.tasks import Record, get_task  # noqa: E402
 
 N = 200
 FEWSHOT = 3
@@ -110,10 +111,10 @@ def lmeval(shared_data, tmp_path_factory):
 def _ours(task_name: str, data: Path, **options) -> list:
     task = get_task(task_name, **options)
     out = []
-    for row, raw in task.records(str(data / task.default_path)):
-        if row >= N:
+    for record in task.records(str(data / task.default_path)):
+        if record.row >= N:
             break
-        out.append(task.parse(raw, row))
+        out.append(task.parse(record))
     return out
 
 
@@ -164,10 +165,10 @@ def test_gsm8k_scoring_equals_lmevals_filter_and_metric(lmeval):
                    " #### 18 and #### 19", " The answer is 18.", " ####18", " #### 18\n\nQuestion: x",
                    " #### 18.00", " #### 0.5", "", " #### 1.8"]
     for doc in theirs.eval_docs.select(range(5)):
-        inst = ours.parse(json.dumps(doc), 0)
+        inst = ours.parse(Record(0, (json.dumps(doc),)))
         for gen in generations + [" " + doc["answer"]]:
             cut = gen.split("Question:")[0]   # lm-eval's generate_until stops there
             (pred,) = strict.apply([[cut]], [doc])[0]
             want = exact_match_hf_evaluate([pred], [theirs.doc_to_target(doc)], **kwargs)["exact_match"]
-            correct, score, _ = ours.score_generation(inst, gen)
+            correct, score, _ = ours.score_generation(inst, cut_at_stop(gen, inst.stop))   # a scorer's cut
             assert (correct, score) == (bool(want), float(want)), (gen, doc["answer"][-12:])

@@ -165,7 +165,7 @@ def test_real_task_instances_score_like_lm_eval(name, shared_data, scorer, lm):
     from muscle_ray.tasks import get_task
 
     task = get_task(name)
-    insts = [task.parse(raw, row) for row, raw in islice(task.records(str(shared_data / task.default_path)), 3)]
+    insts = [task.parse(rec) for rec in islice(task.records(str(shared_data / task.default_path)), 3)]
     if task.kind == "mc":
         ours = [o.logliks for o in scorer.loglikelihoods(insts)]
         for inst, a, b in zip(insts, ours, lm_eval_logliks(lm, insts)):

@@ -8,23 +8,30 @@ import json
 import pytest
 
 from muscle_ray.errors import BadRow, MuscleError
-from muscle_ray.tasks import get_task
+from muscle_ray.scoring.encode import cut_at_stop
+from muscle_ray.tasks import Record, get_task
 from muscle_ray.tasks.gsm8k import extract_answer
+from muscle_ray.tasks.hellaswag import LLAMACPP
 
 
 def load(name: str, path, **options):
     """All instances of a file, failing on any bad row (the shared files are clean)."""
     task = get_task(name, **options)
-    return [task.parse(raw, row) for row, raw in task.records(str(path))]
+    return [task.parse(record) for record in task.records(str(path))]
 
 
 def labels(instances) -> dict[int, int]:
     return dict(sorted(collections.Counter(i.label for i in instances).items()))
 
 
-def parse_error(name: str, raw: str, **options) -> str:
+def parse_line(name: str, line: str, **options):
+    return get_task(name, **options).parse(Record(0, (line,)))
+
+
+def parse_error(name: str, record: str | Record, **options) -> str:
+    """The reason a record (a JSON line, as row 7, or a Record at row 7) is a bad row."""
     with pytest.raises(BadRow) as e:
-        get_task(name, **options).parse(raw, 7)
+        get_task(name, **options).parse(Record(7, (record,)) if isinstance(record, str) else record)
     assert e.value.row == 7
     return e.value.reason
 
@@ -70,7 +77,8 @@ def test_hellaswag_llamacpp_text_agrees_with_jsonl(shared_data):
     val_index k; the context differs only by lm-eval's capitalisation of ctx_b."""
     d = shared_data / "hellaswag"
     text = load("hellaswag", d / "val_first2000.llamacpp.txt")
-    assert (text[0].id, text[0].label, text[0].contexts) == ("0", 3, ["Roof shingle removal: A man is sitting on a roof. he"])
+    assert (text[0].id, text[0].label, text[0].contexts) == (
+        "0", 3, ["Roof shingle removal: A man is sitting on a roof. he"])
     val_index = [int(x) for x in (d / "val_sample1000.val_index.txt").read_text().split()]
     shared = [(j, text[k]) for j, k in zip(load("hellaswag", d / "val_sample1000.jsonl"), val_index) if k < 2000]
     assert len(shared) == 707
@@ -104,10 +112,10 @@ def test_piqa_without_labels_file_uses_a_label_field(tmp_path):
     data.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 1}) + "\n"
                     + json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n")
     task = get_task("piqa")
-    (row0, raw0), (row1, raw1) = task.records(str(data))
-    assert task.parse(raw0, row0).label == 1
+    first, second = task.records(str(data))
+    assert task.parse(first).label == 1
     with pytest.raises(BadRow, match="missing field 'label'.*labels file"):
-        task.parse(raw1, row1)
+        task.parse(second)
 
 
 def test_winogrande_both_layouts(shared_data):
@@ -116,33 +124,38 @@ def test_winogrande_both_layouts(shared_data):
                               "Sarah was a much better surgeon than Maria so Maria"]
     assert first.continuations == [" always got the easier cases."] * 2 and first.label == 1
     task = get_task("winogrande")
-    original = task.parse(json.dumps({
-        "qID": "3D5G8J4N5CI2K40F4RZLF9OG2CKVTH-2", "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
-        "option1": "Sarah", "option2": "Maria", "answer": "2"}), 0)
+    original = parse_line("winogrande", json.dumps({
+        "qID": "3D5G8J4N5CI2K40F4RZLF9OG2CKVTH-2",
+        "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+        "option1": "Sarah", "option2": "Maria", "answer": "2"}))
     assert (original.contexts, original.continuations, original.label) == (first.contexts, first.continuations, 1)
     assert original.id == "3D5G8J4N5CI2K40F4RZLF9OG2CKVTH-2" and original.choice_chars == [51, 51]
-    assert task.training_pair(original) == ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.")
-    assert parse_error("winogrande", json.dumps({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"})) \
-        == "field 'sentence' has no blank '_'"
-    assert parse_error("winogrande", json.dumps({"context_options": [], "continuation": "x", "gold": 0})) == "no options"
+    assert task.training_pair(original) == (
+        "Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.")
+    no_blank = {"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}
+    assert parse_error("winogrande", json.dumps(no_blank)) == "field 'sentence' has no blank '_'"
+    no_options = {"context_options": [], "continuation": "x", "gold": 0}
+    assert parse_error("winogrande", json.dumps(no_options)) == "no options"
 
 
 def test_arc_three_layouts(shared_data):
     first = load("arc_easy", shared_data / "arc_easy/arc_easy_test.llmfoundry.jsonl")[0]
-    assert first.contexts == ["Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"]
+    assert first.contexts == [
+        "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:"]
     assert first.continuations[0] == " Sunlight is the source of energy for nearly all ecosystems." and first.label == 0
     ai2 = {"id": "Mercury_7", "question": {"stem": "Which is a gas?", "choices": [
-        {"text": "ice", "label": "A"}, {"text": "steam", "label": "B"}, {"text": "rock", "label": "C"}]}, "answerKey": "B"}
+        {"text": "ice", "label": "A"}, {"text": "steam", "label": "B"}, {"text": "rock", "label": "C"}]},
+        "answerKey": "B"}
     hf = {"id": "Mercury_7", "question": "Which is a gas?",
           "choices": {"text": ["ice", "steam", "rock"], "label": ["1", "2", "3"]}, "answerKey": "2"}
     for doc in (ai2, hf):
-        inst = get_task("arc_easy").parse(json.dumps(doc), 0)
+        inst = parse_line("arc_easy", json.dumps(doc))
         assert (inst.id, inst.contexts, inst.continuations, inst.label) == (
             "Mercury_7", ["Question: Which is a gas?\nAnswer:"], [" ice", " steam", " rock"], 1)
     assert parse_error("arc_easy", json.dumps({**ai2, "answerKey": "E"})).startswith("answerKey 'E' is not one of")
     assert parse_error("arc_easy", json.dumps({"query": "Question: q", "choices": ["a", "b"], "gold": 4})) \
         == "label 4 out of range for 2 options"
-    assert get_task("arc_challenge").parse(json.dumps(ai2), 0).task == "arc_challenge"
+    assert parse_line("arc_challenge", json.dumps(ai2)).task == "arc_challenge"
 
 
 # --- gsm8k ---------------------------------------------------------------------------------
@@ -159,15 +172,23 @@ def test_gsm8k_scoring_on_real_rows(shared_data):
     task = get_task("gsm8k")
     insts = load("gsm8k", shared_data / "gsm8k/test.jsonl")
     janet, comma = insts[0], insts[146]                              # answers "#### 18", "#### 2,125"
-    assert janet.contexts[0].startswith("Question: Janet’s ducks lay 16 eggs") and janet.contexts[0].endswith("\nAnswer:")
+    assert janet.contexts[0].startswith("Question: Janet’s ducks lay 16 eggs")
+    assert janet.contexts[0].endswith("\nAnswer:")
     assert janet.stop == ["Question:", "</s>", "<|im_end|>"] and janet.max_new_tokens == 256
-    assert task.score_generation(janet, " 16-3-4=9, 9*2=18\n#### 18\n\nQuestion: next one #### 5") == (
+
+    def score(inst, generation):
+        """As a scorer returns it: the generation cut at the instance's stop strings, once."""
+        return task.score_generation(inst, cut_at_stop(generation, inst.stop))
+
+    assert score(janet, " 16-3-4=9, 9*2=18\n#### 18\n\nQuestion: next one #### 5") == (
         True, 1.0, " 16-3-4=9, 9*2=18\n#### 18\n\n")
-    assert task.score_generation(janet, " #### 18.")[:2] == (True, 1.0)        # trailing "." ignored
-    assert task.score_generation(janet, " The answer is 18.")[:2] == (False, 0.0)   # strict: needs "####"
-    assert task.score_generation(janet, "Question: #### 18")[:2] == (False, 0.0)    # stopped before it
-    assert task.score_generation(comma, " #### 2125")[:2] == (True, 1.0)       # "," ignored on both sides
-    assert task.score_generation(comma, " #### 2,125")[:2] == (True, 1.0)
+    assert score(janet, " #### 18.")[:2] == (True, 1.0)        # trailing "." ignored
+    assert score(janet, " The answer is 18.")[:2] == (False, 0.0)   # strict: needs "####"
+    assert score(janet, "Question: #### 18")[:2] == (False, 0.0)    # stopped before it
+    assert score(comma, " #### 2125")[:2] == (True, 1.0)       # "," ignored on both sides
+    assert score(comma, " #### 2,125")[:2] == (True, 1.0)
+    uncut = " #### 18\n\nQuestion: #### 5"
+    assert task.score_generation(janet, uncut)[2] == uncut   # the task never cuts a second time
     assert task.training_pair(janet) == (janet.contexts[0], " " + janet.reference)
 
 
@@ -189,12 +210,14 @@ def test_dialogsum_prompt_and_rouge1(shared_data):
     task = get_task("dialogsum")
     first = load("dialogsum", path)[0]
     assert first.id == "test_0" and task.metric == "rouge1"
-    assert first.contexts[0].startswith("Dialogue: #Person1#: Ms. Dawson, I need you to take a dictation for me.\n#Person2#:")
+    assert first.contexts[0].startswith(
+        "Dialogue: #Person1#: Ms. Dawson, I need you to take a dictation for me.\n#Person2#:")
     assert first.contexts[0].endswith("\nSummary:")
     assert first.stop == ["Dialogue:", "Summary:", "</s>", "\n\n"]
     assert first.reference.startswith("Ms. Dawson helps #Person1# to write a memo")
 
-    correct, score, pred = task.score_generation(first, " " + first.reference + "\n\nDialogue: #Person1#: more")
+    cut = cut_at_stop(" " + first.reference + "\n\nDialogue: #Person1#: more", first.stop)   # as the scorers return it
+    correct, score, pred = task.score_generation(first, cut)
     assert (correct, score, pred) == (None, pytest.approx(1.0), " " + first.reference)
     _, partial, _ = task.score_generation(first, " Ms. Dawson writes a memo about Instant Messaging.")
     _, unrelated, _ = task.score_generation(first, " The weather was sunny at the beach.")
@@ -205,8 +228,8 @@ def test_dialogsum_prompt_and_rouge1(shared_data):
     assert task.training_pair(first) == (first.contexts[0], " " + first.reference)
     assert parse_error("dialogsum", json.dumps({"fname": "dev_0", "dialogue": "d", "summary": "s"})) \
         == "missing field 'summary1'"
-    assert get_task("dialogsum", reference="summary").parse(
-        json.dumps({"fname": "dev_0", "dialogue": "d", "summary": "s"}), 0).reference == "s"
+    assert parse_line("dialogsum", json.dumps({"fname": "dev_0", "dialogue": "d", "summary": "s"}),
+                      reference="summary").reference == "s"
 
 
 # --- bad rows in the built-in formats -------------------------------------------------------
@@ -214,14 +237,18 @@ def test_dialogsum_prompt_and_rouge1(shared_data):
 @pytest.mark.parametrize("name, raw, reason", [
     ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x"], "label": 1}',
      "label 1 out of range for 1 options"),
-    ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": [], "label": 0}', "no options"),
-    ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_b": "c", "endings": ["x"], "label": 0}', "missing field 'ctx_a'"),
-    ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "[step]"], "label": 0}',
-     "empty choice: option 1 is an empty string"),
-    ("hellaswag", "A: b\n0\nx\n", "incomplete item: 3 of 6 lines"),
-    ("piqa", '{"goal": "g", "sol1": "a"}\n0', "missing field 'sol2'"),
-    ("piqa", '{"goal": "g", "sol1": "a", "sol2": "b"}\n2', "label 2 out of range for 2 options"),
-    ("piqa", '{"goal": "g", "sol1": "a", "sol2": "b"}\nx', "field 'label' must be an integer, got 'x'"),
+    ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": [], "label": 0}',
+     "no options"),
+    ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_b": "c", "endings": ["x"], "label": 0}',
+     "missing field 'ctx_a'"),
+    ("hellaswag", '{"ind": 1, "activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "[step]"], '
+     '"label": 0}', "empty choice: option 1 is an empty string"),
+    ("hellaswag", Record(7, ("A: b", "0", "x"), LLAMACPP), "incomplete item: 3 of 6 lines"),
+    ("piqa", Record(7, ('{"goal": "g", "sol1": "a"}',), extra={"label": "0"}), "missing field 'sol2'"),
+    ("piqa", Record(7, ('{"goal": "g", "sol1": "a", "sol2": "b"}',), extra={"label": "2"}),
+     "label 2 out of range for 2 options"),
+    ("piqa", Record(7, ('{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}',), extra={"label": "x"}),
+     "field 'label' must be an integer, got 'x'"),      # the labels file wins over the record's own field
     ("gsm8k", '{"question": "q"}', "missing field 'answer'"),
     ("dialogsum", '{"fname": "t", "dialogue": 3, "summary1": "s"}', "field 'dialogue' must be a string, got int"),
 ])
@@ -234,7 +261,8 @@ def test_hellaswag_text_file_with_a_truncated_last_item(shared_data, tmp_path):
     path = tmp_path / "cut.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     task = get_task("hellaswag")
-    (r0, raw0), (r1, raw1) = task.records(str(path))
-    assert (r0, r1) == (0, 1) and task.parse(raw0, r0).label == 3
+    first, second = task.records(str(path))
+    assert (first.row, second.row) == (0, 1) and task.parse(first).label == 3
+    assert second.lines == tuple(lines[6:9]) and second.text == "\n".join(lines[6:9])
     with pytest.raises(BadRow, match="incomplete item: 3 of 6 lines"):
-        task.parse(raw1, r1)
+        task.parse(second)

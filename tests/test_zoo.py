@@ -33,12 +33,11 @@ def test_zoo_builds_caches_and_rebuilds(tmp_path):
 def test_zoo_task_files_parse_with_generic_tasks(tmp_path):
     out = build_zoo(tmp_path / "zoo", MICRO, log=lambda m: None)
     mc = get_task("mc_jsonl")
-    insts = [mc.parse(raw, row) for row, raw in mc.records(str(out / "data/sum_mc/test.jsonl"))]
+    insts = [mc.parse(rec) for rec in mc.records(str(out / "data/sum_mc/test.jsonl"))]
     assert len(insts) == 10 and all(len(i.continuations) == 4 for i in insts)
     assert all(i.continuations[i.label].strip().isdigit() for i in insts)
     gen = get_task("gen_jsonl", metric="rouge1", stop=["."], max_new_tokens=16)
-    rows = list(gen.records(str(out / "data/story_rouge/test.jsonl")))
-    inst = gen.parse(rows[0][1], rows[0][0])
+    inst = gen.parse(next(gen.records(str(out / "data/story_rouge/test.jsonl"))))
     _, score, _ = gen.score_generation(inst, " " + inst.reference)
     assert score == 1.0
     pairs = [json.loads(line) for line in open(out / "data/sum_em/train_pairs.jsonl")]

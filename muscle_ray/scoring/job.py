@@ -21,6 +21,7 @@ agree to ~1e-5.
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -33,7 +34,7 @@ from muscle_ray.errors import BadRow, MuscleError
 from muscle_ray.results import ERRORS_FILE, write_atomic
 from muscle_ray.scoring.config import ScoreConfig, VersionSpec
 from muscle_ray.scoring.rows import ERROR_SCHEMA, to_table
-from muscle_ray.tasks.base import Task, get_task
+from muscle_ray.tasks.base import Record, Task, get_task
 
 
 def shard_name(k: int) -> str:
@@ -66,9 +67,10 @@ class ScoreActor:
 
         n = len(batch["ord"])
         results, errors, good = [""] * n, [""] * n, []
-        for i, (row, raw) in enumerate(zip(batch["row"], batch["raw"])):
+        for i, blob in enumerate(batch["record"]):
+            record: Record = pickle.loads(blob)
             try:
-                good.append((i, int(row), self.task.parse(bytes(raw).decode("utf-8", "surrogateescape"), int(row))))
+                good.append((i, record.row, self.task.parse(record)))
             except BadRow as e:
                 errors[i] = e.reason
         rows = score_instances(self.scorer, self.task, [(r, inst) for _, r, inst in good], self.name)
@@ -94,7 +96,7 @@ class VersionSummary:
     actors: list[str] = field(default_factory=list)   # the Ray actors that scored this run's rows
 
 
-def _load_records(task: Task, path: str, limit: int | None) -> list[tuple[int, str]]:
+def _load_records(task: Task, path: str, limit: int | None) -> list[Record]:
     if not Path(path).exists():
         raise MuscleError(f"{path}: no such file (input of task {task.name})")
     return list(islice(task.records(path), limit))
@@ -121,7 +123,7 @@ def _write_errors(out_dir: Path) -> int:
     return table.num_rows
 
 
-def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[tuple[int, str]], data: str,
+def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], data: str,
                   log=print) -> VersionSummary:
     import ray
 
@@ -136,8 +138,8 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[tuple[int, 
     for stale in out_dir.glob(".*.tmp"):   # a writer killed mid-write left its temp file behind
         stale.unlink(missing_ok=True)
     done = {k for k in range(n_shards) if (out_dir / shard_name(k)).exists()}
-    todo = [{"ord": i, "shard": i // S, "row": r, "raw": raw.encode("utf-8", "surrogateescape")}
-            for i, (r, raw) in enumerate(records) if i // S not in done]
+    todo = [{"ord": i, "shard": i // S, "record": pickle.dumps(rec)}   # bytes: Arrow-safe, any text
+            for i, rec in enumerate(records) if i // S not in done]
     if done:
         log(f"[{spec.name}/{cfg.task}] resuming: {len(done)}/{n_shards} shards already done")
     start, scored, tokens, new_errors, actors = time.perf_counter(), 0, 0, 0, set()
@@ -166,8 +168,8 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[tuple[int, 
                 continue
             parts = sorted(pending.pop(k), key=lambda o: int(o["ord"]))
             results = [json.loads(o["result"]) for o in parts if o["result"]]
-            bad = [{"row": records[int(o["ord"])][0], "reason": o["error"],
-                    "raw": records[int(o["ord"])][1].encode("utf-8", "surrogateescape").decode("utf-8", "replace")}
+            bad = [{"row": records[int(o["ord"])].row, "reason": o["error"],
+                    "raw": records[int(o["ord"])].text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")}
                    for o in parts if o["error"]]
             if bad:
                 write_atomic(pa.Table.from_pylist(bad, schema=ERROR_SCHEMA), out_dir / _errors_name(k))

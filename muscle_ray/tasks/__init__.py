@@ -1,10 +1,25 @@
-"""Built-in tasks register themselves on import; see base.py for the interface.
+"""Evaluation tasks: published files -> `Instance`s; see base.py for the interface.
 
-A new task is one small module: subclass `common.FileTask`, decorate it with `@register`,
-and import it below.
+Every module of this package is imported here, so a new task is one module holding a
+`common.FileTask` subclass decorated with `@register`: nothing else to edit.
 """
 
-from muscle_ray.tasks.base import Instance, Task, get_task, register, task_names
-from muscle_ray.tasks import arc, dialogsum, gen_jsonl, gsm8k, hellaswag, mc_jsonl, piqa, winogrande  # noqa: F401,E402
+from __future__ import annotations
 
-__all__ = ["Instance", "Task", "get_task", "register", "task_names"]
+import importlib
+import pkgutil
+
+from muscle_ray.tasks.base import Instance, Record, Task, get_task, register, task_names
+
+
+def import_modules(package: str, path: list[str]) -> list[str]:
+    """Import every module of a package (their `@register` decorators fill the registry)."""
+    names = [f"{package}.{m.name}" for m in pkgutil.iter_modules(path)]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
+import_modules(__name__, __path__)
+
+__all__ = ["Instance", "Record", "Task", "get_task", "import_modules", "register", "task_names"]

@@ -3,7 +3,8 @@
 Reads three layouts:
 
 * the original AI2 release `{"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}`;
-* the Hugging Face `allenai/ai2_arc` rows `{"id", "question": str, "choices": {"text": [...], "label": [...]}, "answerKey"}`;
+* the Hugging Face `allenai/ai2_arc` rows
+  `{"id", "question": str, "choices": {"text": [...], "label": [...]}, "answerKey"}`;
 * MosaicML llm-foundry's re-format `{"query": "Question: " + stem, "choices": [str, ...], "gold": int}`.
 
 Prompt (lm-eval 0.4.13 `arc_easy`): context "Question: {stem}\\nAnswer:", options the choice
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from muscle_ray.errors import BadRow
 from muscle_ray.tasks.base import Instance, register
-from muscle_ray.tasks.common import FileTask, load_json, mc_instance, need, record_id
+from muscle_ray.tasks.common import MultipleChoiceTask, mc_instance, need, record_id
 
 FOUNDRY_PREFIX = "Question: "
 
@@ -41,14 +42,11 @@ def _original(doc: dict, row: int) -> tuple[str, list, int]:
 
 
 @register
-class ArcEasy(FileTask):
+class ArcEasy(MultipleChoiceTask):
     name = "arc_easy"
-    kind = "mc"
-    metric = "acc"
-    default_path = "arc_easy/arc_easy_test.llmfoundry.jsonl"
+    default_path: str | None = "arc_easy/arc_easy_test.llmfoundry.jsonl"
 
-    def parse(self, raw: str, row: int) -> Instance:
-        doc = load_json(raw, row)
+    def instance(self, doc: dict, row: int) -> Instance:
         if "query" in doc:
             stem = need(doc, "query", str, row).removeprefix(FOUNDRY_PREFIX)
             texts, gold = need(doc, "choices", list, row), need(doc, "gold", object, row)

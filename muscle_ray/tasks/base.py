@@ -1,6 +1,6 @@
-"""What a task is: raw records in a published format -> instances a scorer can run.
+"""What a task is: records in a published format -> instances a scorer can run.
 
-Scorers (HF, vLLM) and the scoring job only see `Instance`s; every dataset quirk
+Scorers (HF, vLLM) and the scoring job only see `Record`s and `Instance`s; every dataset quirk
 (separate label files, lm-eval prompt templates, answer extraction) stays in the task module.
 """
 
@@ -11,6 +11,22 @@ from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 from muscle_ray.errors import BadRow, MuscleError
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input record, not yet parsed: reading a file never fails on a bad row, parsing
+    reports it (a `BadRow`) and the rest of the file is still scored."""
+
+    row: int                                  # 0-based line (or item) number: a bad row's address
+    lines: tuple[str, ...]                    # as the file holds them: one JSON line, or a text item's lines
+    layout: str = "jsonl"                     # how to read `lines`: "jsonl" or a task's own text layout
+    extra: dict[str, str] = field(default_factory=dict)   # fields kept outside the file (PIQA's labels)
+
+    @property
+    def text(self) -> str:
+        """The record as a person reads it (errors.parquet shows this for a bad row)."""
+        return "\n".join(self.lines)
 
 
 @dataclass
@@ -46,12 +62,12 @@ class Task(ABC):
     default_path: str | None = None   # relative to a data root such as ../shared/data
 
     @abstractmethod
-    def records(self, path: str) -> Iterator[tuple[int, str]]:
-        """Yield (row, raw) in file order; raw is the unparsed text of one record."""
+    def records(self, path: str) -> Iterator[Record]:
+        """The file's records in file order, unparsed."""
 
     @abstractmethod
-    def parse(self, raw: str, row: int) -> Instance:
-        """Turn one raw record into an Instance; raise BadRow with the reason if it cannot."""
+    def parse(self, record: Record) -> Instance:
+        """Turn one record into an Instance; raise BadRow with the reason if it cannot."""
 
     def score_generation(self, inst: Instance, text: str) -> tuple[bool | None, float, str]:
         """(correct, score, prediction) of one generated text; generative tasks override."""
@@ -69,23 +85,20 @@ _REGISTRY: dict[str, type[Task]] = {}
 
 
 def register(cls: type[Task]) -> type[Task]:
-    """Class decorator: a new task is one small module that registers itself."""
+    """Class decorator: a new task is one module in muscle_ray/tasks/ that registers itself."""
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def get_task(name: str, **options) -> Task:
-    from muscle_ray import tasks as _builtin  # noqa: F401  (imports register the built-ins)
-
+    """A configured task by name (importing any muscle_ray.tasks module has registered the built-ins)."""
     if name not in _REGISTRY:
         raise MuscleError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**options)
 
 
 def task_names() -> list[str]:
-    from muscle_ray import tasks as _builtin  # noqa: F401
-
     return sorted(_REGISTRY)
 
 
-__all__ = ["BadRow", "Instance", "Task", "get_task", "register", "task_names"]
+__all__ = ["BadRow", "Instance", "Record", "Task", "get_task", "register", "task_names"]

@@ -1,4 +1,5 @@
-"""What every file-backed task shares: reading records, checking fields, ids, options.
+"""What every file-backed task shares: reading records, checking fields, ids, options, and
+the two kinds of task (multiple choice, generation).
 
 A task module should only hold its dataset's quirks; the plumbing below keeps the error
 messages uniform ("missing field 'label'", "label 7 out of range for 4 options") so the
@@ -8,13 +9,14 @@ scoring job can log any bad row with a reason a user can act on.
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from muscle_ray.errors import BadRow, MuscleError
-from muscle_ray.tasks.base import Instance, Task
+from muscle_ray.tasks.base import Instance, Record, Task
 
 
 def read_lines(path: str | Path, keep_blank: bool = False) -> Iterator[tuple[int, str]]:
@@ -114,14 +116,6 @@ def mc_instance(
     )
 
 
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    """The generation up to the first stop string, as lm-eval's generate_until returns it."""
-    for s in stop:
-        if s:
-            text = text.split(s)[0]
-    return text
-
-
 class Options(BaseModel):
     """Base of a task's options: typed, validated, unknown names refused."""
 
@@ -132,7 +126,8 @@ class FileTask(Task):
     """A task read from a JSON Lines file and configured by its `Options` model.
 
     Subclasses set name/kind/metric/default_path, an `Options` subclass if they take any,
-    and implement `parse`; `records` may be overridden for other layouts.
+    and implement `instance` (one JSON record -> Instance); `records` and `parse` may be
+    overridden for other layouts.
     """
 
     Options: type[Options] = Options
@@ -144,15 +139,56 @@ class FileTask(Task):
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors())
             raise MuscleError(f"task {self.name}: bad option ({problems})") from None
 
-    def records(self, path: str) -> Iterator[tuple[int, str]]:
-        return read_lines(path)
+    def records(self, path: str) -> Iterator[Record]:
+        for row, line in read_lines(path):
+            yield Record(row, (line,))
+
+    def parse(self, record: Record) -> Instance:
+        """The record's JSON object, with any fields kept beside the file taking precedence."""
+        doc = load_json(record.lines[0], record.row)
+        return self.instance({**doc, **record.extra}, record.row)
+
+    @abstractmethod
+    def instance(self, doc: dict[str, Any], row: int) -> Instance:
+        """One record's fields -> Instance; a BadRow (via `need`, `mc_instance`) says why not."""
 
 
-def score_text(metric: str, prediction: str, reference: str) -> tuple[bool | None, float]:
-    """(correct, score) of a generated text: exact match is right/wrong, ROUGE is continuous."""
-    if metric == "exact":
-        ok = prediction.strip() == reference.strip()
-        return ok, float(ok)
-    from muscle_ray.metrics.text import rouge
+class MultipleChoiceTask(FileTask):
+    """Scored by comparing the options' log-likelihoods, as lm-eval's multiple_choice tasks."""
 
-    return None, float(rouge([prediction], [reference], kind=metric)[0])
+    kind = "mc"
+    metric = "acc"
+
+
+class GenerationOptions(Options):
+    max_new_tokens: int = Field(256, gt=0)   # lm-eval's default max_gen_toks
+
+
+class GenerativeTask(FileTask):
+    """Scored on one greedy generation, which the scorers have already cut at the first stop
+    string (`scoring.encode.cut_at_stop`, once, as lm-eval's generate_until returns it)."""
+
+    kind = "gen"
+    Options: type[Options] = GenerationOptions
+    options: GenerationOptions
+    stop: list[str] = ["\n\n"]   # lm-eval's default `until`
+    target_delimiter = " "         # between prompt and gold answer in a training pair (lm-eval's few-shot layout)
+
+    def generation(self, id: str, prompt: str, reference: str) -> Instance:
+        return Instance(id=id, task=self.name, kind="gen", contexts=[prompt], reference=reference,
+                        stop=list(self.stop), max_new_tokens=self.options.max_new_tokens)
+
+    def score(self, prediction: str, reference: str) -> tuple[bool | None, float]:
+        """(correct, score): exact match is right/wrong, ROUGE is continuous (correct is None)."""
+        if self.metric == "exact":
+            ok = prediction.strip() == reference.strip()
+            return ok, float(ok)
+        from muscle_ray.metrics.text import rouge
+
+        return None, float(rouge([prediction], [reference], kind=self.metric)[0])
+
+    def score_generation(self, inst: Instance, text: str) -> tuple[bool | None, float, str]:
+        return (*self.score(text, inst.reference), text)
+
+    def training_pair(self, inst: Instance) -> tuple[str, str]:
+        return inst.contexts[0], self.target_delimiter + inst.reference

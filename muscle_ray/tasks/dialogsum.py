@@ -21,36 +21,25 @@ from typing import Literal
 from pydantic import Field
 
 from muscle_ray.tasks.base import Instance, register
-from muscle_ray.tasks.common import FileTask, Options, cut_at_stop, load_json, need, record_id, score_text
+from muscle_ray.tasks.common import GenerationOptions, GenerativeTask, need, record_id
 
 STOP = ["Dialogue:", "Summary:", "</s>", "\n\n"]
 
 
-class DialogSumOptions(Options):
+class DialogSumOptions(GenerationOptions):
     reference: Literal["summary1", "summary2", "summary3", "summary"] = "summary1"
     max_new_tokens: int = Field(128, gt=0)
 
 
 @register
-class DialogSum(FileTask):
+class DialogSum(GenerativeTask):
     name = "dialogsum"
-    kind = "gen"
     metric = "rouge1"
     default_path = "dialogsum/dialogsum.test.jsonl"
     Options = DialogSumOptions
+    options: DialogSumOptions
+    stop = STOP
 
-    def parse(self, raw: str, row: int) -> Instance:
-        doc = load_json(raw, row)
-        return Instance(
-            id=record_id(doc, row, "fname"), task=self.name, kind="gen",
-            contexts=[f"Dialogue: {need(doc, 'dialogue', str, row)}\nSummary:"],
-            reference=need(doc, self.options.reference, str, row), stop=list(STOP),
-            max_new_tokens=self.options.max_new_tokens,
-        )
-
-    def score_generation(self, inst: Instance, text: str) -> tuple[bool | None, float, str]:
-        prediction = cut_at_stop(text, inst.stop)
-        return (*score_text(self.metric, prediction, inst.reference), prediction)
-
-    def training_pair(self, inst: Instance) -> tuple[str, str]:
-        return inst.contexts[0], " " + inst.reference
+    def instance(self, doc: dict, row: int) -> Instance:
+        return self.generation(record_id(doc, row, "fname"), f"Dialogue: {need(doc, 'dialogue', str, row)}\nSummary:",
+                               need(doc, self.options.reference, str, row))

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import field_validator
 
 from muscle_ray.tasks.base import Instance, register
-from muscle_ray.tasks.common import FileTask, Options, cut_at_stop, load_json, need, record_id, score_text
+from muscle_ray.tasks.common import GenerationOptions, GenerativeTask, need, record_id
 
 
-class GenOptions(Options):
+class GenOptions(GenerationOptions):
     metric: Literal["exact", "rouge1", "rouge2", "rougeL"] = "exact"
     stop: list[str] = ["\n\n"]
-    max_new_tokens: int = Field(256, gt=0)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -40,24 +39,16 @@ class GenOptions(Options):
 
 
 @register
-class GenJsonl(FileTask):
+class GenJsonl(GenerativeTask):
     name = "gen_jsonl"
-    kind = "gen"
     metric = "exact"
     Options = GenOptions
+    options: GenOptions
+    target_delimiter = ""   # your prompt and reference are trained on as they are
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.metric = self.options.metric
+        self.metric, self.stop = self.options.metric, list(self.options.stop)
 
-    def parse(self, raw: str, row: int) -> Instance:
-        doc = load_json(raw, row)
-        return Instance(
-            id=record_id(doc, row), task=self.name, kind="gen", contexts=[need(doc, "prompt", str, row)],
-            reference=need(doc, "reference", str, row), stop=list(self.options.stop),
-            max_new_tokens=self.options.max_new_tokens,
-        )
-
-    def score_generation(self, inst: Instance, text: str) -> tuple[bool | None, float, str]:
-        prediction = cut_at_stop(text, inst.stop)
-        return (*score_text(self.metric, prediction, inst.reference), prediction)
+    def instance(self, doc: dict, row: int) -> Instance:
+        return self.generation(record_id(doc, row), need(doc, "prompt", str, row), need(doc, "reference", str, row))

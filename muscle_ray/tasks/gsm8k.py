@@ -21,7 +21,7 @@ from pydantic import Field
 
 from muscle_ray.errors import MuscleError
 from muscle_ray.tasks.base import Instance, register
-from muscle_ray.tasks.common import FileTask, Options, cut_at_stop, load_json, need, read_lines, record_id
+from muscle_ray.tasks.common import GenerationOptions, GenerativeTask, load_json, need, read_lines, record_id
 
 STOP = ["Question:", "</s>", "<|im_end|>"]
 STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -42,10 +42,9 @@ def normalize(text: str) -> str:
     return text.lower()
 
 
-class Gsm8kOptions(Options):
+class Gsm8kOptions(GenerationOptions):
     num_fewshot: int = Field(0, ge=0)
     fewshot_path: str | None = None
-    max_new_tokens: int = Field(256, gt=0)   # lm-eval's default max_gen_toks
 
 
 def prompt(question: str) -> str:
@@ -53,12 +52,13 @@ def prompt(question: str) -> str:
 
 
 @register
-class Gsm8k(FileTask):
+class Gsm8k(GenerativeTask):
     name = "gsm8k"
-    kind = "gen"
     metric = "exact"
     default_path = "gsm8k/test.jsonl"
     Options = Gsm8kOptions
+    options: Gsm8kOptions
+    stop = STOP
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -70,7 +70,7 @@ class Gsm8k(FileTask):
             return ""
         if path is None:
             raise MuscleError(f"task gsm8k: num_fewshot={n} needs fewshot_path (a GSM8K train.jsonl)")
-        shots = []
+        shots: list[str] = []
         for row, raw in read_lines(path):
             if len(shots) == n:
                 break
@@ -80,19 +80,11 @@ class Gsm8k(FileTask):
             raise MuscleError(f"{path}: num_fewshot={n} but the file has only {len(shots)} examples")
         return "".join(shots)
 
-    def parse(self, raw: str, row: int) -> Instance:
-        doc = load_json(raw, row)
-        return Instance(
-            id=record_id(doc, row), task=self.name, kind="gen",
-            contexts=[self.fewshot + prompt(need(doc, "question", str, row))],
-            reference=need(doc, "answer", str, row), stop=list(STOP), max_new_tokens=self.options.max_new_tokens,
-        )
+    def instance(self, doc: dict, row: int) -> Instance:
+        return self.generation(record_id(doc, row), self.fewshot + prompt(need(doc, "question", str, row)),
+                               need(doc, "answer", str, row))
 
-    def score_generation(self, inst: Instance, text: str) -> tuple[bool | None, float, str]:
-        prediction = cut_at_stop(text, inst.stop)
-        correct = normalize(extract_answer(prediction)) == normalize(inst.reference)
-        return correct, float(correct), prediction
-
-    def training_pair(self, inst: Instance) -> tuple[str, str]:
-        """The worked solution, after lm-eval's target delimiter, as in a few-shot example."""
-        return inst.contexts[0], " " + inst.reference
+    def score(self, prediction: str, reference: str) -> tuple[bool | None, float]:
+        """Strict match: the first `#### number` of the prediction against the reference's."""
+        correct = normalize(extract_answer(prediction)) == normalize(reference)
+        return correct, float(correct)

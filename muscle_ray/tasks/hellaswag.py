@@ -19,9 +19,10 @@ import re
 from typing import Iterator
 
 from muscle_ray.errors import BadRow
-from muscle_ray.tasks.base import Instance, register
-from muscle_ray.tasks.common import FileTask, as_index, load_json, mc_instance, need, read_lines, record_id
+from muscle_ray.tasks.base import Instance, Record, register
+from muscle_ray.tasks.common import MultipleChoiceTask, as_index, mc_instance, need, read_lines, record_id
 
+LLAMACPP = "llama.cpp"   # the text layout's name on its records
 LLAMACPP_LINES = 6
 
 
@@ -34,38 +35,38 @@ def preprocess(text: str) -> str:
 
 
 @register
-class HellaSwag(FileTask):
+class HellaSwag(MultipleChoiceTask):
     name = "hellaswag"
-    kind = "mc"
-    metric = "acc"
     default_path = "hellaswag/val_sample1000.jsonl"
 
-    def records(self, path: str) -> Iterator[tuple[int, str]]:
+    def records(self, path: str) -> Iterator[Record]:
         if not str(path).endswith(".txt"):
-            yield from read_lines(path)
+            yield from super().records(path)
             return
-        # llama.cpp text: item k is lines 6k..6k+5; raw keeps its newlines, so it never looks like JSON
+        # llama.cpp text: item k is lines 6k..6k+5
         item: list[str] = []
         for line_no, line in read_lines(path, keep_blank=True):
             item.append(line)
             if len(item) == LLAMACPP_LINES:
-                yield line_no // LLAMACPP_LINES, "".join(x + "\n" for x in item)
+                yield Record(line_no // LLAMACPP_LINES, tuple(item), LLAMACPP)
                 item = []
         if item and any(x.strip() for x in item):
-            yield line_no // LLAMACPP_LINES, "".join(x + "\n" for x in item)
+            yield Record(line_no // LLAMACPP_LINES, tuple(item), LLAMACPP)
 
-    def parse(self, raw: str, row: int) -> Instance:
-        if "\n" in raw:
-            return self._parse_text_item(raw, row)
-        doc = load_json(raw, row)
+    def parse(self, record: Record) -> Instance:
+        if record.layout == LLAMACPP:
+            return self._text_item(record.lines, record.row)
+        return super().parse(record)
+
+    def instance(self, doc: dict, row: int) -> Instance:
         ctx = need(doc, "ctx_a", str, row) + " " + need(doc, "ctx_b", str, row).capitalize()
         query = preprocess(need(doc, "activity_label", str, row) + ": " + ctx)
         endings = need(doc, "endings", list, row)
         choices = [preprocess(e) if isinstance(e, str) else e for e in endings]
         return mc_instance(self.name, record_id(doc, row, "ind"), row, query, choices, need(doc, "label", object, row))
 
-    def _parse_text_item(self, raw: str, row: int) -> Instance:
-        lines = raw.split("\n")[:-1]
+    def _text_item(self, lines: tuple[str, ...], row: int) -> Instance:
+        """`activity_label: ctx`, the gold label, then the 4 endings, one per line."""
         if len(lines) != LLAMACPP_LINES:
             raise BadRow(f"incomplete item: {len(lines)} of {LLAMACPP_LINES} lines", row)
         label = as_index(lines[1], "label", row)

@@ -18,17 +18,14 @@ of range) are reported as bad rows with the reason, and the rest of the file is 
 from __future__ import annotations
 
 from muscle_ray.tasks.base import Instance, register
-from muscle_ray.tasks.common import FileTask, load_json, mc_instance, need, record_id
+from muscle_ray.tasks.common import MultipleChoiceTask, mc_instance, need, record_id
 
 
 @register
-class McJsonl(FileTask):
+class McJsonl(MultipleChoiceTask):
     name = "mc_jsonl"
-    kind = "mc"
-    metric = "acc"
 
-    def parse(self, raw: str, row: int) -> Instance:
-        doc = load_json(raw, row)
+    def instance(self, doc: dict, row: int) -> Instance:
         delimiter = " " if doc.get("target_delimiter") is None else need(doc, "target_delimiter", str, row)
         return mc_instance(
             self.name, record_id(doc, row), row, need(doc, "context", str, row),

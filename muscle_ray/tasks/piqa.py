@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 from muscle_ray.errors import BadRow, MuscleError
-from muscle_ray.tasks.base import Instance, register
-from muscle_ray.tasks.common import FileTask, Options, load_json, mc_instance, need, read_lines, record_id
+from muscle_ray.tasks.base import Instance, Record, register
+from muscle_ray.tasks.common import MultipleChoiceTask, Options, mc_instance, need, read_lines, record_id
 
 
 class PiqaOptions(Options):
@@ -29,38 +29,34 @@ def labels_beside(path: str | Path) -> Path:
 
 
 @register
-class Piqa(FileTask):
+class Piqa(MultipleChoiceTask):
     name = "piqa"
-    kind = "mc"
-    metric = "acc"
     default_path = "piqa/valid.jsonl"
     Options = PiqaOptions
+    options: PiqaOptions
 
-    def records(self, path: str) -> Iterator[tuple[int, str]]:
-        """Each raw record is the data line, then its label line: the row as the release has it."""
+    def records(self, path: str) -> Iterator[Record]:
+        """Each record is a data line with its label from the labels file, aligned by line."""
         labels_path = Path(self.options.labels) if self.options.labels else labels_beside(path)
         if not labels_path.is_file():
             if self.options.labels:
                 raise MuscleError(f"{labels_path}: no such labels file")
-            yield from read_lines(path)
+            yield from super().records(path)
             return
         labels = labels_path.read_text(encoding="utf-8").rstrip("\n").split("\n")
         rows = list(read_lines(path, keep_blank=True))
         while rows and not rows[-1][1].strip():
             rows.pop()
         if len(labels) != len(rows):
-            raise MuscleError(f"{labels_path}: {len(labels)} labels for {len(rows)} rows of {path}; they must align by line")
+            raise MuscleError(f"{labels_path}: {len(labels)} labels for {len(rows)} rows of {path}; "
+                              "they must align by line")
         for (row, line), label in zip(rows, labels):
             if line.strip():
-                yield row, f"{line}\n{label.strip()}"
+                yield Record(row, (line,), extra={"label": label.strip()})
 
-    def parse(self, raw: str, row: int) -> Instance:
-        line, sep, label = raw.partition("\n")
-        doc = load_json(line, row)
-        if not sep:
-            if "label" not in doc:
-                raise BadRow("missing field 'label' (and no labels file such as valid-labels.lst beside the data)", row)
-            label = doc["label"]
+    def instance(self, doc: dict, row: int) -> Instance:
+        if "label" not in doc:
+            raise BadRow("missing field 'label' (and no labels file such as valid-labels.lst beside the data)", row)
         goal = need(doc, "goal", str, row)
         choices = [need(doc, "sol1", str, row), need(doc, "sol2", str, row)]
-        return mc_instance(self.name, record_id(doc, row), row, f"Question: {goal}\nAnswer:", choices, label)
+        return mc_instance(self.name, record_id(doc, row), row, f"Question: {goal}\nAnswer:", choices, doc["label"])

@@ -16,18 +16,15 @@ from __future__ import annotations
 
 from muscle_ray.errors import BadRow
 from muscle_ray.tasks.base import Instance, register
-from muscle_ray.tasks.common import FileTask, as_index, load_json, mc_instance, need, record_id
+from muscle_ray.tasks.common import MultipleChoiceTask, as_index, mc_instance, need, record_id
 
 
 @register
-class WinoGrande(FileTask):
+class WinoGrande(MultipleChoiceTask):
     name = "winogrande"
-    kind = "mc"
-    metric = "acc"
     default_path = "winogrande/winogrande_dev.llmfoundry.jsonl"
 
-    def parse(self, raw: str, row: int) -> Instance:
-        doc = load_json(raw, row)
+    def instance(self, doc: dict, row: int) -> Instance:
         if "context_options" in doc:
             contexts = need(doc, "context_options", list, row)
             continuation = need(doc, "continuation", str, row).strip()
@@ -37,8 +34,9 @@ class WinoGrande(FileTask):
             if "_" not in sentence:
                 raise BadRow("field 'sentence' has no blank '_'", row)
             blank = sentence.index("_")
-            contexts = [sentence[:blank] + need(doc, "option1", str, row), sentence[:blank] + need(doc, "option2", str, row)]
+            contexts = [sentence[:blank] + need(doc, option, str, row) for option in ("option1", "option2")]
             continuation = sentence[blank + 1:].strip()
             label = as_index(need(doc, "answer", object, row), "answer", row) - 1
         # the contexts are lm-eval's doc_to_choice strings; mc_instance checks them as options
-        return mc_instance(self.name, record_id(doc, row, "qID"), row, contexts, contexts, label, continuation=continuation)
+        return mc_instance(self.name, record_id(doc, row, "qID"), row, contexts, contexts, label,
+                           continuation=continuation)

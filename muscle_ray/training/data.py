@@ -36,8 +36,8 @@ def read_pairs(path: str, task: str | None = None) -> list[dict]:
 
         t = get_task(task)
         pairs = []
-        for row, raw in t.records(str(path)):
-            prompt, completion = t.training_pair(t.parse(raw, row))
+        for record in t.records(str(path)):
+            prompt, completion = t.training_pair(t.parse(record))
             pairs.append({"prompt": prompt, "completion": completion})
         return pairs
     if p.suffix == ".parquet":
