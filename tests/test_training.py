@@ -78,6 +78,25 @@ def test_labels_are_shifted_and_completion_only_masks_prompt(tiny_model):
     assert b["input_ids"].shape[1] == n
 
 
+@pytest.mark.parametrize("prompt, completion", [("ann has 3 figs. ", "7."), ("ann has 3 figs.", " 7.")])
+def test_trained_completion_tokens_are_the_scored_continuation_tokens(tiny_model, prompt, completion):
+    """At the seam, training sees the tokens scoring scores (lm-eval's joint encoding), also
+    when the prompt ends with the space that tokenisers glue to the next word."""
+    from transformers import AutoTokenizer
+
+    from muscle_ray.scoring.encode import encode_pair
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    context, continuation = encode_pair(tok, prompt, completion)
+    row = tokenize_pair(tok, prompt, completion, 40, "completion")
+    trained = [int(t) for t in row["labels"] if t != IGNORE]
+    assert trained == continuation + [tok.eos_token_id]
+    n = int(row["attention_mask"].sum())
+    assert row["input_ids"][:n].tolist() == context + continuation + [tok.eos_token_id]
+    if prompt.endswith(" "):   # tokenised apart, the space would be a prompt token of its own
+        assert tok(completion, add_special_tokens=False)["input_ids"] != continuation
+
+
 def test_student_adapter_switching_and_export(tmp_path, tiny_model, tiny_adapter):
     from peft import PeftModel
     from safetensors import safe_open

@@ -5,6 +5,11 @@ built-in task's file (`task: NAME`), turned into pairs by `Task.training_pair`. 
 checked (errors name the file and row) and tokenized on the driver; the train workers read
 the resulting Ray Datasets as shards (`ray.train.get_dataset_shard`).
 
+Prompt and completion are tokenised the way scoring tokenises a context and its continuation
+(lm-eval's joint encoding, `scoring.encode.encode_pair`): a prompt's trailing spaces move to
+the completion and the completion's tokens are those of the whole text after the prompt's, so
+the tokens trained on at the seam are the tokens scored.
+
 Each tokenized row is fixed-length (`max_length`, right-padded) with
   input_ids       prompt tokens + completion tokens + EOS
   attention_mask  1 on real tokens
@@ -21,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from muscle_ray.errors import MuscleError
+from muscle_ray.scoring.encode import encode_pair
 from muscle_ray.training.config import DataConfig
 
 IGNORE = -100
@@ -64,8 +70,8 @@ def read_pairs(path: str, task: str | None = None) -> list[dict]:
 
 
 def tokenize_pair(tokenizer, prompt: str, completion: str, max_length: int, loss_on: str) -> dict:
-    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    p_ids, c_ids = encode_pair(tokenizer, prompt, completion)
+    c_ids = c_ids + [tokenizer.eos_token_id]
     ids = (p_ids + c_ids)[:max_length]
     n = len(ids)
     input_ids = np.full(max_length, tokenizer.pad_token_id, dtype=np.int64)
