@@ -16,7 +16,6 @@ import pyarrow as pa
 from muscle_ray.errors import MuscleError
 from muscle_ray.schema import MC_COLUMNS, REQUIRED
 
-
 LMEVAL_FIELDS = ("doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics")
 _LMEVAL_NAME = re.compile(r"^samples_(?P<task>.+)_(?P<date>\d{4}-\d{2}-\d{2}T[\d\-.]+)$")
 
@@ -24,8 +23,12 @@ _LMEVAL_NAME = re.compile(r"^samples_(?P<task>.+)_(?P<date>\d{4}-\d{2}-\d{2}T[\d
 def read_jsonl(path: Path, metric: str | None = None, filter: str | None = None) -> pa.Table:
     """One JSON object a line; lm-eval sample logs are recognised by their `doc_id`/`filtered_resps`."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MuscleError(f"{path}: line {line_no} is not UTF-8 (byte {e.start}: {e.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -96,55 +99,81 @@ def lmeval_to_results(
     records = [(n, r) for n, r in records if r["filter"] == filter]
     if not records:
         raise MuscleError(f"{path}: no lm-eval samples with filter {filter!r}")
-    listed = list(records[0][1]["metrics"])
+    listed = records[0][1]["metrics"]
+    listed = [m for m in listed if isinstance(m, str)] if isinstance(listed, list) else []
     metric = metric or next((m for m in ("acc", "exact_match") if m in listed), listed[0] if listed else None)
     if metric is None:
         raise MuscleError(f"{path}: lm-eval samples list no metrics")
 
-    ids, preds, refs, scores, logliks, chars, doc_hash, prompt_hash = [], [], [], [], [], [], [], []
+    cols: dict[str, list] = {k: [] for k in ("id", "prediction", "reference", "score", "choice_logliks",
+                                               "choice_chars", "doc_hash", "prompt_hash")}
     multiple_choice = _is_loglikelihood(first)
     for line_no, rec in records:
-        value = rec.get(metric)
-        if isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, (int, float)):
-            raise MuscleError(f"{path}: line {line_no}: column '{metric}' is {value!r}, not a number")
-        scores.append(float(value))
-        ids.append(str(rec["doc_id"]))
-        doc_hash.append(rec.get("doc_hash"))
-        prompt_hash.append(rec.get("prompt_hash"))
-        if multiple_choice:
-            try:
-                ll = [float(r[0]) for r in rec["filtered_resps"]]
-                conts = [a["arg_1"] for a in rec["arguments"].values()]
-            except (TypeError, ValueError, KeyError, IndexError):
-                raise MuscleError(f"{path}: line {line_no}: column 'filtered_resps' is not a list of [loglik, is_greedy]") from None
-            n = [len(c[1:] if c.startswith(" ") else c) for c in conts]
-            logliks.append(ll)
-            chars.append(n)
-            key = np.array(ll) / np.maximum(np.array(n, dtype=float), 1.0) if metric == "acc_norm" else np.array(ll)
-            preds.append(str(int(np.argmax(key))))
-            refs.append(_gold_index(rec["target"], conts))
-        else:
-            fr = rec["filtered_resps"]
-            preds.append(str(fr[0] if isinstance(fr, list) and fr else fr))
-            refs.append(str(rec["target"]))
-    score = np.array(scores, dtype=np.float64)
+        try:
+            row = _sample_row(rec, metric, multiple_choice, path, line_no)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            kind = "loglikelihood" if multiple_choice else "generation"
+            raise MuscleError(f"{path}: line {line_no}: not an lm-eval {kind} sample ({type(e).__name__}: {e})") from None
+        for k, v in row.items():
+            cols[k].append(v)
+    score = np.array(cols["score"], dtype=np.float64)
     binary = bool(np.isin(score[np.isfinite(score)], (0.0, 1.0)).all())
-    cols = {
-        "id": pa.array(ids, pa.string()),
-        "task": pa.array([lmeval_task_name(path)] * len(ids), pa.string()),
-        "correct": pa.array(score == 1.0 if binary else [None] * len(ids), pa.bool_()),
+    n = len(score)
+    table = {
+        "id": pa.array(cols["id"], pa.string()),
+        "task": pa.array([lmeval_task_name(path)] * n, pa.string()),
+        "correct": pa.array(score == 1.0 if binary else [None] * n, pa.bool_()),
         "score": pa.array(score, pa.float64()),
-        "prediction": pa.array(preds, pa.string()),
-        "reference": pa.array(refs, pa.string()),
+        "prediction": pa.array(cols["prediction"], pa.string()),
+        "reference": pa.array(cols["reference"], pa.string()),
     }
     if multiple_choice:
-        cols["choice_logliks"] = pa.array(logliks, MC_COLUMNS["choice_logliks"])
-        cols["choice_chars"] = pa.array(chars, MC_COLUMNS["choice_chars"])
-    cols["doc_hash"] = pa.array(doc_hash, pa.string())
-    cols["prompt_hash"] = pa.array(prompt_hash, pa.string())
-    return pa.table(cols)
+        table["choice_logliks"] = pa.array(cols["choice_logliks"], MC_COLUMNS["choice_logliks"])
+        table["choice_chars"] = pa.array(cols["choice_chars"], MC_COLUMNS["choice_chars"])
+    for key in ("doc_hash", "prompt_hash"):   # provenance lm-eval writes; kept when it is text
+        table[key] = pa.array([h if isinstance(h, str) else None for h in cols[key]], pa.string())
+    return pa.table(table)
+
+
+def _sample_row(rec: dict, metric: str, multiple_choice: bool, path: Path, line_no: int) -> dict:
+    """One lm-eval sample line as a results row; MuscleError names what is wrong with it."""
+    value = rec.get(metric)
+    if isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, (int, float)):
+        raise MuscleError(f"{path}: line {line_no}: column '{metric}' is {value!r}, not a number")
+    row = {"id": str(rec["doc_id"]), "score": float(value), "doc_hash": rec.get("doc_hash"),
+           "prompt_hash": rec.get("prompt_hash")}
+    if not multiple_choice:
+        fr = rec["filtered_resps"]
+        return {**row, "prediction": str(fr[0] if isinstance(fr, list) and fr else fr), "reference": str(rec["target"])}
+    try:
+        ll = [float(r[0]) for r in rec["filtered_resps"]]
+    except (TypeError, ValueError, KeyError, IndexError):
+        raise MuscleError(
+            f"{path}: line {line_no}: column 'filtered_resps' is not a list of [loglik, is_greedy]"
+        ) from None
+    conts = _continuations(rec["arguments"], path, line_no)
+    if len(conts) != len(ll):
+        raise MuscleError(f"{path}: line {line_no}: {len(ll)} answers in 'filtered_resps' for "
+                          f"{len(conts)} options in 'arguments'")
+    n = [len(c[1:] if c.startswith(" ") else c) for c in conts]
+    key = np.array(ll) / np.maximum(np.array(n, dtype=float), 1.0) if metric == "acc_norm" else np.array(ll)
+    return {**row, "choice_logliks": ll, "choice_chars": n, "prediction": str(int(np.argmax(key))),
+            "reference": _gold_index(rec["target"], conts)}
+
+
+def _continuations(arguments, path: Path, line_no: int) -> list[str]:
+    """Each option's continuation: lm-eval 0.4 logs {gen_args_i: {arg_0, arg_1}}; older logs a
+    list of [context, continuation] pairs."""
+    items = arguments.values() if isinstance(arguments, dict) else arguments
+    try:
+        conts = [a["arg_1"] if isinstance(a, dict) else a[1] for a in items]
+    except (TypeError, KeyError, IndexError):
+        conts = None
+    if not conts or not all(isinstance(c, str) for c in conts):
+        raise MuscleError(f"{path}: line {line_no}: column 'arguments' holds no (context, continuation) pairs")
+    return conts
 
 
 def _is_loglikelihood(rec: dict) -> bool:

@@ -46,6 +46,8 @@ def _conform(table: pa.Table, source: str, required=None) -> pa.Table:
                 raise MuscleError(f"{source}: missing column '{name}' (results format needs {sorted(REQUIRED)})")
             continue
         col = table.column(name)
+        if pa.types.is_dictionary(col.type) and col.type.value_type == typ:
+            continue
         if col.type != typ:
             try:
                 col = col.cast(typ)
@@ -100,24 +102,27 @@ def sniff_format(path: Path) -> str:
 
 
 def _read_parquet(files: list[Path], path, columns) -> pa.Table:
+    """Read shards, each cast to the contract on its own, so a bad shard is named, not merged."""
     tables = []
     for f in files:
         try:
-            if columns is None:
-                tables.append(pq.read_table(f))
-            else:
-                names = set(pq.read_schema(f).names)
+            names = set(pq.read_schema(f).names)
+            if columns is not None:
                 missing = [c for c in columns if c in REQUIRED and c not in names]
                 if missing:
-                    raise MuscleError(
-                        f"{f}: missing column '{missing[0]}' (results format needs {sorted(REQUIRED)})"
-                    )
-                tables.append(pq.read_table(f, columns=[c for c in columns if c in names]))
-        except (pa.ArrowInvalid, OSError) as e:
+                    raise MuscleError(f"{f}: missing column '{missing[0]}' (results format needs {sorted(REQUIRED)})")
+            wanted = None if columns is None else [c for c in columns if c in names]
+            # `task` repeats one value per row: read it dictionary-encoded, so checking it is cheap
+            table = pq.read_table(f, columns=wanted, read_dictionary=["task"] if "task" in names else None)
+        except (pa.ArrowException, OSError) as e:
             raise MuscleError(f"{f}: not a readable Parquet file ({e})") from None
+        required = None if columns is None else {k: v for k, v in REQUIRED.items() if k in columns}
+        tables.append(_conform(table, str(f), required))
+    if len(tables) == 1:
+        return tables[0]
     try:
-        return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    except pa.ArrowInvalid as e:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as e:
         raise MuscleError(f"{path}: shards have incompatible schemas ({e})") from None
 
 

@@ -18,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from muscle_ray.errors import MuscleError
 from muscle_ray.metrics import flips
 from muscle_ray.metrics.text import similarity
 
-BASE_COLUMNS = ["id", "correct", "score", "prediction"]
+BASE_COLUMNS = ["id", "task", "correct", "score", "prediction"]
 
 
 def columns_for(metric: str | None) -> list[str]:
@@ -87,6 +88,24 @@ def _correct(p: flips.Paired, side: str) -> np.ndarray | None:
     return getattr(p, f"{side}_numpy")("correct").astype(bool)
 
 
+def _tasks(table: pa.Table) -> set[str]:
+    """The distinct task names in a result set (cheap when read dictionary-encoded)."""
+    if "task" not in table.column_names:
+        return set()
+    names: set[str] = set()
+    for chunk in table.column("task").chunks:
+        values = chunk.dictionary.take(pc.unique(chunk.indices)) if pa.types.is_dictionary(chunk.type) else pc.unique(chunk)
+        names.update(v for v in values.to_pylist() if v is not None)
+    return names
+
+
+def _check_same_task(old: pa.Table, new: pa.Table, names: tuple[str, str]) -> None:
+    t_old, t_new = _tasks(old), _tasks(new)
+    if t_old and t_new and t_old != t_new:
+        raise MuscleError(f"{names[0]} holds task {sorted(t_old)} and {names[1]} task {sorted(t_new)}: results of "
+                          "different tasks would join by id by accident (--allow-task-mismatch to compare anyway)")
+
+
 def compare(
     old: pa.Table,
     new: pa.Table,
@@ -96,11 +115,22 @@ def compare(
     seed: int = 0,
     bertscore_model: str | None = None,
     names: tuple[str, str] = ("OLD", "NEW"),
+    allow_task_mismatch: bool = False,
 ) -> Comparison:
-    """All flip metrics of OLD -> NEW as one JSON-ready summary (see the module docstring)."""
+    """All flip metrics of OLD -> NEW as one JSON-ready summary (see the module docstring).
+
+    Refuses (MuscleError) result sets of different tasks, whose ids would join by accident,
+    unless `allow_task_mismatch`, and a comparison in which no instance joins.
+    """
     if epsilon < 0:
         raise ValueError("epsilon must be >= 0")
+    if not allow_task_mismatch:
+        _check_same_task(old, new, names)
     p = flips.pair(old, new, names)
+    if p.n == 0:
+        raise MuscleError(f"{names[0]} ({old.num_rows} rows) and {names[1]} ({new.num_rows} rows) share no instance id: "
+                          "nothing to compare" + (f" (ids e.g. {p.only_old_examples[:2]} vs {p.only_new_examples[:2]})"
+                                                  if old.num_rows and new.num_rows else ""))
     s_old = _scores(p, "old", metric, bertscore_model)
     s_new = _scores(p, "new", metric, bertscore_model)
     if metric is None:
