@@ -115,8 +115,10 @@ def build_task_data(cfg: ZooConfig, out: Path) -> None:
 
 
 def pretrain_base(name: str, base: BaseConfig, cfg: ZooConfig, tokenizer_dir: str | Path, out: str | Path,
-                  log=print) -> float:
-    """Pretrain one base from scratch and save it as an HF directory; returns seconds taken."""
+                  log=print, progress=None) -> float:
+    """Pretrain one base from scratch and save it as an HF directory; returns seconds taken.
+
+    `progress(step, steps)` is called after every step (the demo's progress bar)."""
     from transformers import AutoTokenizer
 
     t = time.perf_counter()
@@ -125,9 +127,15 @@ def pretrain_base(name: str, base: BaseConfig, cfg: ZooConfig, tokenizer_dir: st
     stream = pack(tokenizer, world.corpus(base.corpus_docs, seed=base.seed, qa_share=cfg.qa_share, max_n=cfg.max_number))
     model = init_model(base.spec(), tokenizer, seed=base.seed)
     pretrain(model, stream, base.steps, base.seed, base.batch_size, base.seq_len, base.lr,
-             log=lambda m: log(f"zoo[{name}]{m}"), schedule=base.schedule)
+             log=lambda m: log(f"zoo[{name}]{m}"), schedule=base.schedule, progress=progress)
     save_model_dir(model, tokenizer, out)
     return round(time.perf_counter() - t, 1)
+
+
+def is_built(out: str | Path, cfg: ZooConfig) -> bool:
+    """Whether `out` holds the zoo of this config (its key is in zoo.json)."""
+    stamp = Path(out) / "zoo.json"
+    return stamp.is_file() and json.loads(stamp.read_text()).get("key") == cfg.key()
 
 
 def build_zoo(out: str | Path, cfg: ZooConfig = ZooConfig(), log=print, map_fn=None) -> Path:
@@ -138,7 +146,7 @@ def build_zoo(out: str | Path, cfg: ZooConfig = ZooConfig(), log=print, map_fn=N
     """
     out = Path(out)
     stamp = out / "zoo.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == cfg.key():
+    if is_built(out, cfg):
         log(f"zoo: reusing {out} (key {cfg.key()})")
         return out
     t0 = time.perf_counter()

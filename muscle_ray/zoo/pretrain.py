@@ -19,7 +19,7 @@ def pack(tokenizer, docs: list[str]) -> torch.Tensor:
 
 def pretrain(model, stream: torch.Tensor, steps: int, seed: int, batch_size: int = 32, seq_len: int = 64,
              lr: float = 3e-3, warmup: int = 50, log_every: int = 100, log=print,
-             schedule: str = "cosine"):
+             schedule: str = "cosine", progress=None):
     """Random windows of the stream; AdamW with warmup, then a cosine-decayed (or constant) LR.
 
     Cosine is the default: snapshots of a constant-LR run never anneal, and their task accuracy
@@ -43,6 +43,8 @@ def pretrain(model, stream: torch.Tensor, steps: int, seed: int, batch_size: int
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if progress:
+            progress(step + 1, steps)
         if log and (step + 1) % log_every == 0:
             log(f"  pretrain step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
     return model.eval()
