@@ -11,8 +11,13 @@ from muscle_ray.training.losses import MASKS, TopK, compat_loss, topk_from_logit
 def reference(s, o, nw, y, mask, T=2.0, w=0.0, ignore=-100):
     valid = y != ignore
     yc = y.clamp(min=0)
-    lp = lambda z, t=1.0: F.log_softmax(z / t, -1)
-    kl = lambda t, st: (lp(t, T).exp() * (lp(t, T) - lp(st, T))).sum(-1)
+
+    def lp(z, t=1.0):
+        return F.log_softmax(z / t, -1)
+
+    def kl(t, st):
+        return (lp(t, T).exp() * (lp(t, T) - lp(st, T))).sum(-1)
+
     s_lab = lp(s).gather(-1, yc[..., None])[..., 0]
     o_lab = lp(o).gather(-1, yc[..., None])[..., 0]
     m = {
@@ -21,7 +26,8 @@ def reference(s, o, nw, y, mask, T=2.0, w=0.0, ignore=-100):
         "old": torch.ones_like(valid),
         "new": torch.zeros_like(valid),
         "token_likelihood": s_lab < o_lab,
-        "sequence_likelihood": ((s_lab * valid).sum(1, keepdim=True) < (o_lab * valid).sum(1, keepdim=True)).expand_as(y),
+        "sequence_likelihood": ((s_lab * valid).sum(1, keepdim=True)
+                                < (o_lab * valid).sum(1, keepdim=True)).expand_as(y),
     }[mask].detach().float()
     per = m * kl(o, s) + (1 - m) * kl(nw, s)
     klm = per[valid].mean()
@@ -130,6 +136,21 @@ def test_masks_carry_no_gradient_and_all_ignored_is_zero():
     y_all = torch.full_like(y, -100)
     loss, st = compat_loss(sr, o, nw, y_all, return_stats=True)
     assert float(loss) == 0.0 and st["tokens"] == 0
+
+
+@pytest.mark.parametrize("topk", [None, 8])
+def test_gradient_reaches_only_the_student_even_from_teachers_that_require_grad(topk):
+    s, o, nw, y = make()
+    student = s.clone().requires_grad_()
+    old, new = leaves = [o.clone().requires_grad_(), nw.clone().requires_grad_()]
+    if topk is not None:   # top-k teachers whose tensors ask for gradient themselves
+        compact = [topk_from_logits(z, topk, 2.0, y) for z in (o, nw)]
+        old, new = [TopK(t.ids, *(x.clone().requires_grad_() for x in (t.logprobs, t.tail_logmass, t.label_logprob)))
+                    for t in compact]
+        leaves = [x for t in (old, new) for x in (t.logprobs, t.tail_logmass, t.label_logprob)]
+    compat_loss(student, old, new, y, mask="token_likelihood", ce_weight=0.3).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert all(x.requires_grad and x.grad is None for x in leaves)
 
 
 def _saved_bytes(fn, exclude):

@@ -65,6 +65,10 @@ class TopK:
         lp = None if self.label_logprob is None else self.label_logprob.to(device)
         return TopK(self.ids.to(device), self.logprobs.to(device), self.tail_logmass.to(device), lp)
 
+    def detach(self) -> "TopK":
+        lp = None if self.label_logprob is None else self.label_logprob.detach()
+        return TopK(self.ids.detach(), self.logprobs.detach(), self.tail_logmass.detach(), lp)
+
 
 def topk_from_logits(logits: torch.Tensor, k: int, temperature: float,
                      labels: torch.Tensor | None = None) -> TopK:
@@ -181,6 +185,8 @@ def compat_loss(student_logits, old_logits, new_logits, labels, mask: str = "mus
         raise MuscleError(f"unknown mask '{mask}'; choose one of {', '.join(MASKS)}")
     if not 0.0 <= ce_weight <= 1.0:
         raise MuscleError(f"ce_weight must be in [0, 1], got {ce_weight}")
+    # The teachers are frozen targets: whatever a caller passes, gradient reaches the student only.
+    old_logits, new_logits = old_logits.detach(), new_logits.detach()
     batch, seq = labels.shape
     flat_labels = labels.reshape(-1)
     idx = (flat_labels != ignore_index).nonzero().squeeze(-1)
