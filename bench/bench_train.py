@@ -39,10 +39,11 @@ def build_models(root: Path) -> dict:
 def run_mode(mode: str, paths: dict) -> dict:
     import torch
 
+    from muscle_ray.config import validated
     from muscle_ray.models import ModelVersion
-    from muscle_ray.training.config import validate_config
-    from muscle_ray.training.lora import build_student
+    from muscle_ray.training.config import AdapterTrainConfig, CompatTrainConfig
     from muscle_ray.training.loop import batch_loss
+    from muscle_ray.training.lora import build_student
     from muscle_ray.training.teachers import CachedTeachers, InlineTeachers, TeacherPair
 
     torch.set_num_threads(1)
@@ -51,7 +52,7 @@ def run_mode(mode: str, paths: dict) -> dict:
     if mode != "task":
         raw["compat"] = {"old": {"base": paths["v1"], "adapter": paths["a1"]}, "new_adapter": paths["a2"],
                          "teachers": "inline" if mode == "inline" else "cached", "topk": TOPK}
-    cfg = validate_config(raw, "compat" if mode != "task" else "adapter")
+    cfg = validated(CompatTrainConfig if mode != "task" else AdapterTrainConfig, raw)
     student = build_student(paths["v2"], cfg.lora, paths["a2"] if mode != "task" else None).train()
     ids = torch.randint(0, 384, (BATCH, SEQ))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),

@@ -120,7 +120,8 @@ _fit_slots = threading.BoundedSemaphore(3)
 
 def _train(cfg: DemoConfig, base: Path, data: Path, out: Path, name: str, seed: int, compat: dict | None = None,
            steps: int | None = None):
-    from muscle_ray.training.config import validate_config
+    from muscle_ray.config import validated
+    from muscle_ray.training.config import AdapterTrainConfig, CompatTrainConfig
     from muscle_ray.training.job import run_training
 
     a, c = cfg.adapter, cfg.compat
@@ -139,20 +140,22 @@ def _train(cfg: DemoConfig, base: Path, data: Path, out: Path, name: str, seed: 
                         "warmup_steps": 0, "schedule": "cosine"}
         raw["run"]["eval_every_steps"] = steps or c.steps
         raw["compat"] = compat
-    train_cfg = validate_config(raw, "compat" if compat else "adapter", source=f"demo {name}")
+    train_cfg = validated(CompatTrainConfig if compat else AdapterTrainConfig, raw, f"demo {name}")
     with _fit_slots:
         return run_training(train_cfg, threads_per_worker=cfg.threads)
 
 
 def _score(cfg: DemoConfig, task: str, data: Path, out: Path, versions: dict[str, tuple[Path, Path | None]]):
+    from muscle_ray.config import validated
     from muscle_ray.scoring.config import ScoreConfig
     from muscle_ray.scoring.job import run_score
 
     name, options, _ = SCORING[task]
-    sc = ScoreConfig.build(
-        f"demo {task}", task=name, task_options=options, data=str(data / "test.jsonl"), out=str(out),
+    sc = validated(ScoreConfig, dict(
+        task=name, task_options=options, data=str(data / "test.jsonl"), out=str(out),
         batch_size=cfg.score_batch_size, workers=1,
-        versions=[{"name": v, "base": str(b), "adapter": str(a) if a else None} for v, (b, a) in versions.items()])
+        versions=[{"name": v, "base": str(b), "adapter": str(a) if a else None} for v, (b, a) in versions.items()]),
+        f"demo {task}")
     return run_score(sc, log=lambda m: None)
 
 

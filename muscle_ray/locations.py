@@ -6,7 +6,12 @@ location the same way whether it runs from a shell or under `ray job submit`.
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import pyarrow as pa
 
@@ -62,3 +67,39 @@ def copy_location(src: str | Path, dst: str | Path) -> None:
         pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
     except (OSError, pa.ArrowException) as e:
         raise MuscleError(f"cannot copy {src} to {dst} ({e})") from None
+
+
+# --- Running a config: stage its URIs in, copy its outputs out ------------------------------
+
+STAGING = Path(tempfile.gettempdir()) / "muscle-ray-staging"
+
+
+class Located(Protocol):
+    """A config that knows its locations (ScoreConfig, TrainConfig): the same config with paths
+    this process can open, and the (local_dir, uri) copies to make when the run ends."""
+
+    def located(self, workspace: str | None, staging: str | Path | None) -> tuple[Any, list[tuple[str, str]]]: ...
+
+
+@contextmanager
+def staged(cfg: Located, staging: str | Path = STAGING, log: Callable[[str], None] | None = None):
+    """`cfg` with locations this process can open, for the length of a run; then its outputs
+    are copied to their URIs, also after a failure (finished files are whole, so a rerun into
+    the same URI fetches them and resumes).
+
+    Relative paths are taken under MUSCLE_WORKSPACE when it is set (a submitted job runs in
+    Ray's unpacked copy of the code); `cfg.located` knows which of its fields are inputs to
+    fetch and which are outputs to stage. A shell and `ray job submit` run the same code.
+    """
+    local, copies = cfg.located(os.environ.get("MUSCLE_WORKSPACE"), staging)
+    try:
+        yield local
+    finally:
+        for src, uri in copies:
+            if Path(src).exists():
+                copy_location(src, uri)
+                (log or _stderr)(f"copied {src} -> {uri}")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -44,24 +44,15 @@ def _repo_path(path: str) -> Path:
 
 def load_job_config(path: Path):
     """The config class of a jobs/configs file, by its name: demo*, score*, train_adapter*, train_compat*."""
+    from muscle_ray.config import load_config
+    from muscle_ray.demo import DemoConfig
     from muscle_ray.scoring.config import ScoreConfig
-    from muscle_ray.training.config import load_config
+    from muscle_ray.training.config import AdapterTrainConfig, CompatTrainConfig
 
-    name = path.name
-    if name.startswith("demo"):
-        import argparse
-
-        from muscle_ray.demo_cli import add_arguments, build_config
-
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-        return build_config(parser.parse_args(["--config", str(path)]))
-    if name.startswith("score"):
-        return ScoreConfig.from_yaml(path)
-    if name.startswith("train_adapter"):
-        return load_config(path, "adapter")
-    if name.startswith("train_compat"):
-        return load_config(path, "compat")
+    for prefix, model in (("demo", DemoConfig), ("score", ScoreConfig), ("train_adapter", AdapterTrainConfig),
+                          ("train_compat", CompatTrainConfig)):
+        if path.name.startswith(prefix):
+            return load_config(model, path)
     raise AssertionError(f"{path}: no config class for this name (demo*, score*, train_adapter*, train_compat*)")
 
 
@@ -133,7 +124,8 @@ def test_kuberay_cluster_specs_have_head_and_autoscaled_worker_groups(kind):
         assert groups, f
         for g in groups:
             assert g["groupName"] and isinstance(g["rayStartParams"], dict), f
-            assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["maxReplicas"] > 0, (f, g["groupName"])
+            assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], (f, g["groupName"])
+            assert g["maxReplicas"] > 0, (f, g["groupName"])
             pods.append((g["groupName"], g["template"]["spec"]))
             limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
             assert ("nvidia.com/gpu" in limits) == (g["groupName"] == "gpu"), (f, g["groupName"])
@@ -185,7 +177,10 @@ def test_rayservice_runs_the_serving_app_of_serve_config_yaml():
     source = REPO / (module.replace(".", "/") + ".py")
     assert f"def {attr}(" in source.read_text(), f"{source} defines no {attr}"
     validate_app_config(mine["args"], source=f)          # the app's own config class
-    on_volume = lambda p: p if p is None else "/data/muscle/" + p
+
+    def on_volume(p):
+        return p if p is None else "/data/muscle/" + p
+
     assert {k: (b["path"], b["models"]) for k, b in mine["args"]["bases"].items()} == {
         k: (on_volume(b["path"]), {n: on_volume(a) for n, a in b["models"].items()})
         for k, b in theirs["args"]["bases"].items()}

@@ -135,9 +135,14 @@ def workspace(tmp_path_factory, tiny_model, tiny_model_b):
     data = zoo / "data/sum_em"
     data.mkdir(parents=True)
     rows = [(f"{a} plus {b} is", f" {a + b}") for a in range(9) for b in range(6)]
-    write = lambda name, recs: (data / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
-    write("test.jsonl", [{"id": f"test-{i}", "prompt": p, "reference": c.strip()} for i, (p, c) in enumerate(rows[:12])])
-    write("val.jsonl", [{"id": f"val-{i}", "prompt": p, "reference": c.strip()} for i, (p, c) in enumerate(rows[12:20])])
+
+    def write(name, recs):
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    write("test.jsonl", [{"id": f"test-{i}", "prompt": p, "reference": c.strip()}
+                         for i, (p, c) in enumerate(rows[:12])])
+    write("val.jsonl", [{"id": f"val-{i}", "prompt": p, "reference": c.strip()}
+                        for i, (p, c) in enumerate(rows[12:20])])
     write("val_pairs.jsonl", [{"prompt": p, "completion": c + "."} for p, c in rows[12:20]])
     write("train_pairs.jsonl", [{"prompt": p, "completion": c + "."} for p, c in rows[20:]])
     return ws

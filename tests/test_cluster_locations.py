@@ -3,25 +3,25 @@ actor pools ask for. URIs are exercised with real `file://` URIs through pyarrow
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from muscle_ray.config import load_config, validated
 from muscle_ray.errors import MuscleError
 from muscle_ray.locations import copy_location, uri_exists
 from muscle_ray.results import write_atomic
 from muscle_ray.scoring.config import ScoreConfig
-from muscle_ray.training.config import load_config
+from muscle_ray.training.config import AdapterTrainConfig, CompatTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _score_cfg(**fields) -> ScoreConfig:
     base = dict(task="gen_jsonl", out="runs/jobs/x", versions=[{"name": "v1", "base": "runs/demo/zoo/v1"}])
-    return ScoreConfig.build("test", **{**base, **fields})
+    return validated(ScoreConfig, {**base, **fields}, "test")
 
 
 def test_copy_location_round_trips_a_tree_through_a_file_uri(tmp_path):
@@ -78,7 +78,7 @@ def test_train_config_located_fetches_data_stages_out_and_keeps_models_local(tmp
     pairs = tmp_path / "bucket" / "train_pairs.jsonl"
     pairs.parent.mkdir()
     pairs.write_text('{"prompt": "a", "completion": "b"}\n')
-    cfg = load_config(REPO / "jobs/configs/train_compat.yaml", "compat",
+    cfg = load_config(CompatTrainConfig, REPO / "jobs/configs/train_compat.yaml",
                       {"data.path": f"file://{pairs}", "out": "gs://bucket/adapters/compat"})
     local, copies = cfg.located(str(tmp_path / "ws"), tmp_path / "st")
     assert Path(local.data.path).read_text() == pairs.read_text()
@@ -87,26 +87,25 @@ def test_train_config_located_fetches_data_stages_out_and_keeps_models_local(tmp
     assert local.run.storage_path == str(tmp_path / "ws/runs/jobs/ray")
     assert copies == [(local.out, "gs://bucket/adapters/compat")] and Path(local.out).is_relative_to(tmp_path / "st")
     with pytest.raises(MuscleError, match="compat.new_adapter"):
-        load_config(REPO / "jobs/configs/train_compat.yaml", "compat",
+        load_config(CompatTrainConfig, REPO / "jobs/configs/train_compat.yaml",
                     {"compat.new_adapter": "s3://b/v2"}).located(None, tmp_path)
-    remote, _ = load_config(REPO / "jobs/configs/train_adapter.yaml", "adapter",
+    remote, _ = load_config(AdapterTrainConfig, REPO / "jobs/configs/train_adapter.yaml",
                             {"run.storage_path": "s3://b/ray"}).located(None, tmp_path)
     assert remote.run.storage_path == "s3://b/ray"     # handed to Ray Train as it is
 
 
-def _job_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def test_score_job_reports_a_user_error_as_exit_2(tmp_path):
+    """The script as `ray job submit` runs it: a one-line error naming the field, exit code 2."""
+    import subprocess
+    import sys
 
-
-def test_score_job_reports_a_user_error_as_exit_2(tmp_path, capsys):
     cfg = tmp_path / "score.yaml"
     cfg.write_text(json.dumps({"task": "gen_jsonl", "out": "runs/jobs/x", "data": "x.jsonl",
                                "versions": [{"name": "v1", "base": "s3://bucket/v1"}]}))
-    assert _job_module("score").main(["--config", str(cfg)]) == 2
-    assert "versions[0].base" in capsys.readouterr().err
+    res = subprocess.run([sys.executable, "jobs/score.py", "--config", str(cfg)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("muscle score: error: versions[0].base") and res.stderr.count("\n") == 1
 
 
 # --- the resources a scoring pool asks Ray for -------------------------------------------------
@@ -130,7 +129,7 @@ def _pool_request(monkeypatch, tmp_path, config: str) -> dict:
             raise _Captured
 
     monkeypatch.setattr(ray.data, "from_items", lambda items: FakeDataset())
-    cfg = ScoreConfig.from_yaml(REPO / "jobs/configs" / config, out=str(tmp_path / config))
+    cfg = load_config(ScoreConfig, REPO / "jobs/configs" / config, {"out": str(tmp_path / config)})
     with pytest.raises(_Captured):
         score_version(cfg, cfg.versions[0], [(0, '{"prompt": "p", "reference": "r"}')], str(tmp_path / "d.jsonl"))
     return seen

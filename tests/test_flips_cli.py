@@ -86,7 +86,8 @@ def test_lmeval_samples_directly(capsys, tmp_path):
     (lambda d: write(d / "dup.parquet", ["a", "a"], [1, 0], ["0", "1"]), "duplicate id 'a' at rows 0 and 1"),
     (lambda d: write(d / "nan.parquet", ["a", "b"], [1, 0], ["0", "1"], score=[1.0, float("nan")]),
      "column 'score' is nan at row 1"),
-    (lambda d: pq.write_table(pa.table({"id": ["a"], "score": [1.0]}), d / "cols.parquet") or str(d / "cols.parquet"),
+    (lambda d: pq.write_table(pa.table({"id": ["a"], "task": ["t"], "score": [1.0]}), d / "cols.parquet")
+     or str(d / "cols.parquet"),
      "missing column 'correct'"),
 ])
 def test_bad_input_exit_2_one_line(three, tmp_path, capsys, make, message):

@@ -67,7 +67,7 @@ def table(path) -> dict:
 
 def test_job_scores_versions_and_logs_bad_rows(tmp_path, ray_session, tiny_model, tiny_model_b, tiny_adapter, capsys):
     data = write_mc(tmp_path / "mc.jsonl", 30)
-    cfg = ScoreConfig.build(
+    cfg = ScoreConfig(
         versions=[{"name": "old", "base": str(tiny_model)}, {"name": "new", "base": str(tiny_model_b)},
                   {"name": "compat", "base": str(tiny_model), "adapter": str(tiny_adapter)}],
         task="mc_jsonl", data=str(data), out=str(tmp_path / "out"), shard_size=8, batch_size=4, workers="1,2",
@@ -103,8 +103,8 @@ def test_predictions_do_not_depend_on_batch_size_or_workers(tmp_path, ray_sessio
     runs = {}
     for bs, workers in [(1, "1"), (8, "2")]:
         out = tmp_path / f"bs{bs}"
-        run_score(ScoreConfig.build(versions=[{"base": str(tiny_model)}], task="mc_jsonl", data=str(data),
-                                    out=str(out), batch_size=bs, workers=workers, shard_size=5))
+        run_score(ScoreConfig(versions=[{"base": str(tiny_model)}], task="mc_jsonl", data=str(data),
+                              out=str(out), batch_size=bs, workers=workers, shard_size=5))
         runs[bs] = table(out / "model" / "mc_jsonl")
     one, eight = runs[1], runs[8]
     assert one.keys() == eight.keys() and len(one) == 20
@@ -115,12 +115,13 @@ def test_predictions_do_not_depend_on_batch_size_or_workers(tmp_path, ray_sessio
 
 def test_generation_job(tmp_path, ray_session, tiny_model):
     data = write_gen(tmp_path / "gen.jsonl", 6)
-    (s,) = run_score(ScoreConfig.build(versions=[{"base": str(tiny_model)}], task="gen_jsonl", data=str(data),
-                                       task_options={"max_new_tokens": 8, "stop": ["?"]}, out=str(tmp_path / "o"),
-                                       batch_size=4, shard_size=4))
+    (s,) = run_score(ScoreConfig(versions=[{"base": str(tiny_model)}], task="gen_jsonl", data=str(data),
+                                 task_options={"max_new_tokens": 8, "stop": ["?"]}, out=str(tmp_path / "o"),
+                                 batch_size=4, shard_size=4))
     t = table(s.out)
     assert len(t) == 6 and s.tokens_per_s > 0
-    assert all(r["choice_logliks"] is None and r["reference"] == "12" and "?" not in r["generation"] for r in t.values())
+    assert all(r["choice_logliks"] is None and r["reference"] == "12" and "?" not in r["generation"]
+               for r in t.values())
     assert all(r["score"] == float(r["prediction"].strip() == "12") for r in t.values())
 
 
@@ -157,8 +158,10 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, ray_session, tiny_model)
     a = read_results(shards).to_pandas().drop(columns=["n_tokens"])
     b = read_results(tmp_path / "whole" / "model" / "mc_jsonl").to_pandas().drop(columns=["n_tokens"])
     assert len(a) == 316
-    assert a[["id", "prediction", "pred_norm", "correct", "row"]].equals(b[["id", "prediction", "pred_norm", "correct", "row"]])
-    np.testing.assert_allclose(np.stack(a["choice_logliks"].map(list)), np.stack(b["choice_logliks"].map(list)), atol=1e-5)
+    same = ["id", "prediction", "pred_norm", "correct", "row"]
+    assert a[same].equals(b[same])
+    np.testing.assert_allclose(np.stack(a["choice_logliks"].map(list)), np.stack(b["choice_logliks"].map(list)),
+                               atol=1e-5)
     assert pq.read_table(shards / "errors.parquet").num_rows == 4
 
 
@@ -168,8 +171,8 @@ def test_real_hellaswag_sample(tmp_path, ray_session, shared_data, tiny_model):
     if "hellaswag" not in task_names():
         pytest.skip("hellaswag task not registered yet")
     path = shared_data / "hellaswag" / "val_sample1000.jsonl"
-    (s,) = run_score(ScoreConfig.build(versions=[{"base": str(tiny_model)}], task="hellaswag", data=str(path),
-                                       out=str(tmp_path / "out"), limit=12, batch_size=4, shard_size=6))
+    (s,) = run_score(ScoreConfig(versions=[{"base": str(tiny_model)}], task="hellaswag", data=str(path),
+                                 out=str(tmp_path / "out"), limit=12, batch_size=4, shard_size=6))
     t = read_results(s.out).to_pylist()
     assert len(t) == 12 and s.errors == 0
     assert all(len(r["choice_logliks"]) == 4 for r in t)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from muscle_ray.cli import main
+from muscle_ray.config import load_config, validated
 from muscle_ray.errors import MuscleError
 from muscle_ray.models import ModelVersion
 from muscle_ray.scoring.config import ScoreConfig
@@ -144,12 +145,13 @@ def test_generation_does_not_depend_on_batch_size(tiny_model):
 
 def test_config_errors_are_one_line(tmp_path, tiny_model):
     with pytest.raises(MuscleError, match="workers"):
-        ScoreConfig.build(versions=[{"base": "x"}], task="mc_jsonl", out="o", workers="3,1")
+        validated(ScoreConfig, dict(versions=[{"base": "x"}], task="mc_jsonl", out="o", workers="3,1"))
     with pytest.raises(MuscleError, match="duplicate name"):
-        ScoreConfig.build(versions=[{"name": "a", "base": "x"}, {"name": "a", "base": "y"}], task="t", out="o")
+        validated(ScoreConfig, dict(versions=[{"name": "a", "base": "x"}, {"name": "a", "base": "y"}],
+                                    task="t", out="o"))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"task: mc_jsonl\nout: {tmp_path}/o\nworkers: [1, 2]\nversions:\n  - {{name: old, base: {tiny_model}}}\n")
-    assert ScoreConfig.from_yaml(cfg, batch_size=3).workers == (1, 2)
+    assert load_config(ScoreConfig, cfg, {"batch_size": 3}).workers == (1, 2)
     assert main(["score", "--config", str(cfg), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["score", "--model", str(tmp_path), "--task", "mc_jsonl", "--data", "x", "--out", "o"]) == 2
 

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from muscle_ray.config import load_config, validated
 from muscle_ray.errors import MuscleError
-from muscle_ray.training.config import load_config, validate_config
+from muscle_ray.training.config import AdapterTrainConfig, CompatTrainConfig
 from muscle_ray.training.data import IGNORE, read_pairs, tokenize_pair, trim_batch
 
 
@@ -18,26 +19,26 @@ def _raw(tiny_model, tmp_path, **extra):
 
 def test_config_names_the_bad_field(tmp_path, tiny_model):
     with pytest.raises(MuscleError, match="optim.lr"):
-        validate_config(_raw(tiny_model, tmp_path, optim={"lr": -1}), "adapter")
+        validated(AdapterTrainConfig, _raw(tiny_model, tmp_path, optim={"lr": -1}))
     with pytest.raises(MuscleError, match="nonsense"):
-        validate_config(_raw(tiny_model, tmp_path, nonsense=1), "adapter")
+        validated(AdapterTrainConfig, _raw(tiny_model, tmp_path, nonsense=1))
     with pytest.raises(MuscleError, match="compat"):
-        validate_config(_raw(tiny_model, tmp_path), "compat")
+        validated(CompatTrainConfig, _raw(tiny_model, tmp_path))
     compat = {"old": {"base": "x"}, "new_adapter": "y", "teachers": "cached"}
     with pytest.raises(MuscleError, match="topk"):
-        validate_config(_raw(tiny_model, tmp_path, compat=compat), "compat")
+        validated(CompatTrainConfig, _raw(tiny_model, tmp_path, compat=compat))
     with pytest.raises(MuscleError, match="compat.mask"):
-        validate_config(_raw(tiny_model, tmp_path, compat={**compat, "topk": 4, "mask": "wrong"}), "compat")
+        validated(CompatTrainConfig, _raw(tiny_model, tmp_path, compat={**compat, "topk": 4, "mask": "wrong"}))
 
 
 def test_shipped_yaml_configs_validate_and_override(tmp_path):
-    cfg = load_config("jobs/configs/train_compat.yaml", "compat", {"compat.mask": "ce", "optim.lr": 0.01})
+    cfg = load_config(CompatTrainConfig, "jobs/configs/train_compat.yaml", {"compat.mask": "ce", "optim.lr": 0.01})
     assert cfg.compat.mask == "ce" and cfg.optim.lr == 0.01 and cfg.compat.init == "from_new"
-    assert load_config("jobs/configs/train_adapter.yaml", "adapter").lora.target_modules == "all-linear"
+    assert load_config(AdapterTrainConfig, "jobs/configs/train_adapter.yaml").lora.target_modules == "all-linear"
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: [unclosed\n")
     with pytest.raises(MuscleError, match="bad.yaml"):
-        load_config(bad, "adapter")
+        load_config(AdapterTrainConfig, bad)
 
 
 def test_read_pairs_names_file_and_row(tmp_path):
@@ -142,12 +143,12 @@ def test_cli_reports_bad_config_as_exit_2(tmp_path):
 def test_compat_ce_control_is_plain_cross_entropy(tmp_path, tiny_model):
     """`mask: ce` loads no teachers and trains with the task loss: the fair control."""
     from muscle_ray.training.config import LoraSettings
-    from muscle_ray.training.losses import ce_loss
-    from muscle_ray.training.lora import build_student
     from muscle_ray.training.loop import batch_loss, make_teachers
+    from muscle_ray.training.lora import build_student
+    from muscle_ray.training.losses import ce_loss
 
-    cfg = validate_config(_raw(tiny_model, tmp_path, compat={"old": {"base": "x"}, "new_adapter": "y",
-                                                             "mask": "ce"}), "compat")
+    compat = {"old": {"base": "x"}, "new_adapter": "y", "mask": "ce"}
+    cfg = validated(CompatTrainConfig, _raw(tiny_model, tmp_path, compat=compat))
     student = build_student(str(tiny_model), LoraSettings(r=2), None)
     assert make_teachers(cfg, student, "cpu") is None
     ids = torch.tensor([[5, 6, 7, 8, 9]])
@@ -161,7 +162,7 @@ def test_warmup_then_schedule(tmp_path, tiny_model):
     from muscle_ray.training.loop import make_scheduler
 
     for kind, last in (("linear", 0.0), ("cosine", 0.0), ("constant", 1.0)):
-        cfg = validate_config(_raw(tiny_model, tmp_path, optim={"warmup_steps": 2, "schedule": kind}), "adapter")
+        cfg = validated(AdapterTrainConfig, _raw(tiny_model, tmp_path, optim={"warmup_steps": 2, "schedule": kind}))
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         sched = make_scheduler(opt, cfg, total_steps=6)
         lrs = [sched.get_last_lr()[0]]

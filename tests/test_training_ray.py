@@ -47,7 +47,8 @@ def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from muscle_ray.training.config import validate_config
+    from muscle_ray.config import validated
+    from muscle_ray.training.config import CompatTrainConfig
     from muscle_ray.training.job import run_training
     from muscle_ray.zoo.llama import random_lora_dir
 
@@ -63,7 +64,7 @@ def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
                    "new_adapter": str(new_adapter), "mask": "muscle", "teachers": "inline"},
         "fault_drill": {"at_step": 3, "marker": str(marker)},
     }
-    cfg = validate_config(raw, "compat")
+    cfg = validated(CompatTrainConfig, raw)
     manifest = run_training(cfg)
 
     # The worker died once at step 3 and the replacement resumed from the step-2 checkpoint.

@@ -61,7 +61,7 @@ def test_vllm_matches_hf_on_base_model(model64):
 def test_vllm_lora_request_matches_hf_peft(model64):
     base, lora = model64
     v = check_same(ModelVersion(str(base), adapter=str(lora), name="compat"))
-    assert v.lora_request is not None
+    assert v.adapter == "compat" and set(v.vllm.lora) == {"compat"}
 
 
 def test_score_job_with_vllm_backend(model64, tmp_path):
@@ -81,8 +81,8 @@ def test_score_job_with_vllm_backend(model64, tmp_path):
     tables = {}
     try:
         for backend in ("hf", "vllm"):
-            (s,) = run_score(ScoreConfig.build(versions=[{"name": backend, "base": str(model64[0])}], task="mc_jsonl",
-                                               data=str(data), out=str(tmp_path / "out"), backend=backend, shard_size=4))
+            (s,) = run_score(ScoreConfig(versions=[{"name": backend, "base": str(model64[0])}], task="mc_jsonl",
+                                         data=str(data), out=str(tmp_path / "out"), backend=backend, shard_size=4))
             tables[backend] = {r["id"]: r for r in read_results(s.out).to_pylist()}
     finally:
         ray.shutdown()

@@ -1,4 +1,5 @@
-"""What one `muscle score` run does, typed and validated (pydantic), from flags or a YAML file.
+"""What one `muscle score` run does, typed and validated (pydantic); `muscle_ray.config.load_config`
+reads it from a YAML file and flags.
 
 A YAML config scores several model versions in one invocation::
 
@@ -18,8 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from muscle_ray.config import validated
 from muscle_ray.errors import MuscleError
 from muscle_ray.models import ModelVersion
 
@@ -89,28 +91,6 @@ class ScoreConfig(BaseModel):
             raise ValueError(f"versions: duplicate name(s) {sorted(dup)}; give each --version its own NAME")
         return self
 
-    @classmethod
-    def build(cls, source: str = "options", **fields) -> "ScoreConfig":
-        """Validate, turning pydantic's report into one MuscleError line naming the fields."""
-        try:
-            return cls(**fields)
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-            raise MuscleError(f"{source}: {problems}") from None
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "ScoreConfig":
-        import yaml
-
-        p = Path(path)
-        try:
-            doc = yaml.safe_load(p.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise MuscleError(f"{p}: cannot read config ({e})") from None
-        if not isinstance(doc, dict):
-            raise MuscleError(f"{p}: config must be a mapping of fields")
-        return cls.build(str(p), **{**doc, **{k: v for k, v in overrides.items() if v is not None}})
-
     def data_path(self, default_path: str | None) -> str:
         if self.data:
             return self.data
@@ -141,7 +121,7 @@ class ScoreConfig(BaseModel):
             return in_workspace(p, workspace)
 
         def staged(uri: str) -> Path:
-            return staging_dir(uri, staging, "jobs/score.py")
+            return staging_dir(uri, staging, "muscle score")
 
         copies: list[tuple[str, str]] = []
         fields = self.model_dump()
@@ -164,4 +144,4 @@ class ScoreConfig(BaseModel):
             copies.append((str(dest), self.out))
         else:
             fields["out"] = local("out", self.out)
-        return type(self).build("located config", **fields), copies
+        return validated(type(self), fields, "located config"), copies

@@ -20,8 +20,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from muscle_ray.config import read_yaml, validated, with_overrides
 from muscle_ray.errors import MuscleError
 from muscle_ray.models import ModelVersion
 
@@ -94,7 +95,8 @@ class ServeAppConfig(_Strict):
                 if not re.match(_NAME, name):
                     raise ValueError(f"bases.{key}.models.{name}: a model name is letters, digits, '_', '.', '-'")
                 if name in seen:
-                    raise ValueError(f"bases.{key}.models.{name}: also served on base {seen[name]}; names must be unique")
+                    raise ValueError(f"bases.{key}.models.{name}: also served on base {seen[name]}; "
+                                     "names must be unique")
                 seen[name] = key
         for field, name in (("compare.old", self.compare.old), ("compare.new", self.compare.new)):
             if name not in seen:
@@ -134,29 +136,18 @@ class ServeAppConfig(_Strict):
 
 def validate_app_config(raw: dict | ServeAppConfig, source: str = "serve config") -> ServeAppConfig:
     """One MuscleError line naming the field, instead of pydantic's multi-line report."""
-    if isinstance(raw, ServeAppConfig):
-        return raw
-    try:
-        return ServeAppConfig.model_validate(raw or {})
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise MuscleError(f"{source}: field '{field}': {err['msg']}") from None
+    return raw if isinstance(raw, ServeAppConfig) else validated(ServeAppConfig, raw or {}, source)
 
 
-def read_serve_file(path: str | Path) -> tuple[dict, dict]:
-    """(application args, Serve options) of the first application in a Serve config file.
+def read_serve_file(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[ServeAppConfig, dict]:
+    """(the app's validated config, Serve options) of the first application in a Serve config file.
 
-    Serve options: http_options, and per-deployment options by deployment name.
+    `overrides` ({"shadow.enabled": True}) apply to the application's `args:` block. Serve
+    options: http_options, and per-deployment options by deployment name.
     """
-    import yaml
-
     p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise MuscleError(f"{p}: cannot read Serve config ({e})") from None
-    apps = doc.get("applications") if isinstance(doc, dict) else None
+    doc = read_yaml(p)
+    apps = doc.get("applications")
     if not apps or not isinstance(apps, list) or not isinstance(apps[0], dict):
         raise MuscleError(f"{p}: field 'applications': expected a list with the muscle application")
     app = apps[0]
@@ -164,4 +155,5 @@ def read_serve_file(path: str | Path) -> tuple[dict, dict]:
                    for d in app.get("deployments") or [] if isinstance(d, dict) and "name" in d}
     options = {"http_options": doc.get("http_options") or {}, "deployments": deployments,
                "name": app.get("name", "muscle"), "route_prefix": app.get("route_prefix", "/")}
-    return app.get("args") or {}, options
+    source = f"{p} (applications[0].args)"
+    return validated(ServeAppConfig, with_overrides(app.get("args") or {}, overrides or {}, source), source), options

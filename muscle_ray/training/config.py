@@ -1,6 +1,7 @@
 """Typed, validated YAML configs for the two training jobs (task adapter, compat adapter).
 
-A config is one YAML file; `load_config(path, kind)` checks it and names the bad field.
+A job reads one YAML file into `AdapterTrainConfig` or `CompatTrainConfig` through
+`muscle_ray.config.load_config`, which names a bad field.
 Defaults suit tiny models on CPU; the paper used LoRA r = 128, alpha = 256, T = 2, 10 epochs.
 """
 
@@ -9,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from muscle_ray.errors import MuscleError
 from muscle_ray.training.losses import MASKS
@@ -140,7 +140,7 @@ class TrainConfig(_Strict):
             return in_workspace(p, workspace)
 
         def staged(uri: str) -> Path:
-            return staging_dir(uri, staging, "jobs/train_*.py")
+            return staging_dir(uri, staging, "muscle train-*")
 
         def data_file(field: str, p: str | None) -> str | None:
             if p is None or not is_uri(p):
@@ -168,37 +168,21 @@ class TrainConfig(_Strict):
             c["cache_dir"] = local("compat.cache_dir", c["cache_dir"])
         if self.fault_drill is not None:
             raw["fault_drill"]["marker"] = local("fault_drill.marker", self.fault_drill.marker)
-        return TrainConfig.model_validate(raw), copies
+        return type(self).model_validate(raw), copies
 
 
-def load_config(path: str | Path, kind: Literal["adapter", "compat"], overrides: dict | None = None) -> TrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise MuscleError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise MuscleError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise MuscleError(f"{path}: the config must be a mapping")
-    for key, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return validate_config(raw, kind, source=str(path))
+class AdapterTrainConfig(TrainConfig):
+    """`muscle train-adapter`: a task adapter, trained with cross-entropy on its data alone."""
+
+    @field_validator("compat")
+    @classmethod
+    def _no_compat(cls, v):
+        if v is not None:
+            raise ValueError("not allowed for train-adapter (use train-compat)")
+        return v
 
 
-def validate_config(raw: dict, kind: Literal["adapter", "compat"], source: str = "config") -> TrainConfig:
-    try:
-        cfg = TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise MuscleError(f"{source}: field '{field}': {err['msg']}") from None
-    if kind == "compat" and cfg.compat is None:
-        raise MuscleError(f"{source}: field 'compat': required for train-compat (old model, new adapter, mask)")
-    if kind == "adapter" and cfg.compat is not None:
-        raise MuscleError(f"{source}: field 'compat': not allowed for train-adapter (use train-compat)")
-    return cfg
+class CompatTrainConfig(TrainConfig):
+    """`muscle train-compat`: the compatibility adapter, which needs the old model and the new adapter."""
+
+    compat: CompatSettings
