@@ -13,7 +13,7 @@ from muscle_ray.config import load_config, validated
 from muscle_ray.errors import MuscleError
 from muscle_ray.models import ModelVersion
 from muscle_ray.scoring.config import ScoreConfig
-from muscle_ray.scoring.encode import encode_pair, pack_question
+from muscle_ray.scoring.encode import cut_at_stop, encode_pair, pack_question
 from muscle_ray.scoring.hf import HFScorer
 from muscle_ray.tasks.base import Instance
 
@@ -105,13 +105,21 @@ def test_greedy_generation_matches_lm_eval(scorer, lm):
     from lm_eval.api.instance import Instance as LmInstance
 
     reqs = [LmInstance(request_type="generate_until", doc={}, idx=0,
-                       arguments=(g.contexts[0], {"until": list(g.stop), "max_gen_toks": g.max_new_tokens, "do_sample": False}))
+                       arguments=(g.contexts[0], {"until": list(g.stop), "max_gen_toks": g.max_new_tokens,
+                                                  "do_sample": False}))
             for g in GEN]
     ref = lm.generate_until(reqs, disable_tqdm=True)
     ours = [o.text for o in scorer.generate(GEN)]
     assert ours == ref
     assert not any(s in t for g, t in zip(GEN, ours) for s in g.stop)
     assert any(t for t in ours)
+
+
+def test_stop_strings_cut_once_before_the_earliest():
+    """OpenAI's and vLLM's `stop`: the text before the earliest stop string, which is left out,
+    whatever the list order; backends cut here and tasks score the text as it comes."""
+    assert cut_at_stop("x = 1.\nNext", ["\n", "."]) == cut_at_stop("x = 1.\nNext", [".", "\n"]) == "x = 1"
+    assert cut_at_stop("abc", ["", "z"]) == "abc"
 
 
 def test_adapter_changes_scores(tiny_model, tiny_adapter, scorer):
@@ -135,9 +143,25 @@ def test_vllm_backend_says_how_to_install(tiny_model):
                  "--out", "unused", "--backend", "vllm"]) == 2
 
 
+def test_vllm_lora_rank_is_a_size_vllm_accepts(tmp_path):
+    """The largest adapter's rank rounded up to a power of two, at least 8 (vllm not needed)."""
+    import json
+
+    from muscle_ray.vllm_support import max_lora_rank
+
+    def adapter(name, r):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": r}))
+        return str(tmp_path / name)
+
+    assert max_lora_rank([adapter("a", 4)]) == 8
+    assert max_lora_rank([adapter("b", 8), adapter("c", 12)]) == 16
+    assert max_lora_rank([adapter("d", 64)]) == 64
+
+
 def test_generation_does_not_depend_on_batch_size(tiny_model):
-    many = GEN + [Instance(id=f"x{i}", task="t", kind="gen", contexts=["0 1 2" + " 3" * i], stop=["9"], max_new_tokens=6)
-                  for i in range(5)]
+    many = GEN + [Instance(id=f"x{i}", task="t", kind="gen", contexts=["0 1 2" + " 3" * i], stop=["9"],
+                           max_new_tokens=6) for i in range(5)]
     a = [o.text for o in HFScorer(ModelVersion(str(tiny_model)), batch_size=1).generate(many)]
     b = [o.text for o in HFScorer(ModelVersion(str(tiny_model)), batch_size=8).generate(many)]
     assert a == b
@@ -150,7 +174,8 @@ def test_config_errors_are_one_line(tmp_path, tiny_model):
         validated(ScoreConfig, dict(versions=[{"name": "a", "base": "x"}, {"name": "a", "base": "y"}],
                                     task="t", out="o"))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"task: mc_jsonl\nout: {tmp_path}/o\nworkers: [1, 2]\nversions:\n  - {{name: old, base: {tiny_model}}}\n")
+    cfg.write_text(f"task: mc_jsonl\nout: {tmp_path}/o\nworkers: [1, 2]\n"
+                   f"versions:\n  - {{name: old, base: {tiny_model}}}\n")
     assert load_config(ScoreConfig, cfg, {"batch_size": 3}).workers == (1, 2)
     assert main(["score", "--config", str(cfg), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["score", "--model", str(tmp_path), "--task", "mc_jsonl", "--data", "x", "--out", "o"]) == 2

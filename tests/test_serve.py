@@ -13,8 +13,9 @@ from muscle_ray.models import ModelVersion
 from muscle_ray.scoring.hf import HFScorer
 from muscle_ray.serving.api import CompareRequest, CompletionRequest, verdict
 from muscle_ray.serving.config import ServeAppConfig, read_serve_file, validate_app_config
-from muscle_ray.serving.engine import ChoiceRequest, GenRequest, HFEngine
-from muscle_ray.serving.shadow import ShadowLog
+from muscle_ray.serving.engine_types import ChoiceRequest, GenRequest
+from muscle_ray.serving.hf_engine import HFEngine
+from muscle_ray.serving.shadow import OutcomeCounter, ShadowLog, ShadowRecorder
 from muscle_ray.tasks.base import Instance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,8 @@ def test_shipped_config_points_at_the_demo_and_is_safe():
     cfg = validate_app_config(args)
     assert cfg.bases["v1"].path == "runs/demo/zoo/v1"
     assert cfg.bases["v1"].models == {"old": "runs/demo/adapters/sum_em/v1"}
-    assert cfg.bases["v2"].models == {"new": "runs/demo/adapters/sum_em/v2", "compat": "runs/demo/adapters/sum_em/compat"}
+    assert cfg.bases["v2"].models == {"new": "runs/demo/adapters/sum_em/v2",
+                                      "compat": "runs/demo/adapters/sum_em/compat"}
     assert opts["http_options"]["host"] == "127.0.0.1"
     assert set(opts["deployments"]) == {"gateway", "model_v1", "model_v2"}
     for d in opts["deployments"].values():
@@ -174,21 +176,113 @@ def test_echo_logprobs_agree_with_choice_logliks(engine):
 
 
 # -- shadow log --------------------------------------------------------------------------------
+ROW = {"pair": "old->new", "model": "new", "shadow_model": "old", "prompt": "p", "output": "a",
+       "shadow_output": "b", "rougeL": 0.0}
+
+
 def test_shadow_log_writes_whole_batches(tmp_path):
+    import time
+
     log = ShadowLog(tmp_path / "shadow", flush_rows=2, flush_seconds=0.05)
-    row = {"pair": "old->new", "model": "new", "shadow_model": "old", "prompt": "p", "output": "a",
-           "shadow_output": "b", "rougeL": 0.0}
-    assert log.add(row) is None and log.pending == 1
-    path = log.add(row)
+    log.add(ROW)
+    assert log.pending == 1 and not log.due()
+    log.add(ROW)
+    assert log.due()
+    path = log.flush()
     assert path is not None and log.pending == 0
     assert pq.read_table(path).num_rows == 2
     assert log.flush() is None                       # nothing pending: no empty files
-    log.add(row)
-    import time
-
+    log.add(ROW)
     time.sleep(0.06)
     assert log.due()
     log.flush()
     files = sorted((tmp_path / "shadow").iterdir())
     assert [f.suffix for f in files] == [".parquet", ".parquet"]   # no temporary files left
     assert pq.read_table(files[-1]).column("prompt").to_pylist() == ["p"]
+
+
+def test_shadow_log_keeps_rows_a_failed_write_could_not_write(tmp_path):
+    blocked = tmp_path / "shadow"
+    blocked.write_text("a file where the directory should be")
+    log = ShadowLog(blocked, flush_rows=10, flush_seconds=60)
+    log.add({**ROW, "prompt": "first"})
+    with pytest.raises(OSError):
+        log.flush()
+    log.add({**ROW, "prompt": "second"})
+    assert log.pending == 2
+    blocked.unlink()
+    path = log.flush()
+    assert pq.read_table(path).column("prompt").to_pylist() == ["first", "second"]
+    assert [p.name for p in blocked.iterdir()] == [path.name]
+
+
+class Answer:
+    def __init__(self, text: str):
+        self.text = text
+
+
+async def answer(text: str):
+    return Answer(text)
+
+
+async def fail():
+    raise RuntimeError("replica died")
+
+
+def test_shadow_recorder_logs_failures_retries_writes_and_flushes_on_close(tmp_path, caplog):
+    """A twin that fails is logged and counted; a failed write is logged and retried on the
+    next tick without losing rows; closing writes what is left."""
+    import asyncio
+    import logging
+    import time
+
+    out = tmp_path / "shadow"
+    out.write_text("blocks the directory")
+    rec = ShadowRecorder(ShadowLog(out, flush_rows=2, flush_seconds=0.2),
+                         OutcomeCounter("muscle_test_shadow_total", "test"))
+
+    async def until(done, seconds=10.0):
+        deadline = time.monotonic() + seconds
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert done()
+
+    async def scenario():
+        rec.record("new", "old", ["p1", "p2", "p3"], ["a", "same", "c"], [answer("x"), answer("same"), fail()])
+        await until(lambda: sum("retrying" in r.getMessage() for r in caplog.records) >= 2)   # two ticks failed
+        assert rec.log.pending == 1 and not out.is_dir()
+        out.unlink()
+        await until(lambda: rec.log.files)   # a later tick writes the row
+        assert rec.log.pending == 0 and len(rec.log.files) == 1
+        rec.record("new", "old", ["p4"], ["d"], [answer("y")])
+        await rec.close()
+
+    with caplog.at_level(logging.WARNING, logger="muscle_ray.serving.shadow"):
+        asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("old did not answer a prompt sent to new" in w and "replica died" in w for w in warnings)
+    assert any("retrying on the next tick" in w for w in warnings)
+    counts = {k: c for (_, _, k), c in rec.counter.counts.items()}
+    assert counts == {"agree": 1, "disagree": 2, "error": 1}
+    rows = [r for f in rec.log.files for r in pq.read_table(f).to_pylist()]
+    assert [(r["prompt"], r["output"], r["shadow_output"]) for r in rows] == [("p1", "a", "x"), ("p4", "d", "y")]
+
+
+def test_gateway_app_shutdown_writes_pending_shadow_rows(tmp_path):
+    """The FastAPI lifespan Serve runs when a gateway replica stops flushes the shadow log."""
+    import asyncio
+
+    from muscle_ray.serving.app import api
+
+    rec = ShadowRecorder(ShadowLog(tmp_path / "shadow", flush_rows=100, flush_seconds=3600),
+                         OutcomeCounter("muscle_test_shadow_total", "test"))
+
+    async def serve_then_stop():
+        async with api.router.lifespan_context(api):
+            rec.record("new", "old", ["p"], ["a"], [answer("b")])
+            await asyncio.sleep(0.05)
+            assert rec.log.pending == 1 and not rec.log.files
+        assert rec.log.pending == 0
+
+    asyncio.run(serve_then_stop())
+    assert pq.read_table(rec.log.files[0]).column("prompt").to_pylist() == ["p"]

@@ -262,3 +262,36 @@ def test_killed_replica_is_replaced(app, client):
     for _ in range(3):
         assert post("/v1/compare", {"prompt": PROMPTS[1], "max_tokens": 4, "new": "compat"}).status_code == 200
 
+
+
+def test_shadow_rows_in_memory_are_written_when_the_gateway_stops(app, models, tmp_path):
+    """A second app whose shadow log would wait an hour: deleting it (the gateway replica's
+    graceful shutdown) writes the rows it holds."""
+    from ray import serve
+
+    from muscle_ray.serving.app import build
+
+    out = tmp_path / "late_shadow"
+    args = {"bases": {"b": {"path": str(models["new"][0]), "models": {"new": str(models["new"][1]),
+                                                                     "compat": str(models["compat"][1])}}},
+            "compare": {"old": "new", "new": "compat"}, "api_key_env": None,
+            "shadow": {"enabled": True, "pairs": {"compat": "new"}, "out": str(out),
+                       "flush_rows": 1000, "flush_seconds": 3600}}
+    small = {"ray_actor_options": {"num_cpus": 0.25}}
+    serve.run(build(args, deployments={"model_b": small, "gateway": small}), name="late", route_prefix="/late",
+              logging_config={"log_level": "WARNING"})
+    prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]
+    r = requests.post(f"{URL}/late/v1/completions", timeout=60,
+                      json={"model": "compat", "prompt": prompts, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    deadline, stats = time.time() + 30, {}
+    while time.time() < deadline:
+        stats = requests.get(f"{URL}/late/v1/stats", timeout=30).json()
+        if sum(s["count"] for s in stats["shadow"]) == len(prompts):
+            break
+        time.sleep(0.5)
+    pending = stats["shadow_pending"]
+    assert pending > 0 and not stats["shadow_files"] and not out.exists()
+    serve.delete("late")
+    rows = [r for f in sorted(out.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == pending and {r["pair"] for r in rows} == {"new->compat"}

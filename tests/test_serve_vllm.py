@@ -14,7 +14,8 @@ pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB; the default would take 4
 
-from muscle_ray.serving.engine import ChoiceRequest, GenRequest, HFEngine  # noqa: E402
+from muscle_ray.serving.engine_types import ChoiceRequest, GenRequest  # noqa: E402
+from muscle_ray.serving.hf_engine import HFEngine  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "Question: How many apples"]
 CHOICES = (" over the lazy dog.", " a man", " 12 apples")
@@ -66,8 +67,8 @@ def test_serve_app_on_the_vllm_backend(engines, tmp_path):
     from muscle_ray.serving.app import build
 
     v, h = engines
-    base = str(v.llm.llm_engine.model_config.model)
-    models = {"old": None, "new": v.lora["new"].lora_path}
+    base = str(v.vllm.llm.llm_engine.model_config.model)
+    models = {"old": None, "new": v.vllm.lora["new"].lora_path}
     args = {"bases": {"b": {"path": base, "models": models}}, "backend": "vllm", "api_key_env": None,
             "backend_options": {"enforce_eager": True}}
     env = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}}

@@ -55,6 +55,16 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A served prompt's token ids: lm-eval's encoding, and the BOS (or EOS) token for an empty one."""
+    return encode(tokenizer, text) or [prefix_token_id(tokenizer)]
+
+
+def longest_choice_input(tokenizer, context: str, choices: list[str]) -> int:
+    """Tokens in the longest (context + choice) input of a multiple-choice question."""
+    return max(sum(map(len, encode_pair(tokenizer, context, c))) for c in choices)
+
+
 @dataclass
 class PackedQuestion:
     """All options of one MC question in ONE sequence: the shared prefix once, then each branch.
@@ -115,11 +125,23 @@ def prompt_tokens(tokenizer, text: str, max_len: int) -> list[int]:
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
-    """Keep the text before the first stop string (lm-eval's post-processing)."""
+    """Keep the text before the first stop string, the stop itself left out (lm-eval's
+    post-processing, and OpenAI's and vLLM's `stop`). Every backend cuts here, once."""
     for s in stops:
         if s:
             text = text.split(s)[0]
     return text
+
+
+def with_eos(tokenizer, stops: list[str]) -> list[str]:
+    """The stop strings plus the EOS token's text (generation ends there too)."""
+    eos = tokenizer.decode([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else None
+    return stops + ([eos] if eos and eos not in stops else [])
+
+
+def completion_text(tokenizer, ids: list[int], stops: list[str]) -> str:
+    """Generated token ids as the text a task scores: decoded, cut before a stop string or EOS."""
+    return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), with_eos(tokenizer, stops))
 
 
 def generation_groups(instances) -> dict[tuple[tuple[str, ...], int], list[int]]:

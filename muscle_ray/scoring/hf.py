@@ -11,26 +11,23 @@ Packing passes a custom 4D attention mask and explicit position ids, which trans
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from muscle_ray.errors import MuscleError
 from muscle_ray.models import ModelVersion, load_model, load_tokenizer
-from muscle_ray.scoring.encode import PackedQuestion, cut_at_stop, generation_groups, max_length, pack_question, prompt_tokens
+from muscle_ray.scoring.encode import (
+    PackedQuestion,
+    completion_text,
+    generation_groups,
+    max_length,
+    pack_question,
+    prompt_tokens,
+    with_eos,
+)
+from muscle_ray.scoring.outputs import GenOutput, MCOutput
 from muscle_ray.tasks.base import Instance
-
-
-@dataclass
-class MCOutput:
-    logliks: list[float]
-    n_tokens: int
-
-
-@dataclass
-class GenOutput:
-    text: str
-    n_tokens: int
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -74,6 +71,32 @@ class HFScorer:
         self.model = load_model(version, device=device, dtype=dtype)
         self.device = next(self.model.parameters()).device
         self.max_len = max_length(self.model.config, self.tokenizer)
+        # model name -> PEFT adapter name ("default" is from_pretrained's; model names may hold
+        # '.', which PEFT's module keys cannot, so later ones are a1, a2, ...)
+        self._adapters = {version.name: "default"} if version.adapter else {}
+
+    # -- adapters ----------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> None:
+        """Load another PEFT adapter on the same base, unmerged; `use_adapter(name)` picks it."""
+        from peft import PeftModel
+
+        key = f"a{len(self._adapters)}"
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=key)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=key).to(self.device).eval()
+        self._adapters[name] = key
+
+    @contextmanager
+    def use_adapter(self, name: str | None):
+        """Score with adapter `name` active, or with every adapter off for None (the base alone).
+        Not thread-safe: one caller at a time (the serving engine holds a lock)."""
+        if name is not None:
+            self.model.set_adapter(self._adapters[name])
+            yield
+        else:
+            with self.model.disable_adapter() if self._adapters else nullcontext():
+                yield
 
     # -- multiple choice ---------------------------------------------------------------------
     def loglikelihoods(self, instances: list[Instance]) -> list[MCOutput]:
@@ -93,7 +116,8 @@ class HFScorer:
         br = torch.full((B, L), -1, dtype=torch.long)
         for b, q in enumerate(qs):
             n = len(q)
-            ids[b, :n], pos[b, :n], br[b, :n] = torch.tensor(q.tokens), torch.tensor(q.positions), torch.tensor(q.branch)
+            ids[b, :n], pos[b, :n] = torch.tensor(q.tokens), torch.tensor(q.positions)
+            br[b, :n] = torch.tensor(q.branch)
         dtype = next(self.model.parameters()).dtype
         mask = branch_attention_mask(br.to(self.device), dtype)
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask,
@@ -123,48 +147,49 @@ class HFScorer:
         return out  # type: ignore[return-value]
 
     def _generate(self, prompts: list[list[int]], stops: list[str], max_new: int) -> list[tuple[str, int]]:
+        gen = self.generate_tokens(prompts, with_eos(self.tokenizer, stops), max_new)
+        return [(completion_text(self.tokenizer, g, stops), len(p) + len(g)) for p, g in zip(prompts, gen)]
+
+    @torch.no_grad()
+    def generate_tokens(self, prompts: list[list[int]], stops: list[str], max_new: int,
+                        sampling: dict | None = None, return_logits: bool = False):
+        """New token ids per prompt: one left-padded batch, stop strings checked per sequence.
+
+        Greedy unless `sampling` gives `generate` sampling kwargs (do_sample, temperature, top_p).
+        Shared by the scoring job and the serving engine, so both produce the same greedy text.
+        Padding added after a sequence stopped is dropped (when pad differs from EOS).
+        With `return_logits`: (ids per prompt with nothing dropped, so position j is step j,
+        raw logits [B, steps, vocab]) -- per-token log-probs without a second forward pass.
+        """
+        from transformers import StoppingCriteriaList
+
         tok = self.tokenizer
-        stops = with_eos(tok, stops)
-        gen = generate_tokens(self.model, tok, prompts, stops, max_new)
-        return [(cut_at_stop(tok.decode(g, skip_special_tokens=True), stops), len(p) + len(g))
-                for p, g in zip(prompts, gen)]
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):   # left padding
+            ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
+        decoding = sampling or {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        out = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), max_new_tokens=max_new, **decoding,
+            stopping_criteria=StoppingCriteriaList([_StopStrings(tok, stops, L)]),
+            pad_token_id=tok.pad_token_id, use_cache=True, return_dict_in_generate=True, output_logits=return_logits,
+        )
+        gen = out.sequences[:, L:].tolist()
+        if return_logits:
+            return gen, torch.stack(out.logits, dim=1).float().cpu()
+        if tok.pad_token_id == tok.eos_token_id:
+            return gen
+        return [[t for t in g if t != tok.pad_token_id] for g in gen]
 
-
-def with_eos(tokenizer, stops: list[str]) -> list[str]:
-    """The stop strings plus the EOS token's text (generation ends there too)."""
-    eos = tokenizer.decode([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else None
-    return stops + ([eos] if eos and eos not in stops else [])
-
-
-@torch.no_grad()
-def generate_tokens(model, tokenizer, prompts: list[list[int]], stops: list[str], max_new: int,
-                    sampling: dict | None = None, return_logits: bool = False):
-    """New token ids per prompt: one left-padded batch, stop strings checked per sequence.
-
-    Greedy unless `sampling` gives `generate` sampling kwargs (do_sample, temperature, top_p).
-    Shared by the scoring job and the serving engine, so both produce the same greedy text.
-    Padding added after a sequence stopped is dropped (when pad differs from EOS).
-    With `return_logits`: (ids per prompt with nothing dropped, so position j is step j,
-    raw logits [B, steps, vocab]) -- per-token log-probs without a second forward pass.
-    """
-    from transformers import StoppingCriteriaList
-
-    tok = tokenizer
-    device = next(model.parameters()).device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    for b, p in enumerate(prompts):   # left padding
-        ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
-    decoding = sampling or {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    out = model.generate(
-        input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new, **decoding,
-        stopping_criteria=StoppingCriteriaList([_StopStrings(tok, stops, L)]),
-        pad_token_id=tok.pad_token_id, use_cache=True, return_dict_in_generate=True, output_logits=return_logits,
-    )
-    gen = out.sequences[:, L:].tolist()
-    if return_logits:
-        return gen, torch.stack(out.logits, dim=1).float().cpu()
-    if tok.pad_token_id == tok.eos_token_id:
-        return gen
-    return [[t for t in g if t != tok.pad_token_id] for g in gen]
+    @torch.no_grad()
+    def log_probs(self, seqs: list[list[int]]) -> torch.Tensor:
+        """log-softmax over the vocabulary at every position of each sequence, from one
+        teacher-forced pass: [B, longest, vocab] on the CPU, right padded (row j predicts token j + 1)."""
+        B, L = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((B, L), self.tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for b, s in enumerate(seqs):   # right padding: positions need no shift
+            ids[b, :len(s)], attn[b, :len(s)] = torch.tensor(s), 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+        return torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +26,9 @@ from ray import serve
 
 from muscle_ray.serving.api import ApiError, CompareRequest, CompletionRequest, completion_response, verdict
 from muscle_ray.serving.config import Limits, ServeAppConfig, validate_app_config
-from muscle_ray.serving.engine import ChoiceRequest, GenRequest, GenResult, make_engine
+from muscle_ray.serving.engine import make_engine
+from muscle_ray.serving.engine_types import ChoiceRequest, GenRequest, GenResult
+from muscle_ray.serving.shadow import OutcomeCounter, ShadowLog, ShadowRecorder, close_recorders
 
 
 def model_deployment_name(base_key: str) -> str:
@@ -41,7 +46,8 @@ class ModelServer:
         self.limits = Limits(**(limits or {}))
         self.engine = make_engine(backend, base, models, batch_size=batch.get("max_batch_size", 8),
                                   options=backend_options)
-        for method in (self._generate, self._choose):
+        batched: tuple[Any, ...] = (self._generate, self._choose)   # serve.batch wrappers
+        for method in batched:
             method.set_max_batch_size(batch.get("max_batch_size", 8))
             method.set_batch_wait_timeout_s(batch.get("batch_wait_timeout_s", 0.005))
 
@@ -51,7 +57,7 @@ class ModelServer:
         return {"base": self.base, "models": self.models, "max_len": self.engine.max_len, "pid": os.getpid(),
                 "torch_threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
 
-    async def complete(self, model: str, prompt: str, max_tokens: int, stop: list[str] = (),
+    async def complete(self, model: str, prompt: str, max_tokens: int, stop: Sequence[str] = (),
                        temperature: float = 0.0, top_p: float = 1.0, logprobs: int | None = None,
                        echo: bool = False) -> GenResult | ApiError:
         """A completion, or the client's error returned (not raised: Serve would log a traceback)."""
@@ -89,7 +95,16 @@ class ModelServer:
         return await asyncio.to_thread(self.engine.choice_logliks, reqs)
 
 
-api = FastAPI(title="muscle-ray serve", description="OpenAI-compatible completions and an old-vs-new compare endpoint.")
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    """Serve runs the app's shutdown when a gateway replica stops (scale-down, redeploy, `serve
+    shutdown`): the shadow rows still in memory are written then, not left to garbage collection."""
+    yield
+    await close_recorders()
+
+
+api = FastAPI(title="muscle-ray serve", description="OpenAI-compatible completions and an old-vs-new compare endpoint.",
+              lifespan=lifespan)
 
 
 @api.exception_handler(ApiError)
@@ -121,7 +136,6 @@ class Gateway:
 
     def __init__(self, bases: dict, config: dict):
         from muscle_ray.metrics.text import rouge
-        from muscle_ray.serving.shadow import OutcomeCounter, ShadowLog
 
         self.cfg = ServeAppConfig.model_validate(config)
         self.handles = {name: bases[key] for name, key in self.cfg.base_of().items()}
@@ -129,11 +143,10 @@ class Gateway:
         rouge(["warm up"], ["warm up"], "rougeL")   # the first rouge-score call loads nltk's stemmer
         self.compare_counter = OutcomeCounter("muscle_compare_total", "compare requests by model pair: agree/disagree")
         self.flip_counter = OutcomeCounter("muscle_flips_total", "labelled compare requests by pair and flip verdict")
-        self.shadow_counter = OutcomeCounter("muscle_shadow_total", "shadowed completions by pair: agree/disagree")
+        self.shadow_counter = OutcomeCounter("muscle_shadow_total", "shadowed completions by pair and outcome")
         sh = self.cfg.shadow
-        self.shadow = ShadowLog(sh.out, sh.flush_rows, sh.flush_seconds) if sh.enabled else None
-        self._background: set[asyncio.Task] = set()
-        self._flusher: asyncio.Task | None = None
+        self.shadow = (ShadowRecorder(ShadowLog(sh.out, sh.flush_rows, sh.flush_seconds), self.shadow_counter)
+                       if sh.enabled else None)
 
     # -- helpers -----------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -186,10 +199,10 @@ class Gateway:
                   logprobs=body.logprobs, echo=body.echo)
         results: list[GenResult] = await asyncio.gather(
             *(_result(handle.complete.remote(body.model, p, **kw)) for p in prompts))
-        twin = self.cfg.shadow.pairs.get(body.model) if self.shadow is not None else None
-        if twin:   # after the answer, in the background: the client never waits for the shadow
+        twin = self.cfg.shadow.pairs.get(body.model)
+        if self.shadow is not None and twin:   # after the answer, in the background: the client never waits
             shadow = [self.handles[twin].complete.remote(twin, p, **kw) for p in prompts]
-            self._spawn(self._record_shadow(body.model, twin, prompts, results, shadow))
+            self.shadow.record(body.model, twin, prompts, [r.text for r in results], shadow)
         choices = [{"text": r.text, "index": i, "logprobs": r.logprobs, "finish_reason": r.finish_reason}
                    for i, r in enumerate(results)]
         pt, ct = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
@@ -246,47 +259,8 @@ class Gateway:
         self._authorize(request)
         return {"compare": self.compare_counter.as_list(), "flips": self.flip_counter.as_list(),
                 "shadow": self.shadow_counter.as_list(),
-                "shadow_files": [str(p) for p in self.shadow.files] if self.shadow else [],
-                "shadow_pending": self.shadow.pending if self.shadow else 0}
-
-    # -- shadow mode -------------------------------------------------------------------------
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-
-    async def _record_shadow(self, model: str, twin: str, prompts: list[str], results: list[GenResult],
-                             shadow_responses: list) -> None:
-        import datetime as dt
-
-        from muscle_ray.metrics.text import exact_match, rouge
-
-        outs = await asyncio.gather(*shadow_responses, return_exceptions=True)
-        for prompt, r, s in zip(prompts, results, outs):
-            if isinstance(s, BaseException):
-                self.shadow_counter.inc(twin, model, "error")
-                continue
-            if bool(exact_match([r.text], [s.text])[0]):
-                self.shadow_counter.inc(twin, model, "agree")
-                continue
-            self.shadow_counter.inc(twin, model, "disagree")
-            row = {"ts": dt.datetime.now(dt.timezone.utc), "pair": f"{twin}->{model}", "model": model,
-                   "shadow_model": twin, "prompt": prompt, "output": r.text, "shadow_output": s.text,
-                   "rougeL": float(rouge([r.text], [s.text], "rougeL")[0])}
-            await asyncio.to_thread(self.shadow.add, row)
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.cfg.shadow.flush_seconds))
-            if self.shadow.due():
-                await asyncio.to_thread(self.shadow.flush)
-
-    def __del__(self):
-        """Serve calls this when the replica shuts down: keep the rows still in memory."""
-        if getattr(self, "shadow", None) is not None:
-            self.shadow.flush()
+                "shadow_files": [str(p) for p in self.shadow.log.files] if self.shadow else [],
+                "shadow_pending": self.shadow.log.pending if self.shadow else 0}
 
 
 def build_app(args: dict):
@@ -306,6 +280,6 @@ def build(args: dict | ServeAppConfig, deployments: dict | None = None, root: st
     bases = {}
     for key, base in cfg.bases.items():
         name = model_deployment_name(key)
-        bases[key] = ModelServer.options(name=name, **deployments.get(name, {})).bind(
+        bases[key] = cast(Any, ModelServer).options(name=name, **deployments.get(name, {})).bind(
             base.path, base.models, cfg.backend, cfg.backend_options, cfg.batch.model_dump(), cfg.limits.model_dump())
-    return Gateway.options(**deployments.get("gateway", {})).bind(bases, cfg.model_dump())
+    return cast(Any, Gateway).options(**deployments.get("gateway", {})).bind(bases, cfg.model_dump())
