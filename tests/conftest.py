@@ -17,6 +17,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """A private local Ray for one test module, with 2 CPUs whatever the machine has (the
+    actor pools and train workers of a test are sized for that), shut down after it."""
+    import ray
+
+    from muscle_ray.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random-weight 2-layer Llama with a byte-level BPE tokenizer, as an HF directory."""

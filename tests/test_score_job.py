@@ -49,17 +49,6 @@ def write_gen(path: Path, n: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    from muscle_ray.runtime import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    import ray
-
-    ray.shutdown()
-
-
 def table(path) -> dict:
     t = read_results(path).to_pylist()
     return {r["id"]: r for r in t}
@@ -123,6 +112,24 @@ def test_generation_job(tmp_path, ray_session, tiny_model):
     assert all(r["choice_logliks"] is None and r["reference"] == "12" and "?" not in r["generation"]
                for r in t.values())
     assert all(r["score"] == float(r["prediction"].strip() == "12") for r in t.values())
+
+
+def test_score_command_reads_and_writes_uris(tmp_path, ray_session, tiny_model, capsys, monkeypatch):
+    """`muscle score` from a shell with file:// URIs, as under `ray job submit`: the shards land at
+    the URI (not in a local folder named `file:`), and a rerun fetches them back and resumes."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    write_gen(bucket / "gen.jsonl", 6)
+    monkeypatch.chdir(tmp_path)
+    args = ["score", "--model", str(tiny_model), "--task", "gen_jsonl", "--data", f"file://{bucket}/gen.jsonl",
+            "--task-option", "max_new_tokens=4", "--out", f"file://{bucket}/run", "--shard-size", "3"]
+    assert main(args) == 0
+    assert read_results(bucket / "run" / "model" / "gen_jsonl").num_rows == 6
+    assert json.loads((bucket / "run" / "summary.json").read_text())[0]["scored"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bucket"]        # nothing written beside it
+    assert f"-> file://{bucket}/run" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "resuming: 2/2 shards already done" in capsys.readouterr().out
 
 
 def test_killed_run_resumes_to_the_same_table(tmp_path, ray_session, tiny_model):

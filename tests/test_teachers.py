@@ -1,10 +1,11 @@
 """The three teacher placements give one loss; gradients reach only the student's LoRA."""
 
+import numpy as np
 import pytest
 import torch
 
 from muscle_ray.models import ModelVersion, load_model
-from muscle_ray.training.losses import compat_loss, topk_from_logits
+from muscle_ray.training.losses import compat_loss
 
 TEMP = 2.0
 
@@ -21,7 +22,7 @@ def setup(tiny_model, tiny_model_b, tiny_adapter, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rows = [tokenize_pair(tok, f"ann has {i} figs. bob has {i + 2} figs.", f" {2 * i + 2}.", 24, "all")
             for i in range(4)]
-    batch = {k: torch.as_tensor([r[k] for r in rows]) for k in rows[0]}
+    batch = {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in rows[0]}
     old = ModelVersion(str(tiny_model), str(tiny_adapter), name="old")
     new = ModelVersion(str(tiny_model_b), str(new_adapter), name="new")
     return old, new, batch
@@ -65,10 +66,10 @@ def test_gradient_reaches_only_the_student_lora(setup):
 
 
 @pytest.mark.slow
-def test_three_placements_give_the_same_loss(setup, tmp_path):
+def test_three_placements_give_the_same_loss(setup, tmp_path, ray_session):
     import ray
 
-    from muscle_ray.runtime import init_ray
+    from muscle_ray.training.data import trim_batch
     from muscle_ray.training.teachers import CachedTeachers, ColocatedTeachers, InlineTeachers, build_teacher_cache
 
     old, new, batch = setup
@@ -77,33 +78,26 @@ def test_three_placements_give_the_same_loss(setup, tmp_path):
         s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     y = batch["labels"]
     losses = {}
-    init_ray()
-    try:
-        inline = InlineTeachers(_student(new), old, new.adapter, device="cpu")
-        losses["inline"] = compat_loss(s_logits, *inline(batch), y, temperature=TEMP, return_stats=True)
-        full = ColocatedTeachers(old, new, topk=None, temperature=TEMP, num_cpus=0.1)
-        assert full.actor_node() == ray.get_runtime_context().get_node_id()
-        losses["colocated"] = compat_loss(s_logits, *full(batch), y, temperature=TEMP, return_stats=True)
-        full.close()
-        k = 32
-        top = ColocatedTeachers(old, new, topk=k, temperature=TEMP, num_cpus=0.1)
-        losses["colocated_topk"] = compat_loss(s_logits, *top(batch), y, temperature=TEMP, return_stats=True)
-        top.close()
-        ds = ray.data.from_items([{k_: v[i].numpy() for k_, v in batch.items()} for i in range(len(y))])
-        cached = build_teacher_cache(ds, old, new, topk=k, temperature=TEMP, out_dir=str(tmp_path / "cache"),
-                                     num_cpus=0.1, batch_size=2)
-        rows = cached.take_all()
-        order = [next(j for j, r in enumerate(rows) if (r["input_ids"] == batch["input_ids"][i].numpy()).all())
-                 for i in range(len(y))]
-        cols = {c: torch.as_tensor(__import__("numpy").stack([rows[j][c] for j in order])) for c in rows[0]}
-        from muscle_ray.training.data import trim_batch
-
-        cols = trim_batch(cols)
-        losses["cached"] = compat_loss(s_logits[:, : cols["labels"].shape[1]], *CachedTeachers()(cols),
-                                       cols["labels"], temperature=TEMP, return_stats=True)
-    finally:
-        ray.shutdown()
-    (l_in, st_in), (l_co, st_co) = losses["inline"], losses["colocated"]
+    inline = InlineTeachers(_student(new), old, new.adapter, device="cpu")
+    losses["inline"] = compat_loss(s_logits, *inline(batch), y, temperature=TEMP, return_stats=True)
+    full = ColocatedTeachers(old, new, topk=None, temperature=TEMP, num_cpus=0.1)
+    assert full.actor_node() == ray.get_runtime_context().get_node_id()
+    losses["colocated"] = compat_loss(s_logits, *full(batch), y, temperature=TEMP, return_stats=True)
+    full.close()
+    k = 32
+    top = ColocatedTeachers(old, new, topk=k, temperature=TEMP, num_cpus=0.1)
+    losses["colocated_topk"] = compat_loss(s_logits, *top(batch), y, temperature=TEMP, return_stats=True)
+    top.close()
+    ds = ray.data.from_items([{k_: v[i].numpy() for k_, v in batch.items()} for i in range(len(y))])
+    cached = build_teacher_cache(ds, old, new, topk=k, temperature=TEMP, out_dir=str(tmp_path / "cache"),
+                                 num_cpus=0.1, batch_size=2)
+    rows = cached.take_all()
+    order = [next(j for j, r in enumerate(rows) if (r["input_ids"] == batch["input_ids"][i].numpy()).all())
+             for i in range(len(y))]
+    cols = trim_batch({c: torch.as_tensor(np.stack([rows[j][c] for j in order])) for c in rows[0]})
+    losses["cached"] = compat_loss(s_logits[:, : cols["labels"].shape[1]], *CachedTeachers()(cols),
+                                   cols["labels"], temperature=TEMP, return_stats=True)
+    (l_in, st_in), (l_co, _) = losses["inline"], losses["colocated"]
     (l_tk, st_tk), (l_ca, st_ca) = losses["colocated_topk"], losses["cached"]
     assert torch.equal(l_in, l_co) or torch.allclose(l_in, l_co, rtol=1e-6, atol=1e-7)   # full logits: same
     assert torch.allclose(l_tk, l_ca, rtol=1e-5, atol=1e-7)        # same top-k, two placements: same

@@ -4,7 +4,10 @@ then the same run name restarts from storage; and `muscle train-adapter` (two DD
 from a YAML file."""
 
 import json
+import os
 import random
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +16,26 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
+def kill_once(marker: Path, at_step: int):
+    """A training-loop step hook (run_training's `progress`) for a fault drill: it notes in
+    `marker` the step each worker process starts from, and the first time step `at_step` is
+    done it kills the rank-0 worker without cleanup."""
+    started = []
 
-    from muscle_ray.runtime import init_ray
+    def hook(step: int, total: int) -> None:
+        if not started:                        # the loop's first call: the step it starts from
+            started.append(step)
+            with marker.open("a") as f:
+                f.write(f"started at step {step}\n")
+        if step == at_step and "killed" not in marker.read_text():
+            # Ray Train collects reports when it polls the workers (every 2 s): wait, as a real
+            # crash long after the last checkpoint would, so that checkpoint is not lost.
+            time.sleep(5)
+            with marker.open("a") as f:
+                f.write(f"killed at step {step}\n")
+            os._exit(1)
 
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+    return hook
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +76,12 @@ def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
                 "strategy": "fsdp", "cpus_per_worker": 0.25, "max_failures": 1, "eval_every_steps": 2},
         "compat": {"old": {"base": str(tiny_model), "adapter": str(tiny_adapter)},
                    "new_adapter": str(new_adapter), "mask": "muscle", "teachers": "inline"},
-        "fault_drill": {"at_step": 3, "marker": str(marker)},
     }
     cfg = validated(CompatTrainConfig, raw)
-    manifest = run_training(cfg)
+    manifest = run_training(cfg, progress=kill_once(marker, at_step=3))
 
     # The worker died once at step 3 and the replacement resumed from the step-2 checkpoint.
-    assert marker.read_text().splitlines() == ["killed at step 3", "resumed at step 2"]
+    assert marker.read_text().splitlines() == ["started at step 0", "killed at step 3", "started at step 2"]
     assert manifest["best_metrics"]["val_loss"] > 0 and manifest["mask"] == "muscle"
     out = tmp_path / "compat"
     assert json.loads((out / "muscle_manifest.json").read_text())["base"]["config_sha256"]
@@ -80,7 +93,7 @@ def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
     # Same name, same storage: Ray Train restores the run; it is already complete, so no new steps.
-    again = run_training(cfg.model_copy(update={"fault_drill": None}))
+    again = run_training(cfg)
     assert again["best_metrics"]["step"] == manifest["best_metrics"]["step"]
 
 

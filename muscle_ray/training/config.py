@@ -94,17 +94,6 @@ class CompatSettings(_Strict):
         return self
 
 
-class FaultDrill(_Strict):
-    """Kill the rank-0 worker process once at `at_step` (a marker file makes it once): a drill
-    that proves the run resumes from its last checkpoint."""
-
-    at_step: int = Field(gt=0)
-    marker: str
-    # Ray Train collects reports when it polls the workers (every 2 s): a crash right after a
-    # report could lose it, so the drill waits as a real crash long after a checkpoint would.
-    delay_s: float = Field(5.0, ge=0)
-
-
 class TrainConfig(_Strict):
     base: str                                   # the student's base (v2 for compat)
     out: str                                    # the exported adapter directory
@@ -113,7 +102,6 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     run: RunSettings = RunSettings()
     compat: CompatSettings | None = None
-    fault_drill: FaultDrill | None = None
 
     def located(self, workspace: str | None = None, staging: str | Path | None = None
                 ) -> tuple["TrainConfig", list[tuple[str, str]]]:
@@ -166,8 +154,6 @@ class TrainConfig(_Strict):
             c["old"]["adapter"] = local("compat.old.adapter", c["old"]["adapter"])
             c["new_adapter"] = local("compat.new_adapter", c["new_adapter"])
             c["cache_dir"] = local("compat.cache_dir", c["cache_dir"])
-        if self.fault_drill is not None:
-            raw["fault_drill"]["marker"] = local("fault_drill.marker", self.fault_drill.marker)
         return type(self).model_validate(raw), copies
 
 

@@ -35,10 +35,15 @@ def prepare_datasets(cfg: TrainConfig):
         shutil.rmtree(cache, ignore_errors=True)
         old = ModelVersion(c.old.base, c.old.adapter, name="old")
         new = ModelVersion(cfg.base, c.new_adapter, name="new")
-        args = dict(old=old, new=new, topk=c.topk, temperature=c.temperature, num_cpus=c.teacher_cpus,
-                    num_gpus=c.teacher_gpus, batch_size=cfg.optim.micro_batch_size)
-        train = build_teacher_cache(train, out_dir=str(cache / "train"), **args)
-        val = build_teacher_cache(val, out_dir=str(cache / "val"), **args)
+        assert c.topk is not None   # CompatSettings requires it for cached teachers
+        topk: int = c.topk
+
+        def cached(ds, split: str):
+            return build_teacher_cache(ds, old, new, topk, c.temperature, out_dir=str(cache / split),
+                                       num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus,
+                                       batch_size=cfg.optim.micro_batch_size)
+
+        train, val = cached(train, "train"), cached(val, "val")
     return train, val
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +20,8 @@ import torch
 from muscle_ray.models import ModelVersion
 from muscle_ray.training.config import TrainConfig
 from muscle_ray.training.data import IGNORE, trim_batch
-from muscle_ray.training.losses import ce_loss, compat_loss
 from muscle_ray.training.lora import build_student, save_adapter
+from muscle_ray.training.losses import ce_loss, compat_loss
 
 TRAIN_STATE = "train_state.pt"
 
@@ -83,13 +82,12 @@ def make_teachers(cfg: TrainConfig, student, device):
 
 def batch_loss(model, teachers, batch, cfg: TrainConfig):
     """(loss, stats) of one micro-batch."""
-    c = cfg.compat
-    old = new = None
-    if teachers is not None:
-        old, new = teachers(batch)
+    old_new = teachers(batch) if teachers is not None else None
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    if teachers is None:
+    c = cfg.compat
+    if old_new is None or c is None:
         return ce_loss(logits, batch["labels"], ignore_index=IGNORE, return_stats=True)
+    old, new = old_new
     return compat_loss(logits, old, new, batch["labels"], mask=c.mask, temperature=c.temperature,
                        ce_weight=c.ce_weight, ignore_index=IGNORE, return_stats=True,
                        t2_scaling=c.t2_scaling, chunk_tokens=c.chunk_tokens)
@@ -115,7 +113,7 @@ def evaluate(model, teachers, shard, cfg, device) -> float:
     model.train()
     if dist.is_initialized():
         dist.all_reduce(total)
-    return float(total[0] / max(total[1], 1.0))
+    return float(total[0] / total[1].clamp(min=1.0))
 
 
 def save_checkpoint(model, student, opt, sched, progress: dict, metrics: dict, rank: int):
@@ -155,6 +153,7 @@ def restore(model, opt, sched) -> dict:
 
 def train_loop_per_worker(config: dict):
     import ray.train
+    import ray.train.torch
 
     cfg = TrainConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -178,15 +177,11 @@ def train_loop_per_worker(config: dict):
     sched = make_scheduler(opt, cfg, total_steps)
     progress = restore(model, opt, sched)
     step, skip = progress["step"], progress["micro_in_epoch"]
-    drill = cfg.fault_drill
-    if drill and step and rank == 0 and os.path.exists(drill.marker):
-        with open(drill.marker, "a") as fh:
-            fh.write(f"resumed at step {step}\n")
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     window = {"t0": time.perf_counter(), "tokens": 0}
-    last = {}
+    last: dict[str, float] = {}
 
     def checkpoint(epoch, micro_in_epoch):
         val = evaluate(model, teachers, val_shard, cfg, device)
@@ -199,7 +194,8 @@ def train_loop_per_worker(config: dict):
     for epoch in range(progress["epoch"], o.epochs):
         if step >= total_steps:
             break
-        acc_stats, n_micro = {}, 0
+        acc_stats: dict[str, float] = {}
+        n_micro = 0
         for i, batch in enumerate(train_shard.iter_torch_batches(batch_size=o.micro_batch_size, drop_last=True)):
             if i < skip:
                 continue
@@ -232,10 +228,6 @@ def train_loop_per_worker(config: dict):
                                                       **{k: round(v, 6) for k, v in last.items()}}), flush=True)
             window.update(t0=time.perf_counter(), tokens=0)
             acc_stats, n_micro = {}, 0
-            if drill and step == drill.at_step and rank == 0 and not os.path.exists(drill.marker):
-                time.sleep(drill.delay_s)
-                Path(drill.marker).write_text(f"killed at step {step}\n")
-                os._exit(1)   # the drill: this worker dies without cleanup
             if cfg.run.eval_every_steps and step % cfg.run.eval_every_steps == 0 and step < total_steps:
                 checkpoint(epoch, i + 1)
             if step >= total_steps:

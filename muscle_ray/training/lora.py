@@ -31,7 +31,8 @@ def build_student(base: str, lora: LoraSettings, init_adapter: str | None, dtype
     model.config.use_cache = False
     if init_adapter:
         return PeftModel.from_pretrained(model, init_adapter, adapter_name=STUDENT, is_trainable=True)
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT says int; scaling takes any number
+                     lora_dropout=lora.dropout,
                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg, adapter_name=STUDENT)
 
@@ -56,10 +57,6 @@ def active_adapter(peft_model, name: str):
         for m, a in zip(layers, saved):
             m._active_adapter = a
         peft_model.train(was_training)
-
-
-def trainable_names(model) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def save_adapter(peft_model, state_dict: dict, out: str | Path) -> Path:

@@ -61,10 +61,6 @@ class TopK:
     tail_logmass: torch.Tensor         # (batch, seq) float, log(1 - sum exp(logprobs))
     label_logprob: torch.Tensor | None = None  # (batch, seq) log softmax(z)[label] at T = 1
 
-    def to(self, device) -> "TopK":
-        lp = None if self.label_logprob is None else self.label_logprob.to(device)
-        return TopK(self.ids.to(device), self.logprobs.to(device), self.tail_logmass.to(device), lp)
-
     def detach(self) -> "TopK":
         lp = None if self.label_logprob is None else self.label_logprob.detach()
         return TopK(self.ids.detach(), self.logprobs.detach(), self.tail_logmass.detach(), lp)

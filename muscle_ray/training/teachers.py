@@ -6,9 +6,9 @@ or `TopK`, so the training loop does not care where they run:
 - `InlineTeachers`: inside the training worker. The new teacher is the student's own frozen
   base with the v2 task adapter switched in (a second, frozen PEFT adapter), so only the old
   base costs extra memory.
-- `ColocatedTeachers`: one `TeacherActor` per training worker, pinned to the worker's node,
-  holding both frozen teachers with their own device and dtype; answers travel through the
-  object store, as full logits or top-k (+ tail mass, + label log-prob).
+- `ColocatedTeachers`: one Ray actor per training worker, pinned to the worker's node, holding
+  both frozen teachers (a `TeacherPair`) with their own device and dtype; answers travel
+  through the object store, as full logits or top-k (+ tail mass, + label log-prob).
 - `CachedTeachers`: read from columns that `build_teacher_cache` (a Ray Data batch job)
   precomputed beside the tokens: top-k log-probs at the training temperature, tail mass and
   the label log-prob at T = 1, so masks stay exact and only the KL support is coarsened.
@@ -16,13 +16,13 @@ or `TopK`, so the training loop does not care where they run:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from muscle_ray.models import ModelVersion, load_model
 from muscle_ray.training.losses import TopK, topk_from_logits
-
-CACHE_PREFIXES = ("old", "new")
 
 
 def _forward(model, batch):
@@ -83,6 +83,7 @@ class TeacherPair:
             out[f"{name}_ids"] = t.ids.cpu().numpy()
             out[f"{name}_logprobs"] = t.logprobs.cpu().numpy()
             out[f"{name}_tail"] = t.tail_logmass.cpu().numpy()
+            assert t.label_logprob is not None   # labels were given
             out[f"{name}_label_lp"] = t.label_logprob.cpu().numpy()
         return out
 
@@ -102,7 +103,7 @@ def _teachers_from_columns(cols: dict, device):
 
 
 class ColocatedTeachers:
-    """Spawns one TeacherActor on this worker's node; each batch is one remote call."""
+    """Starts a `TeacherPair` actor on this worker's node; each batch is one remote call."""
 
     def __init__(self, old: ModelVersion, new: ModelVersion, topk: int | None, temperature: float,
                  num_cpus: float = 0.25, num_gpus: float = 0.0, device=None):
@@ -111,7 +112,7 @@ class ColocatedTeachers:
 
         node = ray.get_runtime_context().get_node_id()
         actor_cls = ray.remote(TeacherPair)
-        self.actor = actor_cls.options(
+        self.actor: Any = actor_cls.options(
             num_cpus=num_cpus, num_gpus=num_gpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
         ).remote(old, new)
