@@ -124,7 +124,7 @@ def _write_errors(out_dir: Path) -> int:
 
 
 def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], data: str,
-                  log=print) -> VersionSummary:
+                  log=print, progress=None) -> VersionSummary:
     import ray
 
     out_dir = Path(cfg.out) / spec.name / cfg.task
@@ -163,6 +163,8 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], da
         for out in ds.iter_rows():
             k = int(out["shard"])
             actors.add(out["actor"])
+            if progress:
+                progress(1)         # one more row back from the pool
             pending.setdefault(k, []).append(out)
             if len(pending[k]) < expected[k]:
                 continue
@@ -197,8 +199,11 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], da
     )
 
 
-def run_score(cfg: ScoreConfig, log=print) -> list[VersionSummary]:
-    """Score every version on the task; returns (and writes to OUT/summary.json) one summary each."""
+def run_score(cfg: ScoreConfig, log=print, progress=None) -> list[VersionSummary]:
+    """Score every version on the task; returns (and writes to OUT/summary.json) one summary each.
+
+    `progress(n)`, if given, is called on the driver as each scored row comes back.
+    """
     from muscle_ray.models import check_same_tokenizer
     from muscle_ray.runtime import init_ray
 
@@ -220,7 +225,7 @@ def run_score(cfg: ScoreConfig, log=print) -> list[VersionSummary]:
     init_ray()
     summaries = []
     for spec in cfg.versions:
-        s = score_version(cfg, spec, records, data, log=log)
+        s = score_version(cfg, spec, records, data, log=log, progress=progress)
         summaries.append(s)
         log(f"[{s.version}/{s.task}] {s.rows} rows in {s.out} ({s.scored} scored now, "
             f"{s.resumed_shards}/{s.shards} shards resumed, {s.errors} bad rows skipped); "

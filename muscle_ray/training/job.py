@@ -55,8 +55,12 @@ def _storage(path: str) -> str:
     return path if is_uri(path) else str(Path(path).resolve())
 
 
-def run_training(cfg: TrainConfig, threads_per_worker: int = 1) -> dict:
-    """Fit with Ray Train, export the best checkpoint's adapter to cfg.out; returns the manifest."""
+def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -> dict:
+    """Fit with Ray Train, export the best checkpoint's adapter to cfg.out; returns the manifest.
+
+    `progress(step, total)`, if given, is called by the rank-0 worker after each optimizer step
+    (a `muscle_ray.console.Progress`: it must be picklable and cheap).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -76,7 +80,8 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1) -> dict:
     storage = _storage(run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "n_train": n_train, "threads": threads_per_worker},
+        train_loop_config={"cfg": cfg.model_dump(), "n_train": n_train, "threads": threads_per_worker,
+                           "progress": progress},
         scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
                                      resources_per_worker={"CPU": run.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),

@@ -177,6 +177,9 @@ def train_loop_per_worker(config: dict):
     sched = make_scheduler(opt, cfg, total_steps)
     progress = restore(model, opt, sched)
     step, skip = progress["step"], progress["micro_in_epoch"]
+    report_step = config.get("progress") if rank == 0 else None   # the driver's progress bar
+    if report_step:
+        report_step(step, total_steps)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -220,6 +223,8 @@ def train_loop_per_worker(config: dict):
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if report_step:
+                report_step(step, total_steps)
             elapsed = time.perf_counter() - window["t0"]
             last = {k: v / n_micro for k, v in acc_stats.items() if k != "tokens"}
             last["tokens_per_s"] = window["tokens"] * world / max(elapsed, 1e-9)
