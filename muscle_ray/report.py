@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from muscle_ray.metrics.compare import Comparison, compat_deltas
-from muscle_ray.metrics.format import pct, relative
+from muscle_ray.metrics.format import MISSING, pct, relative
 from muscle_ray.metrics.plots import report_figures
 
 ROW_KEYS = ["acc_v1", "acc_v2", "acc_compat", "acc_control", "d_acc_c", "nfr", "nfr_compat", "nfr_control",
@@ -73,18 +73,19 @@ def _spread(row: dict, key: str) -> str:
 
 def tables_markdown(report: dict) -> str:
     """Tables 4-6 (one row per task) and, when present, the Table 7 ablation."""
-    lines = ["| task | metric | acc v1 | acc v2 | acc compat | acc control | Δacc_c | NFR | NFR compat | NFR control | ΔNFR_c | Δ%NFR_c | m_g | m_r | Δm_g | Δm_r | fixed/broken |",
-             "|" + "---|" * 17]
+    head = ["task", "metric", "acc v1", "acc v2", "acc compat", "acc control", "Δacc_c", "NFR", "NFR compat",
+            "NFR control", "ΔNFR_c", "Δ%NFR_c", "m_g", "m_r", "Δm_g", "Δm_r", "fixed/broken"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in report["tasks"].items():
-        cont = r["metric"] not in ("acc", "exact")
-        lines.append(
-            f"| {name} | {r['metric']} | {pct(r['acc_v1'])} | {pct(r['acc_v2'])} | {pct(r['acc_compat'])}{_spread(r, 'acc_compat')} | "
-            f"{pct(r.get('acc_control'))} | {pct(r['d_acc_c'], True)} | {pct(r['nfr'])}{_spread(r, 'nfr')} | "
-            f"{pct(r['nfr_compat'])}{_spread(r, 'nfr_compat')} | {pct(r.get('nfr_control'))} | {pct(r['d_nfr_c'], True)} | "
-            f"{relative(r.get('d_pct_nfr_c'))} | "
-            f"{pct(r.get('m_g')) if cont else '–'} | {pct(r.get('m_r')) if cont else '–'} | "
-            f"{pct(r.get('d_m_g'), True) if cont else '–'} | {pct(r.get('d_m_r'), True) if cont else '–'} | "
-            f"{r.get('fixed', 0):.0f}/{r.get('broken', 0):.0f} |")
+        cont = r["metric"] not in ("acc", "exact")   # m_g, m_r: continuous metrics only
+        cells = [name, r["metric"], pct(r["acc_v1"]), pct(r["acc_v2"]), pct(r["acc_compat"]) + _spread(r, "acc_compat"),
+                 pct(r.get("acc_control")), pct(r["d_acc_c"], True), pct(r["nfr"]) + _spread(r, "nfr"),
+                 pct(r["nfr_compat"]) + _spread(r, "nfr_compat"), pct(r.get("nfr_control")), pct(r["d_nfr_c"], True),
+                 relative(r.get("d_pct_nfr_c")),
+                 *(pct(r.get(k), signed=k.startswith("d_")) if cont else MISSING
+                   for k in ("m_g", "m_r", "d_m_g", "d_m_r")),
+                 f"{r.get('fixed', 0):.0f}/{r.get('broken', 0):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     if report.get("ablation"):
         ab = report["ablation"]
         lines += ["", f"Masking ablation on {ab['task']} (baseline NFR {pct(ab['nfr'])}):", "",
@@ -93,6 +94,33 @@ def tables_markdown(report: dict) -> str:
             lines.append(f"| {mask} | {pct(r['acc_compat'])} | {pct(r['nfr_compat'])} | {pct(r['d_nfr_c'], True)} | "
                          f"{relative(r.get('d_pct_nfr_c'))} | "
                          f"{pct(r['d_pfr_c'], True)} | {pct(r['d_acc_c'], True)} |")
+    return "\n".join(lines)
+
+
+def verdict(row: dict) -> str:
+    """Compat against the fair control on one task: fewer flips at no lower accuracy wins."""
+    if row.get("nfr_control") is None:
+        return MISSING
+    d_nfr, d_acc = row["nfr_compat"] - row["nfr_control"], row["acc_compat"] - row["acc_control"]
+    if d_nfr == 0 and d_acc == 0:
+        return "tie"
+    if d_nfr <= 0 and d_acc >= 0:
+        return "compat better"
+    if d_nfr >= 0 and d_acc <= 0:
+        return "control better"
+    return "fewer flips, lower acc" if d_nfr < 0 else "more flips, higher acc"
+
+
+def verdict_table(report: dict) -> str:
+    """The console's summary of a run: accuracy and NFR of each model, and compat against the
+    control per task (report.md has every column, the spread over seeds and the ablation)."""
+    lines = [f"{'':<19}{'accuracy / score (%)':^32}  {'NFR against v1 (%)':^24}".rstrip(),
+             f"{'task':<12}{'metric':<7}" + "".join(f"{c:>8}" for c in ("v1", "v2", "compat", "control"))
+             + "  " + "".join(f"{c:>8}" for c in ("v2", "compat", "control")) + f"{'Δ%NFR_c':>9}  compat vs control"]
+    for name, r in report["tasks"].items():
+        accs = "".join(f"{pct(r.get(k)):>8}" for k in ("acc_v1", "acc_v2", "acc_compat", "acc_control"))
+        nfrs = "".join(f"{pct(r.get(k)):>8}" for k in ("nfr", "nfr_compat", "nfr_control"))
+        lines.append(f"{name:<12}{r['metric']:<7}{accs}  {nfrs}{relative(r.get('d_pct_nfr_c')):>9}  {verdict(r)}")
     return "\n".join(lines)
 
 

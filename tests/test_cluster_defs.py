@@ -226,28 +226,32 @@ def test_score_configs_mirror_how_the_demo_scores_sum_em():
         assert cfg.workers[0] < cfg.workers[1], f"{name}: the pool should autoscale"
 
 
-def test_train_configs_mirror_the_demo_recipes():
-    from muscle_ray.demo import AdapterRecipe, CompatRecipe
+def test_train_configs_are_the_demo_recipes_plus_paths():
+    """One copy of the recipe: the examples name it and add only where things are, so the job
+    trains with the demo's numbers (they come from the same file, not a second copy)."""
+    from muscle_ray.demo import DemoConfig
 
-    a, c = AdapterRecipe(), CompatRecipe()
-    task = load_job_config(CONFIGS / "train_adapter.yaml")
-    compat = load_job_config(CONFIGS / "train_compat.yaml")
-    for cfg in (task, compat):
+    for name, kind, recipe in (("train_adapter.yaml", "adapter", "task_adapter"),
+                               ("train_compat.yaml", "compat", "compat")):
+        raw = yaml.safe_load((CONFIGS / name).read_text())
+        assert raw.pop("recipe") == recipe, name
+        paths = {"base", "out", "data.path", "data.val_path", "run.name", "run.storage_path",
+                 "compat.old.base", "compat.old.adapter", "compat.new_adapter"}
+        assert set(_leaves(raw)) <= paths, f"{name} restates recipe fields: {set(_leaves(raw)) - paths}"
+        cfg = load_job_config(CONFIGS / name)
+        demo = DemoConfig().train_config(kind, {k: v for k, v in raw.items() if k != "run"})   # as the demo trains
+        assert (cfg.data.max_length, cfg.data.loss_on, cfg.lora, cfg.optim, cfg.compat) == (
+            demo.data.max_length, demo.data.loss_on, demo.lora, demo.optim, demo.compat), name
+        assert cfg.run.model_dump(exclude={"name", "storage_path"}) == demo.run.model_dump(
+            exclude={"name", "storage_path"}), name
         assert cfg.base == "runs/demo/zoo/v2"
-        assert (cfg.data.path, cfg.data.val_path, cfg.data.max_length) == (
-            "runs/demo/zoo/data/sum_em/train_pairs.jsonl", "runs/demo/zoo/data/sum_em/val_pairs.jsonl", 96)
-        assert (cfg.lora.r, cfg.lora.alpha) == (a.r, 2 * a.r)
-        assert cfg.run.cpus_per_worker == 0.25
-    assert (task.optim.lr, task.optim.max_steps, task.optim.micro_batch_size, task.optim.warmup_steps,
-            task.optim.schedule, task.data.loss_on, task.run.eval_every_steps) == (
-        a.lr, a.steps, a.micro_batch_size, a.warmup_steps, "cosine", a.loss_on, a.eval_every)
-    assert (compat.optim.lr, compat.optim.max_steps, compat.optim.micro_batch_size, compat.optim.schedule,
-            compat.run.eval_every_steps) == (c.lr, c.steps, c.micro_batch_size, "cosine", c.steps)
-    cc = compat.compat
-    assert (cc.mask, cc.temperature, cc.ce_weight) == (c.mask, c.temperature, c.ce_weight)
-    assert (cc.old.base, cc.old.adapter, cc.new_adapter) == (
-        "runs/demo/zoo/v1", "runs/demo/adapters/sum_em/v1", "runs/demo/adapters/sum_em/v2")
+        assert (cfg.data.path, cfg.data.val_path) == (
+            "runs/demo/zoo/data/sum_em/train_pairs.jsonl", "runs/demo/zoo/data/sum_em/val_pairs.jsonl")
 
+
+def _leaves(raw: dict, prefix: str = "") -> list[str]:
+    return [leaf for k, v in raw.items()
+            for leaf in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])]
 
 
 def test_every_job_has_an_example_config():

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from muscle_ray.metrics.compare import compare
-from muscle_ray.report import mean_over_seeds, task_row, write_report
+from muscle_ray.report import mean_over_seeds, task_row, verdict, verdict_table, write_report
 
 
 def _results(correct, pred, score=None):
@@ -40,3 +40,38 @@ def test_task_row_and_files(tmp_path):
     assert "| toy | acc | 60.00 | 60.00 | 80.00" in paths["md"].read_text()
     page = paths["html"].read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+
+
+def _row(acc_compat, nfr_compat, acc_control=0.8, nfr_control=0.1):
+    return {"metric": "acc", "acc_v1": 0.7, "acc_v2": 0.75, "acc_compat": acc_compat, "acc_control": acc_control,
+            "nfr": 0.2, "nfr_compat": nfr_compat, "nfr_control": nfr_control, "d_pct_nfr_c": -50.0}
+
+
+def test_verdict_weighs_compat_against_the_control_on_flips_and_accuracy():
+    assert verdict(_row(acc_compat=0.80, nfr_compat=0.05)) == "compat better"      # fewer flips, same acc
+    assert verdict(_row(acc_compat=0.85, nfr_compat=0.10)) == "compat better"      # same flips, higher acc
+    assert verdict(_row(acc_compat=0.78, nfr_compat=0.12)) == "control better"
+    assert verdict(_row(acc_compat=0.80, nfr_compat=0.10)) == "tie"
+    assert verdict(_row(acc_compat=0.70, nfr_compat=0.05)) == "fewer flips, lower acc"
+    assert verdict(_row(acc_compat=0.90, nfr_compat=0.15)) == "more flips, higher acc"
+    assert verdict({k: v for k, v in _row(0.8, 0.1).items() if k != "nfr_control"}) == "–"
+
+
+def test_verdict_table_has_a_row_per_task_in_percent():
+    table = verdict_table({"tasks": {"sum_mc": _row(0.8, 0.05), "story_rouge": {**_row(0.7, 0.2), "metric": "rouge1"}}})
+    head, cols, *rows = table.splitlines()
+    assert "accuracy" in head and "NFR" in head and cols.split()[:2] == ["task", "metric"]
+    assert rows[0].split() == ["sum_mc", "acc", "70.00", "75.00", "80.00", "80.00", "20.00", "5.00", "10.00",
+                               "-50.0", "compat", "better"]
+    assert rows[1].split()[:2] == ["story_rouge", "rouge1"] and rows[1].endswith("control better")
+
+
+def test_mean_over_seeds_keeps_each_seed_and_the_spread():
+    rows = [{**_row(0.8, 0.05), "d_acc_c": 0.05}, {**_row(0.9, 0.15), "d_acc_c": 0.15}]
+    out = mean_over_seeds(rows)
+    assert out["seeds"] == 2 and out["acc_compat_per_seed"] == [0.8, 0.9]
+    assert np.isclose(out["acc_compat"], 0.85) and np.isclose(out["nfr_compat_std"], 0.0707107, atol=1e-6)
+    assert "nfr_control_std" in out and out["nfr_control_std"] == 0.0          # the same in both seeds
+    assert "m_g" not in out                                                   # absent stays absent, not 0
+    single = mean_over_seeds(rows[:1])
+    assert single["acc_compat"] == 0.8 and "acc_compat_per_seed" not in single and "acc_compat_std" not in single

@@ -103,6 +103,14 @@ class TrainConfig(_Strict):
     run: RunSettings = RunSettings()
     compat: CompatSettings | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_recipe(cls, data):
+        """`recipe: NAME` fills what the config leaves out from muscle_ray/recipes/NAME.yaml."""
+        from muscle_ray.recipes import with_recipe
+
+        return with_recipe(data) if isinstance(data, dict) else data
+
     def located(self, workspace: str | None = None, staging: str | Path | None = None
                 ) -> tuple["TrainConfig", list[tuple[str, str]]]:
         """This config with locations the driver can open, and the copies to make on success.
