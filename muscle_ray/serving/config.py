@@ -24,9 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from muscle_ray.config import read_yaml, validated, with_overrides
 from muscle_ray.errors import MuscleError
+from muscle_ray.model_sources import ModelName
 from muscle_ray.models import ModelVersion
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def model_deployment_name(base_key: str) -> str:
+    return f"model_{base_key}"
 
 
 class _Strict(BaseModel):
@@ -36,13 +41,19 @@ class _Strict(BaseModel):
 class BaseSpec(_Strict):
     """One base model directory and the models served on it (name -> adapter dir or null)."""
 
-    path: str
+    path: ModelName
     models: dict[str, str | None] = Field(min_length=1)
 
 
 class Limits(_Strict):
-    """Request limits; anything beyond is answered 400 naming the field."""
+    """Request limits; anything beyond is answered 400 naming the field (413 for the body).
 
+    The size limits are checked before any parsing or tokenising, so an oversized request
+    costs the server almost nothing: the body in bytes, then each prompt in characters.
+    """
+
+    max_body_bytes: int = Field(2 * 1024 * 1024, gt=0)   # a request's JSON body
+    max_prompt_chars: int = Field(32_768, gt=0)  # a prompt (or a chat's messages), before tokenising
     max_prompt_tokens: int = Field(1024, gt=0)
     max_tokens: int = Field(128, ge=0)
     max_prompts: int = Field(16, gt=0)       # prompts in one /v1/completions request
@@ -139,21 +150,52 @@ def validate_app_config(raw: dict | ServeAppConfig, source: str = "serve config"
     return raw if isinstance(raw, ServeAppConfig) else validated(ServeAppConfig, raw or {}, source)
 
 
+def _serve_file_model() -> type[BaseModel]:
+    """The Serve config file as far as `muscle serve` applies it: per-deployment options
+    checked by Serve's own schemas, with unknown keys refused (Serve ignores them silently)."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema
+
+    class Autoscaling(AutoscalingConfig):
+        model_config = ConfigDict(extra="forbid")
+
+    class DeploymentOptions(DeploymentSchema):
+        model_config = ConfigDict(extra="forbid")
+        autoscaling_config: Autoscaling | None = None
+
+    class Application(BaseModel):
+        name: str = "muscle"
+        route_prefix: str = "/"
+        args: dict[str, Any] = {}
+        deployments: list[DeploymentOptions] = []
+
+    class ServeFile(BaseModel):
+        http_options: dict[str, Any] = {}
+        applications: list[Application] = Field(min_length=1)
+
+    return ServeFile
+
+
 def read_serve_file(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[ServeAppConfig, dict]:
     """(the app's validated config, Serve options) of the first application in a Serve config file.
 
     `overrides` ({"shadow.enabled": True}) apply to the application's `args:` block. Serve
-    options: http_options, and per-deployment options by deployment name.
+    options: http_options, and per-deployment options by deployment name. A bad value
+    anywhere is one MuscleError naming the file and the field.
     """
     p = Path(path)
     doc = read_yaml(p)
-    apps = doc.get("applications")
-    if not apps or not isinstance(apps, list) or not isinstance(apps[0], dict):
-        raise MuscleError(f"{p}: field 'applications': expected a list with the muscle application")
-    app = apps[0]
-    deployments = {d["name"]: {k: v for k, v in d.items() if k != "name"}
-                   for d in app.get("deployments") or [] if isinstance(d, dict) and "name" in d}
+    validated(_serve_file_model(), doc, str(p))
+    app = doc["applications"][0]
+    source = f"{p} (applications[0].args)"
+    cfg = validated(ServeAppConfig, with_overrides(app.get("args") or {}, overrides or {}, source), source)
+    names = {"gateway", *(model_deployment_name(k) for k in cfg.bases)}
+    deployments = {}
+    for i, d in enumerate(app.get("deployments") or []):
+        if d["name"] not in names:
+            raise MuscleError(f"{p}: field 'applications[0].deployments[{i}].name': no deployment named "
+                              f"{d['name']!r} in this app (it has {sorted(names)})")
+        deployments[d["name"]] = {k: v for k, v in d.items() if k != "name"}
     options = {"http_options": doc.get("http_options") or {}, "deployments": deployments,
                "name": app.get("name", "muscle"), "route_prefix": app.get("route_prefix", "/")}
-    source = f"{p} (applications[0].args)"
-    return validated(ServeAppConfig, with_overrides(app.get("args") or {}, overrides or {}, source), source), options
+    return cfg, options

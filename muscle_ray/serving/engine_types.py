@@ -17,10 +17,11 @@ class GenRequest:
     top_p: float = 1.0
     logprobs: int | None = None      # None: no log-probabilities; k: the top k alternatives too
     echo: bool = False
+    seed: int | None = None          # sampling: the generator is seeded with it before the batch runs
 
     def decoding(self) -> tuple:
         """Requests with equal decoding settings run as one batch."""
-        return (self.model, self.stop, self.max_tokens, self.temperature, self.top_p)
+        return (self.model, self.stop, self.max_tokens, self.temperature, self.top_p, self.seed)
 
 
 @dataclass

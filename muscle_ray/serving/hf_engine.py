@@ -55,12 +55,14 @@ class HFEngine:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault(r.decoding(), []).append(i)
-        for (model, stop, max_new, temperature, top_p), idx in groups.items():
+        for (model, stop, max_new, temperature, top_p, seed), idx in groups.items():
             stops = with_eos(self.tokenizer, list(stop))
             sampling = None if temperature == 0 else {"do_sample": True, "temperature": temperature,
                                                       "top_p": top_p, "top_k": 0}
             with self.using(model):
                 for batch in length_sorted_batches([len(reqs[i].prompt_ids) for i in idx], self.batch_size):
+                    if sampling and seed is not None:   # OpenAI's seed: best effort (the batch's other prompts count)
+                        torch.manual_seed(seed)
                     self._generate_batch([reqs[idx[j]] for j in batch], stops, sampling,
                                          [idx[j] for j in batch], out)
         return out  # type: ignore[return-value]

@@ -36,9 +36,9 @@ class VLLMEngine:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault(r.decoding() + (r.logprobs, r.echo), []).append(i)
-        for (model, stop, max_new, temperature, top_p, k, echo), idx in groups.items():
+        for (model, stop, max_new, temperature, top_p, seed, k, echo), idx in groups.items():
             stops = with_eos(self.tokenizer, list(stop))
-            params = self.vllm.sampling(max(1, max_new), stop, temperature, top_p=top_p, seed=None,
+            params = self.vllm.sampling(max(1, max_new), stop, temperature, top_p=top_p, seed=seed,
                                         logprobs=k, prompt_logprobs=(k or 0) if echo else None)
             outputs = self.vllm.run([list(reqs[i].prompt_ids) for i in idx], params, self._adapter(model))
             for i, o in zip(idx, outputs):
