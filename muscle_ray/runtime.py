@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -14,8 +15,8 @@ _session_dir: str | None = None
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
     """Join the cluster named by `address` / RAY_ADDRESS, else start a private local Ray.
 
-    A local default listens on loopback only (Ray otherwise binds the machine's external
-    address) and skips the dashboard so it starts quickly.
+    A local default listens on loopback only (see `_loopback_only`) and skips the dashboard
+    so it starts quickly.
     """
     global _session_dir
     if ray.is_initialized():
@@ -25,16 +26,44 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     if address:
         context = ray.init(address=address, runtime_env=kwargs.pop("runtime_env", env), log_to_driver=True, **kwargs)
     else:
-        context = ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env=kwargs.pop("runtime_env", env),
-            configure_logging=True,
-            logging_level=logging.WARNING,
-            **kwargs,
-        )
+        with _loopback_only():
+            context = ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                runtime_env=kwargs.pop("runtime_env", env),
+                configure_logging=True,
+                logging_level=logging.WARNING,
+                **kwargs,
+            )
     _session_dir = getattr(context, "address_info", {}).get("session_dir")   # none through ray://
+
+
+@contextmanager
+def _loopback_only():
+    """Keep a private local Ray off the network: every process it starts listens on 127.0.0.1.
+
+    Ray binds its gRPC servers (GCS, raylet, object manager, workers), its agents and the
+    metrics export to the node's address, and `ray.init` replaces a 127.0.0.1 node address by
+    the machine's external one unless Ray runs as a one-machine cluster -- its own switch,
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which is read once when Ray is imported. So the
+    switch is set for the processes `ray.init` spawns (they inherit the environment) and for
+    this one, and put back afterwards: a later `init_ray(address=...)` joins a real cluster.
+    """
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved, saved_env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(name)
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
 
 
 def session_logs() -> Path | None:
