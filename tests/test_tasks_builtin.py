@@ -226,10 +226,10 @@ def test_dialogsum_prompt_and_rouge1(shared_data):
     other = load("dialogsum", path, reference="summary2")[0]
     assert other.reference.startswith("In order to prevent employees from wasting time")
     assert task.training_pair(first) == (first.contexts[0], " " + first.reference)
-    assert parse_error("dialogsum", json.dumps({"fname": "dev_0", "dialogue": "d", "summary": "s"})) \
-        == "missing field 'summary1'"
-    assert parse_line("dialogsum", json.dumps({"fname": "dev_0", "dialogue": "d", "summary": "s"}),
-                      reference="summary").reference == "s"
+    dev = json.dumps({"fname": "dev_0", "dialogue": "d", "summary": "s"})   # train/dev: one summary
+    assert parse_line("dialogsum", dev).reference == "s"
+    assert parse_line("dialogsum", dev, reference="summary").reference == "s"
+    assert parse_error("dialogsum", dev, reference="summary1") == "missing field 'summary1'"
 
 
 # --- bad rows in the built-in formats -------------------------------------------------------

@@ -9,7 +9,8 @@ Reads three layouts:
 
 Prompt (lm-eval 0.4.13 `arc_easy`): context "Question: {stem}\\nAnswer:", options the choice
 texts, target delimiter " "; the gold is the position of `answerKey` among the choice labels.
-ids: `id` when present, else the 0-based row.
+ids: `id` when present, else the 0-based row. Training split: the release's train file
+(`ARC-Easy-Train.jsonl`) or the Hugging Face train shard (Parquet), in the layouts above.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _original(doc: dict, row: int) -> tuple[str, list, int]:
 class ArcEasy(MultipleChoiceTask):
     name = "arc_easy"
     default_path: str | None = "arc_easy/arc_easy_test.llmfoundry.jsonl"
+    training_path: str | None = "arc_easy/ARC-Easy-Train.jsonl"
 
     def instance(self, doc: dict, row: int) -> Instance:
         if "query" in doc:
@@ -59,3 +61,4 @@ class ArcEasy(MultipleChoiceTask):
 class ArcChallenge(ArcEasy):
     name = "arc_challenge"
     default_path = None
+    training_path = "arc_challenge/ARC-Challenge-Train.jsonl"

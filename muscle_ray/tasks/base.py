@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from muscle_ray.errors import BadRow, MuscleError
 
@@ -36,6 +36,10 @@ class Instance:
     Multiple choice: option i is scored as log P(continuations[i] | contexts[i]). Most tasks
     have one shared context (len(contexts) == 1); WinoGrande-style "partial scoring" has one
     context per option and a shared continuation. Generation: greedy decode from contexts[0].
+
+    A chat model reads the same instance through its chat template (`scoring.encode.chat_instance`):
+    each context (or `messages`, when the data was a conversation) becomes the user's turn, and
+    the continuations lose their `delimiter`, as lm-eval's `--apply_chat_template` renders them.
     """
 
     id: str
@@ -48,6 +52,9 @@ class Instance:
     reference: str = ""                                      # gold option index as text, or gold answer text
     stop: list[str] = field(default_factory=list)            # gen: stop strings
     max_new_tokens: int = 0                                  # gen: token limit
+    delimiter: str = ""                                      # mc: the target delimiter each continuation starts with
+    messages: list[dict[str, str]] | None = None             # gen: the conversation before the answer, if any
+    doc: dict[str, Any] | None = None                        # the task's own document, for tasks that score with it
 
     def context_for(self, option: int) -> str:
         return self.contexts[0] if len(self.contexts) == 1 else self.contexts[option]
@@ -60,6 +67,7 @@ class Task(ABC):
     kind: Literal["mc", "gen"]
     metric: str                 # "acc" (mc), "exact" (gen EM), "rouge1", ...
     default_path: str | None = None   # relative to a data root such as ../shared/data
+    training_path: str | None = None  # the training split's file there, where the data root has one
 
     @abstractmethod
     def records(self, path: str) -> Iterator[Record]:
@@ -73,15 +81,17 @@ class Task(ABC):
         """(correct, score, prediction) of one generated text; generative tasks override."""
         raise MuscleError(f"task {self.name} is {self.kind}, it does not score generations")
 
-    def training_pair(self, inst: Instance) -> tuple[str, str]:
-        """(prompt, completion) for adapter training on this task's gold answers."""
+    def training_pair(self, inst: Instance) -> tuple[str | list[dict[str, str]], str]:
+        """(prompt, completion) for adapter training on this task's gold answers; the prompt is
+        the conversation itself when the data was one (`Instance.messages`)."""
         if self.kind == "mc":
             assert inst.label is not None
             return inst.context_for(inst.label), inst.continuations[inst.label]
-        return inst.contexts[0], inst.reference
+        return inst.messages or inst.contexts[0], inst.reference
 
 
 _REGISTRY: dict[str, type[Task]] = {}
+_FAMILIES: dict[str, Callable[..., Task]] = {}
 
 
 def register(cls: type[Task]) -> type[Task]:
@@ -90,10 +100,23 @@ def register(cls: type[Task]) -> type[Task]:
     return cls
 
 
+def register_family(prefix: str):
+    """Decorator for a factory of tasks named `PREFIX:NAME` (`lmeval:arc_easy`): a family of
+    tasks defined elsewhere, built on demand instead of listed."""
+    def decorate(factory: Callable[..., Task]) -> Callable[..., Task]:
+        _FAMILIES[prefix] = factory
+        return factory
+    return decorate
+
+
 def get_task(name: str, **options) -> Task:
     """A configured task by name (importing any muscle_ray.tasks module has registered the built-ins)."""
+    prefix, sep, member = name.partition(":")
+    if sep and prefix in _FAMILIES:
+        return _FAMILIES[prefix](member, **options)
     if name not in _REGISTRY:
-        raise MuscleError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_REGISTRY))}")
+        families = "".join(f", {p}:<task>" for p in sorted(_FAMILIES))
+        raise MuscleError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_REGISTRY))}{families}")
     return _REGISTRY[name](**options)
 
 
@@ -101,4 +124,4 @@ def task_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-__all__ = ["BadRow", "Instance", "Record", "Task", "get_task", "register", "task_names"]
+__all__ = ["BadRow", "Instance", "Record", "Task", "get_task", "register", "register_family", "task_names"]

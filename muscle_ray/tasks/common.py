@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from muscle_ray.chat import plain_text
 from muscle_ray.errors import BadRow, MuscleError
 from muscle_ray.tasks.base import Instance, Record, Task
 
@@ -112,7 +113,7 @@ def mc_instance(
     return Instance(
         id=id, task=task, kind="mc", contexts=context if isinstance(context, list) else [context],
         continuations=continuations, choice_chars=[len(c) for c in choices],
-        label=label, reference=str(label),
+        label=label, reference=str(label), delimiter=delimiter,
     )
 
 
@@ -122,8 +123,23 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def read_parquet(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield (row, the row as one JSON object): a Parquet file (a Hugging Face dataset's shard,
+    say) read through the same parsing as JSON Lines."""
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise MuscleError(f"{p}: no such file")
+    row = 0
+    for batch in pq.ParquetFile(p).iter_batches():
+        for doc in batch.to_pylist():
+            yield row, json.dumps(doc, ensure_ascii=False, default=str)
+            row += 1
+
+
 class FileTask(Task):
-    """A task read from a JSON Lines file and configured by its `Options` model.
+    """A task read from a JSON Lines (or Parquet) file and configured by its `Options` model.
 
     Subclasses set name/kind/metric/default_path, an `Options` subclass if they take any,
     and implement `instance` (one JSON record -> Instance); `records` and `parse` may be
@@ -140,7 +156,7 @@ class FileTask(Task):
             raise MuscleError(f"task {self.name}: bad option ({problems})") from None
 
     def records(self, path: str) -> Iterator[Record]:
-        for row, line in read_lines(path):
+        for row, line in read_parquet(path) if str(path).endswith(".parquet") else read_lines(path):
             yield Record(row, (line,))
 
     def parse(self, record: Record) -> Instance:
@@ -174,9 +190,11 @@ class GenerativeTask(FileTask):
     stop: list[str] = ["\n\n"]   # lm-eval's default `until`
     target_delimiter = " "         # between prompt and gold answer in a training pair (lm-eval's few-shot layout)
 
-    def generation(self, id: str, prompt: str, reference: str) -> Instance:
-        return Instance(id=id, task=self.name, kind="gen", contexts=[prompt], reference=reference,
-                        stop=list(self.stop), max_new_tokens=self.options.max_new_tokens)
+    def generation(self, id: str, prompt: str | list[dict[str, str]], reference: str) -> Instance:
+        """A generation from a prompt, or from a conversation (`chat.split_messages`'s first part)."""
+        messages = None if isinstance(prompt, str) else prompt
+        return Instance(id=id, task=self.name, kind="gen", contexts=[plain_text(prompt)], reference=reference,
+                        stop=list(self.stop), max_new_tokens=self.options.max_new_tokens, messages=messages)
 
     def score(self, prediction: str, reference: str) -> tuple[bool | None, float]:
         """(correct, score): exact match is right/wrong, ROUGE is continuous (correct is None)."""
@@ -190,5 +208,7 @@ class GenerativeTask(FileTask):
     def score_generation(self, inst: Instance, text: str) -> tuple[bool | None, float, str]:
         return (*self.score(text, inst.reference), text)
 
-    def training_pair(self, inst: Instance) -> tuple[str, str]:
+    def training_pair(self, inst: Instance) -> tuple[str | list[dict[str, str]], str]:
+        if inst.messages is not None:       # a conversation's answer is the assistant's message as it is
+            return inst.messages, inst.reference
         return inst.contexts[0], self.target_delimiter + inst.reference

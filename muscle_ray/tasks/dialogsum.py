@@ -9,9 +9,11 @@ prompt follows MUSCLE's SAMsum task: "Dialogue: {dialogue}\\nSummary:", greedy g
 which an Instance cannot carry; scorers generate plain greedy.
 
 Score: ROUGE-1 F1 (rouge-score, stemming) of the generation against ONE reference, the option
-`reference` = "summary1" (default) | "summary2" | "summary3" | "summary". One fixed reference
-keeps a per-instance score comparable across model versions; summary1 is the first annotator's.
+`reference` = "summary1" | "summary2" | "summary3" | "summary"; by default summary1 where a
+record has three (test) and `summary` where it has one (train, dev). One fixed reference keeps a
+per-instance score comparable across model versions; summary1 is the first annotator's.
 ROUGE is continuous, so `correct` is null. ids: `fname` (test_0 ...), else the 0-based row.
+Training split: `dialogsum.train.jsonl` (one `summary` per dialogue).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ STOP = ["Dialogue:", "Summary:", "</s>", "\n\n"]
 
 
 class DialogSumOptions(GenerationOptions):
-    reference: Literal["summary1", "summary2", "summary3", "summary"] = "summary1"
+    reference: Literal["summary1", "summary2", "summary3", "summary"] | None = None
     max_new_tokens: int = Field(128, gt=0)
 
 
@@ -36,10 +38,12 @@ class DialogSum(GenerativeTask):
     name = "dialogsum"
     metric = "rouge1"
     default_path = "dialogsum/dialogsum.test.jsonl"
+    training_path = "dialogsum/dialogsum.train.jsonl"
     Options = DialogSumOptions
     options: DialogSumOptions
     stop = STOP
 
     def instance(self, doc: dict, row: int) -> Instance:
+        reference = self.options.reference or ("summary" if "summary1" not in doc and "summary" in doc else "summary1")
         return self.generation(record_id(doc, row, "fname"), f"Dialogue: {need(doc, 'dialogue', str, row)}\nSummary:",
-                               need(doc, self.options.reference, str, row))
+                               need(doc, reference, str, row))

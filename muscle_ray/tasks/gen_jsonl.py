@@ -1,11 +1,17 @@
 """`gen_jsonl`: your own generation data, scored by exact match or ROUGE.
 
-One JSON object per line::
+One JSON object per line (or one Parquet row), either a prompt and its answer::
 
-    {"id"?: str|int, "prompt": str, "reference": str}
+    {"id"?: str|int, "prompt": str, "reference": str}      ("completion" may stand for "reference")
 
-The model greedily continues `prompt` until a stop string or `max_new_tokens`; the text before
-the first stop string is the prediction. Task options (`get_task("gen_jsonl", **options)`):
+or a conversation whose last message is the answer (the reference)::
+
+    {"id"?: str|int, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+
+so a training file (`prompt`/`completion` or `messages`) scores as it is. The model greedily
+continues the prompt (with `chat_template: true`, the conversation rendered by the model's chat
+template, see `muscle_ray.chat`) until a stop string or `max_new_tokens`; the text before the
+first stop string is the prediction. Task options (`get_task("gen_jsonl", **options)`):
 
 * `metric`: "exact" (default; prediction and reference equal after stripping surrounding
   whitespace, so a flip is a right answer turning wrong) or "rouge1" / "rouge2" / "rougeL"
@@ -23,6 +29,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
+from muscle_ray.chat import split_messages
 from muscle_ray.tasks.base import Instance, register
 from muscle_ray.tasks.common import GenerationOptions, GenerativeTask, need, record_id
 
@@ -51,4 +58,8 @@ class GenJsonl(GenerativeTask):
         self.metric, self.stop = self.options.metric, list(self.options.stop)
 
     def instance(self, doc: dict, row: int) -> Instance:
-        return self.generation(record_id(doc, row), need(doc, "prompt", str, row), need(doc, "reference", str, row))
+        if "messages" in doc:
+            prompt, reference = split_messages(doc["messages"], row)
+            return self.generation(record_id(doc, row), prompt, reference)
+        answer = "completion" if "reference" not in doc and "completion" in doc else "reference"
+        return self.generation(record_id(doc, row), need(doc, "prompt", str, row), need(doc, answer, str, row))

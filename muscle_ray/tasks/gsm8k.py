@@ -11,6 +11,8 @@ rendered "Question: {q}\\nAnswer: {a}\\n\\n" -- lm-eval's layout with its `first
 Scoring: the strict-match filter takes the first "#### (-?[0-9.,]+)" in the generation
 ("[invalid]" when none); exact_match then deletes ",", "$", everything up to the last "#### ",
 a trailing ".", and lower-cases, on the prediction and the reference alike. ids: the 0-based row.
+Training split: the train file (here its first 1000 rows), same layout; a pair is the prompt and
+" " + the worked answer, so an adapter learns to end with lm-eval's `#### N`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Gsm8k(GenerativeTask):
     name = "gsm8k"
     metric = "exact"
     default_path = "gsm8k/test.jsonl"
+    training_path = "gsm8k/train_first1000.jsonl"
     Options = Gsm8kOptions
     options: Gsm8kOptions
     stop = STOP

@@ -7,6 +7,7 @@ text format (`activity_label: ctx`, gold label, 4 endings).
 Prompt (lm-eval 0.4.13 `hellaswag`, `utils.process_docs`): context =
 preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()), options = preprocess(ending),
 target delimiter " ". ids: the record's `ind` (jsonl) or the 0-based item number (text).
+Training split: the release's `hellaswag_train.jsonl`, same schema.
 
 The text format is llama.cpp's own rendering: it joined ctx_a and ctx_b *without* lm-eval's
 capitalisation of ctx_b, which cannot be recovered, so its contexts match lm-eval only where
@@ -38,6 +39,7 @@ def preprocess(text: str) -> str:
 class HellaSwag(MultipleChoiceTask):
     name = "hellaswag"
     default_path = "hellaswag/val_sample1000.jsonl"
+    training_path = "hellaswag/hellaswag_train.jsonl"
 
     def records(self, path: str) -> Iterator[Record]:
         if not str(path).endswith(".txt"):

@@ -7,6 +7,7 @@ file, a `label` field in each record is used (Hugging Face exports).
 
 Prompt (lm-eval 0.4.13 `piqa`): context "Question: {goal}\\nAnswer:", options [sol1, sol2]
 verbatim (trailing spaces kept), target delimiter " ". ids: the 0-based row.
+Training split: the release's `train.jsonl` with `train-labels.lst` beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def labels_beside(path: str | Path) -> Path:
 class Piqa(MultipleChoiceTask):
     name = "piqa"
     default_path = "piqa/valid.jsonl"
+    training_path = "piqa/train.jsonl"
     Options = PiqaOptions
     options: PiqaOptions
 

@@ -9,7 +9,8 @@ Reads two layouts:
 Prompt (lm-eval 0.4.13 `winogrande`): one context per option, sentence[:blank] + option, and
 the shared continuation " " + sentence[blank+1:].strip(); log P(continuation | context_i) picks
 the option. `choice_chars` are len() of those contexts (lm-eval's doc_to_choice strings).
-ids: `qID` when present, else the 0-based row.
+ids: `qID` when present, else the 0-based row. Training split: the release's `train_xl.jsonl`
+(or any train size), original layout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from muscle_ray.tasks.common import MultipleChoiceTask, as_index, mc_instance, n
 class WinoGrande(MultipleChoiceTask):
     name = "winogrande"
     default_path = "winogrande/winogrande_dev.llmfoundry.jsonl"
+    training_path = "winogrande/train_xl.jsonl"
 
     def instance(self, doc: dict, row: int) -> Instance:
         if "context_options" in doc:
