@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 import threading
 import time
@@ -241,11 +242,14 @@ class Console:
             self.line(stage.summary(self._board_counts))
 
     def board(self):
-        """The progress board actor (started on first use; Ray must be running)."""
+        """The progress board actor, started on first use (and Ray with it, if it is not yet)."""
         with self._lock:
             if self._board is None:
                 import ray
 
+                from muscle_ray.runtime import init_ray
+
+                init_ray()
                 self._board = ray.remote(num_cpus=0)(ProgressBoard).remote()
             return self._board
 
@@ -295,28 +299,46 @@ def setup(run_dir: str | Path, verbose: bool = False) -> Iterator[Console]:
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted (log: {console.log_path})") from None
     except Exception as e:
-        cause = _cause(e)
-        if isinstance(cause, MuscleError):
-            raise MuscleError(f"{cause} (log: {console.log_path})") from None
-        first = (str(cause).strip().splitlines() or [""])[0]
-        raise SystemExit(f"error: {type(cause).__name__}: {first} (traceback and Ray's output: "
-                         f"{console.log_path})") from None
+        kind, message = _root(e)
+        if kind == MuscleError.__name__:
+            raise MuscleError(f"{message} (log: {console.log_path})") from None
+        raise SystemExit(f"error: {kind}: {message} (traceback and Ray's output: {console.log_path})") from None
 
 
-def _cause(error: BaseException) -> BaseException:
-    """The error under Ray's wrappers (a task's, a train worker's), for the one-line message."""
-    while True:
-        inner = (getattr(error, "cause", None)
-                 or next(iter((getattr(error, "worker_failures", None) or {}).values()), None)
-                 or getattr(error, "controller_failure", None))
-        if not isinstance(inner, BaseException) or inner is error:
-            return error
-        error = inner
+# "module.SomeError: message", a raise as a traceback prints it
+_RAISED = re.compile(r"^(?:[A-Za-z_][\w]*\.)*(?P<kind>[A-Za-z_]\w*(?:Error|Exception)): (?P<message>.+)$", re.M)
+
+
+def _root(error: BaseException) -> tuple[str, str]:
+    """The kind and first line of the error at the bottom of `error`.
+
+    Ray wraps what went wrong in a worker (a task's error, a train worker's, a Ray Data UDF's)
+    and, past a process boundary, keeps the inner errors only as traceback text: the first
+    raise printed there is the root.
+    """
+    chain = [error]
+    while (inner := _inner(chain[-1])) is not None and inner not in chain:
+        chain.append(inner)
+    for e in chain:
+        raised = _RAISED.search(str(e))
+        if raised:
+            return raised["kind"], raised["message"].strip()
+    return type(chain[-1]).__name__, (str(chain[-1]).strip().splitlines() or [""])[0]
+
+
+def _inner(error: BaseException) -> BaseException | None:
+    """The error `error` wraps: a Ray task's, a train worker's, the Train controller's, or its cause."""
+    inner = (getattr(error, "cause", None)
+             or next(iter((getattr(error, "worker_failures", None) or {}).values()), None)
+             or getattr(error, "controller_failure", None)
+             or error.__cause__)
+    return inner if isinstance(inner, BaseException) else None
 
 
 def _shutdown_ray(console: Console) -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        time.sleep(1.0)   # Ray forwards workers' output every 0.1-0.5 s: let their last lines reach the log
         from muscle_ray.runtime import session_logs
 
         logs = session_logs()

@@ -156,3 +156,23 @@ def test_ray_workers_report_progress_and_their_output_lands_in_the_log(tmp_path)
     log = (tmp_path / "logs" / "ray.log").read_text()
     assert log.count("worker finished its steps") == 2 and "details" in log
     assert (tmp_path / "logs" / "ray-session").is_symlink()         # Ray's own logs of the session
+
+
+@pytest.mark.slow
+def test_a_user_error_inside_ray_data_is_still_one_user_error_line(tmp_path):
+    """Ray keeps an error raised in a Ray Data UDF only as traceback text: the line still names
+    it, and a MuscleError stays a MuscleError (exit code 2 in the CLI)."""
+    res = _run("""
+    def check(batch):
+        raise MuscleError("data.jsonl: row 3: field 'prompt' is missing")
+
+    try:
+        with console.setup(run_dir):
+            import ray.data
+
+            ray.data.range(8).map_batches(check).materialize()
+    except MuscleError as e:
+        print(e)
+    """, tmp_path)
+    assert res.stdout.strip() == (f"data.jsonl: row 3: field 'prompt' is missing "
+                                  f"(log: {tmp_path / 'logs' / 'ray.log'})"), res

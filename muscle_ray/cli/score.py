@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-errors", type=int, help="fail when more than N input rows are bad")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs each actor asks Ray for (default 0.25)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs each actor asks Ray for (default 0)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's output (always in OUT/logs/ray.log)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -66,9 +67,13 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     given = config_from_args(args)   # a bad setting fails here, before Ray is imported
 
+    from muscle_ray import console
     from muscle_ray.locations import staged
     from muscle_ray.scoring.job import run_score
 
-    with staged(given) as cfg:
-        run_score(cfg)
+    with staged(given) as cfg, console.setup(cfg.out, verbose=args.verbose) as con:
+        with con.stage(f"score {', '.join(v.name for v in cfg.versions)} on {cfg.task}", unit="rows") as stage:
+            summaries = run_score(cfg, log=con.log, progress=stage.advance)
+        for s in summaries:
+            con.line(f"{s.version}: {s.rows} rows in {s.out} ({s.scored} scored now, {s.errors} bad rows skipped)")
     return 0
