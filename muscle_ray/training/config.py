@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from muscle_ray.errors import MuscleError
+from muscle_ray.model_sources import ModelName
 from muscle_ray.training.losses import MASKS
 
 
@@ -66,7 +67,7 @@ class RunSettings(_Strict):
 
 
 class ModelRef(_Strict):
-    base: str
+    base: ModelName
     adapter: str | None = None
 
 
@@ -95,7 +96,7 @@ class CompatSettings(_Strict):
 
 
 class TrainConfig(_Strict):
-    base: str                                   # the student's base (v2 for compat)
+    base: ModelName                             # the student's base (v2 for compat)
     out: str                                    # the exported adapter directory
     data: DataConfig
     lora: LoraSettings = LoraSettings()
