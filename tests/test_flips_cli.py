@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,32 @@ def test_console_script_bad_input(tmp_path, three):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "column 'score' is nan at row 0" in lines[0] and str(bad) in lines[0]
+
+
+def test_task_mismatch_refused_unless_allowed(tmp_path, capsys):
+    old = write(tmp_path / "old.parquet", list("ab"), [1, 0], ["0", "1"])
+    other = tmp_path / "other.parquet"
+    pq.write_table(pq.read_table(old).set_column(1, "task", pa.array(["u", "u"])), other)
+    assert main(["flips", old, str(other), "--json"]) == 2
+    assert "--allow-task-mismatch" in capsys.readouterr().err
+    assert main(["flips", old, str(other), "--json", "--allow-task-mismatch"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2
+    cfg = tmp_path / "flips.yaml"   # the same field from a config file
+    cfg.write_text(f"old: {old}\nnew: {other}\nallow_task_mismatch: true\nformat: json\n")
+    assert main(["flips", "--config", str(cfg)]) == 0
+
+
+@pytest.mark.parametrize("out", [
+    pytest.param(lambda d: "/proc/x", id="under-proc"),
+    pytest.param(lambda d: "/proc/self", id="proc-dir"),
+    pytest.param(lambda d: (d / "file").write_text("x") and str(d / "file"), id="file-in-the-way"),
+    pytest.param(lambda d: (d / "file").write_text("x") and str(d / "file" / "sub"), id="file-as-parent"),
+    pytest.param(lambda d: (d / "ro").mkdir(mode=0o500) or str(d / "ro" / "report"), id="read-only-dir",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")),
+])
+def test_unwritable_out_exit_2_one_line(three, tmp_path, capsys, out):
+    old, new, _ = three
+    where = out(tmp_path)
+    assert main(["flips", old, new, "--out", where, "--bootstrap", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"muscle flips: error: --out {where}: cannot write there") and "\n" not in err, err

@@ -31,6 +31,7 @@ class FlipsConfig(BaseModel):
     bertscore_model: str | None = None
     lmeval_metric: str | None = None
     lmeval_filter: str | None = None
+    allow_task_mismatch: bool = False
 
     @field_validator("metric")
     @classmethod
@@ -59,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lmeval-metric",
                         help="which per-sample lm-eval metric is correctness (default acc, else exact_match)")
     parser.add_argument("--lmeval-filter", help="which lm-eval filter's lines to read (default: the file's first)")
+    parser.add_argument("--allow-task-mismatch", action="store_const", const=True,
+                        help="compare result sets of different tasks (their ids join by accident otherwise refused)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from muscle_ray.results import read_results
 
     names = ("old", "new", "compat", "metric", "epsilon", "format", "out", "bootstrap", "seed",
-             "bertscore_model", "lmeval_metric", "lmeval_filter")
+             "bertscore_model", "lmeval_metric", "lmeval_filter", "allow_task_mismatch")
     cfg = load(FlipsConfig, args, {name: getattr(args, name) for name in names})
 
     def read(path: str):
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     def against_old(path: str):
         return compare(old, read(path), names=(cfg.old, path), metric=cfg.metric, epsilon=cfg.epsilon,
-                       n_boot=cfg.bootstrap, seed=cfg.seed, bertscore_model=cfg.bertscore_model)
+                       n_boot=cfg.bootstrap, seed=cfg.seed, bertscore_model=cfg.bertscore_model,
+                       allow_task_mismatch=cfg.allow_task_mismatch)
 
     try:
         base = against_old(cfg.new)
@@ -94,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"muscle flips: warning: old->new joins {base.summary['n']} ids, old->compat "
                   f"{comp.summary['n']}; the deltas compare different instance sets", file=sys.stderr)
     if cfg.out:
-        _write_out(Path(cfg.out), base, comp, summary)
+        try:
+            _write_out(Path(cfg.out), base, comp, summary)
+        except OSError as e:   # /proc/x, a file in the way, a read-only directory, a full disk
+            reason = e.strerror or str(e)
+            if e.filename and str(e.filename) != cfg.out:
+                reason += f" ({e.filename})"
+            raise MuscleError(f"--out {cfg.out}: cannot write there: {reason}") from None
     print(json.dumps(summary) if cfg.format == "json" else format_table(summary))
     return 0
 
