@@ -8,7 +8,8 @@ lm-evaluation-harness's `--apply_chat_template` renders a zero-shot prompt.
 
 A conversation is `[{"role": "system"|"user"|"assistant", "content": str}, ...]` ending with the
 assistant message that is its answer (`split_messages`). Without a chat template a conversation
-is read as plain text: its turns' contents joined by a blank line (`plain_text`).
+is read as plain text, each turn's content followed by a blank line, the answer being the next
+turn (`plain_text`); the default stop string, a blank line, ends it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def split_messages(messages: Any, row: int | None = None) -> tuple[Messages, str
 
 def plain_text(prompt: Prompt) -> str:
     """A prompt as plain text, for a model read without a chat template."""
-    return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
+    return prompt if isinstance(prompt, str) else "".join(m["content"] + "\n\n" for m in prompt)
 
 
 def model_name(tokenizer) -> str:

@@ -82,3 +82,19 @@ def smollm2_dir(smollm2_gguf) -> Path:
     from muscle_ray.model_sources import resolve_model
 
     return resolve_model(str(smollm2_gguf))
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, tiny_model) -> Path:
+    """tiny_model with a ChatML-like chat template in its tokenizer_config.json (a chat model)."""
+    import json
+    import shutil
+
+    out = Path(shutil.copytree(tiny_model, tmp_path_factory.mktemp("tiny_chat") / "base"))
+    config = out / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHATML}, indent=2))
+    return out

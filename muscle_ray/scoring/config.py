@@ -65,6 +65,7 @@ class ScoreConfig(BaseModel):
     max_errors: int | None = Field(None, ge=0)
     cpus_per_worker: float = Field(0.25, gt=0)  # fractional, so actors never starve Ray Data's reads
     gpus_per_worker: float = Field(0.0, ge=0)
+    chat_template: bool = False        # read prompts through each model's chat template (muscle_ray.chat)
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -8,8 +8,9 @@ empty context is replaced by the BOS (or EOS) token, and too-long inputs lose to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from muscle_ray.chat import render_prompt
 from muscle_ray.tasks.base import Instance
 
 DEFAULT_MAX_LENGTH = 2048
@@ -53,6 +54,18 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = encode(tokenizer, context + continuation)
     ctx = encode(tokenizer, context)
     return ctx, whole[len(ctx):]
+
+
+def chat_instance(tokenizer, inst: Instance) -> Instance:
+    """The instance as a chat model reads it (`chat_template: true`), as lm-eval's
+    `--apply_chat_template` renders it: each context (or the conversation) is the user's turn
+    ending in the generation prompt, and each continuation loses its target delimiter. The
+    rendered text is then encoded like any other (a BOS the template wrote is not doubled)."""
+    if inst.kind == "gen":
+        return replace(inst, contexts=[render_prompt(tokenizer, inst.messages or inst.contexts[0])])
+    cut = len(inst.delimiter)
+    return replace(inst, contexts=[render_prompt(tokenizer, c) for c in inst.contexts],
+                   continuations=[c[cut:] if c.startswith(inst.delimiter) else c for c in inst.continuations])
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

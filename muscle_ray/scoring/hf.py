@@ -15,10 +15,12 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from muscle_ray.chat import require_chat_template
 from muscle_ray.errors import MuscleError
 from muscle_ray.models import ModelVersion, load_model, load_tokenizer
 from muscle_ray.scoring.encode import (
     PackedQuestion,
+    chat_instance,
     completion_text,
     generation_groups,
     max_length,
@@ -61,13 +63,17 @@ class _StopStrings:
 
 
 class HFScorer:
-    """Holds one model version; scores Instances in batches of `batch_size` questions/prompts."""
+    """Holds one model version; scores Instances in batches of `batch_size` questions/prompts.
+    With `chat_template`, every instance is read through the model's chat template first."""
 
     def __init__(self, version: ModelVersion, batch_size: int = 8, device: str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, chat_template: bool = False):
         self.version = version
         self.batch_size = max(1, int(batch_size))
         self.tokenizer = load_tokenizer(version)
+        self.chat_template = chat_template
+        if chat_template:
+            require_chat_template(self.tokenizer)
         self.model = load_model(version, device=device, dtype=dtype)
         self.device = next(self.model.parameters()).device
         self.max_len = max_length(self.model.config, self.tokenizer)
@@ -99,7 +105,11 @@ class HFScorer:
                 yield
 
     # -- multiple choice ---------------------------------------------------------------------
+    def _as_read(self, instances: list[Instance]) -> list[Instance]:
+        return [chat_instance(self.tokenizer, i) for i in instances] if self.chat_template else instances
+
     def loglikelihoods(self, instances: list[Instance]) -> list[MCOutput]:
+        instances = self._as_read(instances)
         packed = [pack_question(self.tokenizer, inst, self.max_len) for inst in instances]
         out: list[MCOutput | None] = [None] * len(packed)
         for idx in length_sorted_batches([len(q) for q in packed], self.batch_size):
@@ -133,6 +143,7 @@ class HFScorer:
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, instances: list[Instance]) -> list[GenOutput]:
+        instances = self._as_read(instances)
         out: list[GenOutput | None] = [None] * len(instances)
         for (stops, max_new), members in generation_groups(instances).items():
             if not 0 < max_new < self.max_len:

@@ -49,7 +49,7 @@ class ScoreActor:
     """One model version in memory; parses raw records and scores the good ones."""
 
     def __init__(self, version: dict, task: str, task_options: dict, backend: str, batch_size: int,
-                 threads: int):
+                 threads: int, chat_template: bool = False):
         import ray
         import torch
 
@@ -60,7 +60,7 @@ class ScoreActor:
         spec = VersionSpec(**version)
         self.name = spec.name
         self.task = get_task(task, **task_options)
-        self.scorer = make_scorer(backend, spec.model_version(), batch_size)
+        self.scorer = make_scorer(backend, spec.model_version(), batch_size, chat_template=chat_template)
 
     def __call__(self, batch: dict) -> dict:
         from muscle_ray.scoring.backend import score_instances
@@ -133,6 +133,7 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], da
     _check_run(out_dir, {
         "task": cfg.task, "task_options": cfg.task_options, "data": str(Path(data).resolve()),
         "limit": cfg.limit, "shard_size": S, "records": len(records), "backend": cfg.backend,
+        "chat_template": cfg.chat_template or None,   # null when off, as in runs from before the field
         "base": str(Path(spec.base).resolve()), "adapter": spec.adapter and str(Path(spec.adapter).resolve()),
     })
     for stale in out_dir.glob(".*.tmp"):   # a writer killed mid-write left its temp file behind
@@ -155,7 +156,7 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], da
             ScoreActor,
             fn_constructor_kwargs=dict(version=spec.model_dump(), task=cfg.task, task_options=cfg.task_options,
                                        backend=cfg.backend, batch_size=cfg.batch_size,
-                                       threads=max(1, round(cfg.cpus_per_worker))),
+                                       threads=max(1, round(cfg.cpus_per_worker)), chat_template=cfg.chat_template),
             batch_size=cfg.batch_size * 4, compute=pool,
             num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
         )
@@ -214,6 +215,12 @@ def run_score(cfg: ScoreConfig, log=print, progress=None) -> list[VersionSummary
             check_same_tokenizer(versions)
         except MuscleError as e:
             log(f"warning: {e} (predictions are still comparable; token-level comparisons are not)")
+    if cfg.chat_template:   # refused here, in one line, rather than by every actor
+        from muscle_ray.chat import require_chat_template
+        from muscle_ray.models import load_tokenizer
+
+        for v in versions:
+            require_chat_template(load_tokenizer(v))
     if cfg.backend == "vllm":
         from muscle_ray.scoring.vllm import require_vllm
 

@@ -11,8 +11,9 @@ requests go in as token ids, so both backends score exactly the same tokens.
 
 from __future__ import annotations
 
+from muscle_ray.chat import require_chat_template
 from muscle_ray.models import ModelVersion
-from muscle_ray.scoring.encode import completion_text, encode_pair, generation_groups, prompt_tokens
+from muscle_ray.scoring.encode import chat_instance, completion_text, encode_pair, generation_groups, prompt_tokens
 from muscle_ray.scoring.outputs import GenOutput, MCOutput
 from muscle_ray.tasks.base import Instance
 from muscle_ray.vllm_support import VLLMModel
@@ -22,14 +23,22 @@ class VLLMScorer:
     """Holds one model version in a vLLM engine; the adapter, if any, rides on each request."""
 
     def __init__(self, version: ModelVersion, dtype: str | None = None, max_model_len: int | None = None,
-                 **llm_kwargs):
+                 chat_template: bool = False, **llm_kwargs):
         self.version = version
         self.adapter = version.name if version.adapter else None
         self.vllm = VLLMModel(version.base, {version.name: version.adapter} if version.adapter else {}, dtype=dtype,
                               max_model_len=max_model_len, trust_remote_code=version.trust_remote_code, **llm_kwargs)
         self.tokenizer, self.max_len = self.vllm.tokenizer, self.vllm.max_len
+        self.chat_template = chat_template
+        if chat_template:
+            require_chat_template(self.tokenizer)
+
+    def _as_read(self, instances: list[Instance]) -> list[Instance]:
+        """Through the chat template when asked, exactly as the HF backend reads them."""
+        return [chat_instance(self.tokenizer, i) for i in instances] if self.chat_template else instances
 
     def loglikelihoods(self, instances: list[Instance]) -> list[MCOutput]:
+        instances = self._as_read(instances)
         pairs = [encode_pair(self.tokenizer, inst.context_for(i), c)
                  for inst in instances for i, c in enumerate(inst.continuations)]
         lls = self.vllm.continuation_logliks(pairs, self.adapter)
@@ -42,6 +51,7 @@ class VLLMScorer:
         return out
 
     def generate(self, instances: list[Instance]) -> list[GenOutput]:
+        instances = self._as_read(instances)
         out: list[GenOutput | None] = [None] * len(instances)
         for (stops, max_new), members in generation_groups(instances).items():
             prompts = [prompt_tokens(self.tokenizer, instances[i].contexts[0], self.max_len - max_new) for i in members]

@@ -52,7 +52,7 @@ class Instance:
     reference: str = ""                                      # gold option index as text, or gold answer text
     stop: list[str] = field(default_factory=list)            # gen: stop strings
     max_new_tokens: int = 0                                  # gen: token limit
-    delimiter: str = ""                                      # mc: the target delimiter each continuation starts with
+    delimiter: str = ""                                      # the target delimiter (mc: continuations start with it)
     messages: list[dict[str, str]] | None = None             # gen: the conversation before the answer, if any
     doc: dict[str, Any] | None = None                        # the task's own document, for tasks that score with it
 

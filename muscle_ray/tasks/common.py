@@ -123,6 +123,15 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def parse_options(task: str, model: type[Options], options: dict[str, Any]) -> Any:
+    """A task's options, validated; a MuscleError names the task and every bad option."""
+    try:
+        return model(**options)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors())
+        raise MuscleError(f"task {task}: bad option ({problems})") from None
+
+
 def read_parquet(path: str | Path) -> Iterator[tuple[int, str]]:
     """Yield (row, the row as one JSON object): a Parquet file (a Hugging Face dataset's shard,
     say) read through the same parsing as JSON Lines."""
@@ -149,11 +158,7 @@ class FileTask(Task):
     Options: type[Options] = Options
 
     def __init__(self, **options: Any):
-        try:
-            self.options = self.Options(**options)
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors())
-            raise MuscleError(f"task {self.name}: bad option ({problems})") from None
+        self.options = parse_options(self.name, self.Options, options)
 
     def records(self, path: str) -> Iterator[Record]:
         for row, line in read_parquet(path) if str(path).endswith(".parquet") else read_lines(path):

@@ -8,7 +8,7 @@ Defaults suit tiny models on CPU; the paper used LoRA r = 128, alpha = 256, T = 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,15 +22,34 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Training text: a JSONL or Parquet file with `prompt` and `completion` string fields,
-    or a built-in task's file (`task` + `path`) turned into pairs by `Task.training_pair`."""
+    """Training text: a JSONL or Parquet file with `prompt` and `completion` string fields or a
+    chat conversation `messages`, or a task's file (`task` + `path`) turned into pairs by
+    `Task.training_pair`; without `path`, the task's training split under `data_root`."""
 
     path: str
     task: str | None = None
+    task_options: dict[str, Any] = {}
+    data_root: str | None = None         # with `task` and no `path`: data_root / the task's training_path
     val_path: str | None = None          # else the last `val_fraction` of `path` is held out
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(256, gt=1)
     loss_on: Literal["all", "completion"] = "all"   # paper: all tokens, context and answer
+    chat_template: bool = False          # render with the base's chat template; loss on the assistant turn only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_split(cls, data):
+        """No `path` but a task and a data root: the task's own training split there."""
+        if not isinstance(data, dict) or data.get("path") is not None:
+            return data
+        if not (data.get("task") and data.get("data_root")):
+            return data                          # pydantic then says that path is required
+        from muscle_ray.tasks import get_task
+
+        split = get_task(data["task"], **(data.get("task_options") or {})).training_path
+        if split is None:
+            raise ValueError(f"task {data['task']} names no training split; give path")
+        return {**data, "path": str(Path(data["data_root"]) / split)}
 
 
 class LoraSettings(_Strict):

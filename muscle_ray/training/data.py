@@ -1,14 +1,20 @@
 """Training text -> tokenized Ray Datasets the train workers read as shards.
 
 Input: a JSONL or Parquet file whose rows have string fields `prompt` and `completion`, or a
-built-in task's file (`task: NAME`), turned into pairs by `Task.training_pair`. Rows are read,
-checked (errors name the file and row) and tokenized on the driver; the train workers read
-the resulting Ray Datasets as shards (`ray.train.get_dataset_shard`).
+chat conversation `messages` (`[{"role", "content"}, ...]`, the last message the assistant's
+answer), or a task's file (`task: NAME`), turned into pairs by `Task.training_pair`. Rows are
+read, checked (errors name the file and row) and tokenized on the driver; the train workers
+read the resulting Ray Datasets as shards (`ray.train.get_dataset_shard`).
 
 Prompt and completion are tokenised the way scoring tokenises a context and its continuation
 (lm-eval's joint encoding, `scoring.encode.encode_pair`): a prompt's trailing spaces move to
 the completion and the completion's tokens are those of the whole text after the prompt's, so
 the tokens trained on at the seam are the tokens scored.
+
+With `chat_template: true` the pair is rendered as scoring renders it for a chat model
+(`muscle_ray.chat`): the prompt (or conversation) ends with the template's generation prompt,
+the completion is the assistant's turn (the answer without its leading delimiter, then the
+template's own end of turn, which replaces the EOS), and only that turn carries loss.
 
 Each tokenized row is fixed-length (`max_length`, right-padded) with
   input_ids       prompt tokens + completion tokens + EOS
@@ -25,25 +31,29 @@ from pathlib import Path
 
 import numpy as np
 
-from muscle_ray.errors import MuscleError
+from muscle_ray.chat import plain_text, render_turn, split_messages
+from muscle_ray.errors import BadRow, MuscleError
 from muscle_ray.scoring.encode import encode_pair
 from muscle_ray.training.config import DataConfig
 
 IGNORE = -100
 
 
-def read_pairs(path: str, task: str | None = None) -> list[dict]:
-    """[{"prompt", "completion"}] from a JSONL/Parquet file or a built-in task's file."""
+def read_pairs(path: str, task: str | None = None, task_options: dict | None = None) -> list[dict]:
+    """[{"prompt": text or conversation, "completion"}] from a JSONL/Parquet file or a task's file."""
     p = Path(path)
     if not p.exists():
         raise MuscleError(f"{path}: training data not found")
     if task:
         from muscle_ray.tasks import get_task
 
-        t = get_task(task)
+        t = get_task(task, **(task_options or {}))
         pairs = []
         for record in t.records(str(path)):
-            prompt, completion = t.training_pair(t.parse(record))
+            try:
+                prompt, completion = t.training_pair(t.parse(record))
+            except BadRow as e:
+                raise MuscleError(f"{path}: row {record.row}: {e.reason} (task {t.name})") from None
             pairs.append({"prompt": prompt, "completion": completion})
         return pairs
     if p.suffix == ".parquet":
@@ -59,19 +69,35 @@ def read_pairs(path: str, task: str | None = None) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise MuscleError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
     else:
-        raise MuscleError(f"{path}: training data must be .jsonl or .parquet (with prompt, completion fields)")
-    for i, r in enumerate(rows, 1):
-        for field in ("prompt", "completion"):
-            if not isinstance(r.get(field), str):
-                raise MuscleError(f"{path}: row {i}: field '{field}' missing or not a string")
+        raise MuscleError(f"{path}: training data must be .jsonl or .parquet (with prompt, completion fields "
+                          "or messages)")
     if not rows:
         raise MuscleError(f"{path}: no rows")
-    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    return [_pair(r, f"{path}: row {i}") for i, r in enumerate(rows, 1)]
 
 
-def tokenize_pair(tokenizer, prompt: str, completion: str, max_length: int, loss_on: str) -> dict:
+def _pair(row: dict, where: str) -> dict:
+    if isinstance(row, dict) and "messages" in row:
+        try:
+            prompt, answer = split_messages(row["messages"])
+        except BadRow as e:
+            raise MuscleError(f"{where}: {e.reason}") from None
+        return {"prompt": prompt, "completion": answer}
+    for field in ("prompt", "completion"):
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise MuscleError(f"{where}: field '{field}' missing or not a string (or give 'messages')")
+    return {"prompt": row["prompt"], "completion": row["completion"]}
+
+
+def tokenize_pair(tokenizer, prompt: str | list[dict], completion: str, max_length: int, loss_on: str,
+                  chat_template: bool = False) -> dict:
+    if chat_template:
+        prompt, completion = render_turn(tokenizer, prompt, completion.lstrip())
+        loss_on, end = "completion", []             # the template's end of turn closes the answer
+    else:
+        prompt, end = plain_text(prompt), [tokenizer.eos_token_id]
     p_ids, c_ids = encode_pair(tokenizer, prompt, completion)
-    c_ids = c_ids + [tokenizer.eos_token_id]
+    c_ids = c_ids + end
     ids = (p_ids + c_ids)[:max_length]
     n = len(ids)
     input_ids = np.full(max_length, tokenizer.pad_token_id, dtype=np.int64)
@@ -92,7 +118,8 @@ def tokenize_pairs(pairs: list[dict], base: str, data: DataConfig) -> list[dict]
     tok = AutoTokenizer.from_pretrained(base)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return [tokenize_pair(tok, r["prompt"], r["completion"], data.max_length, data.loss_on) for r in pairs]
+    return [tokenize_pair(tok, r["prompt"], r["completion"], data.max_length, data.loss_on, data.chat_template)
+            for r in pairs]
 
 
 def build_datasets(data: DataConfig, base: str):
@@ -103,9 +130,9 @@ def build_datasets(data: DataConfig, base: str):
     the workers then read their shards of the resulting dataset every epoch."""
     import ray
 
-    train_pairs = read_pairs(data.path, data.task)
+    train_pairs = read_pairs(data.path, data.task, data.task_options)
     if data.val_path:
-        val_pairs = read_pairs(data.val_path, data.task)
+        val_pairs = read_pairs(data.val_path, data.task, data.task_options)
     else:
         n_val = int(round(len(train_pairs) * data.val_fraction))
         if n_val == 0 or n_val == len(train_pairs):
