@@ -9,6 +9,7 @@ safetensors weights (what `ModelVersion` checks).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from muscle_ray.locations import in_workspace
 
 # `org/name` or `org/name@revision` (a branch, tag or commit), as the hub spells repo ids
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+logger = logging.getLogger(__name__)
 GGUF_FORMAT = "1"   # bump when the conversion's output changes, so old cache entries are not reused
 
 
@@ -59,7 +61,7 @@ def config_model(ref: str) -> str:
         if HUB_ID.fullmatch(ref):
             return ref
         raise ValueError(str(e)) from None   # pydantic's error names the field
-    return ref if path == Path(os.path.expanduser(ref)) else str(path)
+    return ref if path == Path(ref) else str(path)
 
 
 # The type of a config field that names a model: `base: ModelName`
@@ -128,6 +130,7 @@ def convert_gguf(path: Path) -> Path:
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    logger.warning("converting %s into %s (once; it is reused from there)", path, dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
         write_hf_dir(path, tmp)

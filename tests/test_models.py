@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from muscle_ray.errors import MuscleError
-from muscle_ray.model_sources import convert_gguf, resolve_model
+from muscle_ray.model_sources import config_model, convert_gguf, resolve_model
 from muscle_ray.models import ModelVersion, check_same_tokenizer
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -62,6 +62,8 @@ def test_a_local_directory_wins_over_a_hub_id_of_the_same_name(hub_cache, tmp_pa
     monkeypatch.chdir(hub_cache)
     monkeypatch.setenv("MUSCLE_WORKSPACE", str(tmp_path))
     assert resolve_model("tiny-org/tiny-llama") == Path("tiny-org/tiny-llama")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert config_model("~/tiny-org/tiny-llama") == str(tmp_path / "tiny-org" / "tiny-llama")
 
 
 def test_configs_resolve_hub_ids_when_read_and_name_the_field(hub_cache):
