@@ -133,6 +133,7 @@ class Console:
         self._saved_fds: tuple[int, int] | None = None
         self._saved_streams = (sys.stdout, sys.stderr)
         self._log_fd: int | None = None
+        self._tee_thread: threading.Thread | None = None
         self.out, self.err = sys.stdout, sys.stderr
 
     # --- the terminal and the log --------------------------------------------------------
@@ -177,7 +178,9 @@ class Console:
         target = self._log_fd
         if self.verbose:        # a pipe, copied to the log and to the terminal as it arrives
             read_end, target = os.pipe()
-            threading.Thread(target=self._tee, args=(read_end, self._log_fd), name="console-tee", daemon=True).start()
+            self._tee_thread = threading.Thread(target=self._tee, args=(read_end, self._log_fd), name="console-tee",
+                                                daemon=True)
+            self._tee_thread.start()
         os.dup2(target, 1)
         os.dup2(target, 2)
         if target != self._log_fd:
@@ -191,6 +194,7 @@ class Console:
         while chunk := os.read(read_end, 65536):
             os.write(log_fd, chunk)
             os.write(self.err.fileno(), chunk)
+        os.close(read_end)
 
     def _restore(self) -> None:
         sys.stdout.flush()
@@ -201,6 +205,15 @@ class Console:
             os.dup2(saved, fd)
             os.close(saved)
         self._saved_fds = None
+        if self._tee_thread is not None:    # ends once no process holds the pipe (Ray is down)
+            self._tee_thread.join(timeout=2)
+        if self._tee_thread is None or not self._tee_thread.is_alive():
+            assert self._log_fd is not None
+            os.close(self._log_fd)
+            self._log_fd = None
+        self.out.close()
+        self.err.close()
+        self.out, self.err = self._saved_streams
 
     def log(self, text: str) -> None:
         """A line in the log file only (on stderr when there is none)."""
