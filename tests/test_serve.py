@@ -151,6 +151,8 @@ def test_cli_without_demo_outputs_exits_2(tmp_path, monkeypatch, capsys):
 def test_request_models():
     r = CompletionRequest(model="new", prompt="x", stop="\n", temperature=0)
     assert r.stop == ["\n"] and r.prompts() == ["x"] and r.max_tokens == 16
+    # logits / 5e-324 overflow to inf: a temperature that small is greedy (found by the fuzz)
+    assert CompletionRequest(model="new", prompt="x", temperature=5e-324).temperature == 0.0
     with pytest.raises(ValidationError, match="label needs choices"):
         CompareRequest(prompt="x", label=0)
     with pytest.raises(ValidationError, match="not an index"):
@@ -579,6 +581,7 @@ def test_a_lost_replica_is_retried_once_for_greedy_requests_else_503(replicas):
         with pytest.raises(ApiError) as e:
             asyncio.run(gw.completions(body))
         assert (e.value.status, e.value.code, e.value.headers()) == (503, "replica_lost", {"Retry-After": "1"})
+    assert gw.stats()["replica_lost"] == {"retried": 2, "failed": 2}
 
 
 def test_chat_completions_with_the_openai_client(url, chat_model_b, engine):

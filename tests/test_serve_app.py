@@ -1,11 +1,13 @@
 """The real Ray Serve app on tiny local models, called over HTTP (openai client and requests).
 
 One app serves the whole module (starting Serve is the slow part): base A holds `old`, base B
-holds `new` and `compat`; shadow mode is on and an API key is set.
+(with a chat template) holds `new` and `compat`; shadow mode is on and an API key is set.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 
 import pyarrow.parquet as pq
@@ -21,6 +23,8 @@ KEY = "test-key-0123"
 KEY_ENV = "MUSCLE_TEST_SERVE_KEY"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = ["The quick brown fox", "Question: How many apples are left? Answer:", "hi"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +32,13 @@ def models(tiny_model, tiny_model_b, tiny_adapter, tmp_path_factory):
     from muscle_ray.zoo.llama import random_lora_dir
 
     root = tmp_path_factory.mktemp("serve_app")
+    chat_b = root / "chat_b"   # tiny_model_b with a chat template, as a chat model's tokenizer has
+    shutil.copytree(tiny_model_b, chat_b)
+    config = chat_b / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHATML}))
     return {"old": (tiny_model, tiny_adapter),
-            "new": (tiny_model_b, random_lora_dir(tiny_model_b, root / "new", seed=1)),
-            "compat": (tiny_model_b, random_lora_dir(tiny_model_b, root / "compat", seed=2)),
+            "new": (chat_b, random_lora_dir(chat_b, root / "new", seed=1)),
+            "compat": (chat_b, random_lora_dir(chat_b, root / "compat", seed=2)),
             "shadow": root / "shadow"}
 
 
@@ -82,11 +90,31 @@ def post(path: str, body: dict, headers=AUTH) -> requests.Response:
     return requests.post(URL + path, json=body, headers=headers, timeout=60)
 
 
-def test_models_listed_with_their_base_and_adapter(app, client, models):
+def test_models_listed_with_their_base_and_deployment_by_name(app, client, models):
     assert [m.id for m in client.models.list().data] == ["old", "new", "compat"]
-    data = {m["id"]: m for m in requests.get(f"{app}/v1/models", headers=AUTH, timeout=30).json()["data"]}
-    assert data["compat"]["base"] == str(models["compat"][0]) and data["compat"]["adapter"] == str(models["compat"][1])
+    r = requests.get(f"{app}/v1/models", headers=AUTH, timeout=30)
+    data = {m["id"]: m for m in r.json()["data"]}
+    assert (data["compat"]["base"], data["compat"]["adapter"]) == ("b", True)
     assert data["new"]["deployment"] == data["compat"]["deployment"] == "model_b" != data["old"]["deployment"]
+    assert str(models["compat"][0]) not in r.text and str(models["compat"][1]) not in r.text   # no host paths
+
+
+def test_chat_through_serve_with_the_openai_client(app, client, models):
+    """Chat answers are the greedy completion of the rendered conversation; the stream passes
+    through Serve's proxy as server-sent events."""
+    from muscle_ray.serving import chat
+    from muscle_ray.serving.engine_types import GenRequest
+    from muscle_ray.serving.hf_engine import HFEngine
+
+    messages = [{"role": "user", "content": "3 plus 4 is"}]
+    out = client.chat.completions.create(model="compat", messages=messages, max_tokens=8, temperature=0)
+    engine = HFEngine(str(models["compat"][0]), {"compat": str(models["compat"][1])})
+    ids = chat.encode(engine.tokenizer, chat.render(engine.tokenizer, messages, "compat"))
+    assert out.choices[0].message.content == engine.generate([GenRequest("compat", tuple(ids), 8)])[0].text
+    chunks = list(client.chat.completions.create(model="compat", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
 
 
 def test_greedy_completions_equal_the_scoring_jobs_generation(app, client, models):
@@ -233,6 +261,8 @@ def test_api_key_required_everywhere_but_healthz(app):
         r = post("/v1/compare", {"prompt": "hi"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert requests.get(f"{URL}/healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.get(f"{URL}/openapi.json", timeout=30).status_code == 401
+    assert "/v1/chat/completions" in requests.get(f"{URL}/openapi.json", headers=AUTH, timeout=30).json()["paths"]
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=f"{URL}/v1", api_key="wrong", max_retries=0).models.list()
 
@@ -264,9 +294,9 @@ def test_killed_replica_is_replaced(app, client):
 
 
 
-def test_shadow_rows_in_memory_are_written_when_the_gateway_stops(app, models, tmp_path):
+def test_shadow_rows_held_are_written_when_the_gateway_stops(app, models, tmp_path):
     """A second app whose shadow log would wait an hour: deleting it (the gateway replica's
-    graceful shutdown) writes the rows it holds."""
+    graceful shutdown) compacts the rows its journal holds."""
     from ray import serve
 
     from muscle_ray.serving.app import build
@@ -291,7 +321,8 @@ def test_shadow_rows_in_memory_are_written_when_the_gateway_stops(app, models, t
             break
         time.sleep(0.5)
     pending = stats["shadow_pending"]
-    assert pending > 0 and not stats["shadow_files"] and not out.exists()
+    assert pending > 0 and not stats["shadow_files"] and not list(out.glob("*.parquet"))
+    assert list((out / ".journal").glob("*.jsonl"))   # held on disk meanwhile, not only in memory
     serve.delete("late")
     rows = [r for f in sorted(out.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert len(rows) == pending and {r["pair"] for r in rows} == {"new->compat"}

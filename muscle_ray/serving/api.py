@@ -59,6 +59,14 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
+def _greedy_when_tiny(t: float) -> float:
+    """Dividing logits by a temperature near 0 overflows: below 1e-5 it means greedy (as in vLLM)."""
+    return 0.0 if t < 1e-5 else t
+
+
+Temperature = Annotated[float, Field(ge=0, le=2), AfterValidator(_greedy_when_tiny)]
+
+
 def _stops(v):
     """OpenAI's `stop`: one string, a list, or null."""
     return [v] if isinstance(v, str) else (v or [])
@@ -95,7 +103,7 @@ class CompletionRequest(BaseModel):
     model: str
     prompt: Text | list[Text]
     max_tokens: int = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0, le=2)   # OpenAI's default; 0 = greedy
+    temperature: Temperature = 1.0                 # OpenAI's default; 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)                 # one completion per prompt
     stop: list[Text] = []
@@ -127,7 +135,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)             # the older name of max_completion_tokens
     max_completion_tokens: int | None = Field(None, ge=1)  # default: the server's limits.max_tokens
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: Temperature = 1.0
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)
     stop: list[Text] = []
@@ -165,7 +173,7 @@ class CompareRequest(BaseModel):
     old: str | None = None               # default: the config's compare.old
     new: str | None = None               # default: the config's compare.new (e.g. "compat")
     max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(0.0, ge=0, le=2)
+    temperature: Temperature = 0.0
     stop: list[Text] = []
 
     @field_validator("stop", mode="before")

@@ -51,6 +51,7 @@ class Gateway:
         self.cfg = config if isinstance(config, ServeAppConfig) else ServeAppConfig.model_validate(config)
         self.handles = {name: bases[key] for name, key in self.cfg.base_of().items()}
         self.key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
+        self.lost = {"retried": 0, "failed": 0}   # requests whose replica died under them
         rouge(["warm up"], ["warm up"], "rougeL")   # the first rouge-score call loads nltk's stemmer
         self.compare_counter = OutcomeCounter("muscle_compare_total", "compare requests by model pair: agree/disagree")
         self.flip_counter = OutcomeCounter("muscle_flips_total", "labelled compare requests by pair and flip verdict")
@@ -91,6 +92,7 @@ class Gateway:
             try:
                 out = await getattr(self.handles[model], method).remote(model, *args, **kwargs)
             except REPLICA_LOST as e:
+                self.lost["retried" if retry and attempt == 1 else "failed"] += 1
                 if retry and attempt == 1:
                     logger.warning("a replica serving %s was lost mid-request (%s); asking again", model,
                                    type(e).__name__)
@@ -214,4 +216,4 @@ class Gateway:
         return {"compare": self.compare_counter.as_list(), "flips": self.flip_counter.as_list(),
                 "shadow": self.shadow_counter.as_list(),
                 "shadow_files": [str(p) for p in self.shadow.log.files] if self.shadow else [],
-                "shadow_pending": self.shadow.log.pending if self.shadow else 0}
+                "shadow_pending": self.shadow.log.pending if self.shadow else 0, "replica_lost": self.lost}
