@@ -266,3 +266,98 @@ def test_hellaswag_text_file_with_a_truncated_last_item(shared_data, tmp_path):
     assert second.lines == tuple(lines[6:9]) and second.text == "\n".join(lines[6:9])
     with pytest.raises(BadRow, match="incomplete item: 3 of 6 lines"):
         task.parse(second)
+
+
+# --- training splits -------------------------------------------------------------------------
+
+def _first_rows(path, n=3) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()[:n]]
+
+
+def _write(path, rows) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _train_files(shared_data, root) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """task -> (a train file in the release's layout under `root`, the pairs it must give),
+    made from the shared eval rows (only GSM8K's train split is in the shared data)."""
+    arc = _first_rows(shared_data / "arc_easy/arc_easy_test.llmfoundry.jsonl")
+    ai2 = [{"id": f"Mercury_{i}",
+            "question": {"stem": d["query"].removeprefix("Question: "),
+                         "choices": [{"text": t, "label": "ABCD"[k]} for k, t in enumerate(d["choices"])]},
+            "answerKey": "ABCD"[d["gold"]]} for i, d in enumerate(arc)]
+    piqa = _first_rows(shared_data / "piqa/valid.jsonl")
+    piqa_labels = (shared_data / "piqa/valid-labels.lst").read_text().split()[:3]
+    wino = _first_rows(shared_data / "winogrande/winogrande_dev.llmfoundry.jsonl")
+    wino_original = []
+    for i, d in enumerate(wino):
+        a, b = d["context_options"]
+        cut = next(k for k in range(len(a)) if a[k] != b[k])
+        before = a[:a.rfind(" ", 0, cut) + 1]
+        wino_original.append({"qID": f"q{i}", "sentence": before + "_ " + d["continuation"], "option1": a[len(before):],
+                              "option2": b[len(before):], "answer": str(d["gold"] + 1)})
+    hella = _first_rows(shared_data / "hellaswag/val_sample1000.jsonl")
+    dialog = [{"fname": f"train_{i}", "dialogue": d["dialogue"], "summary": d["summary1"], "topic": d["topic1"]}
+              for i, d in enumerate(_first_rows(shared_data / "dialogsum/dialogsum.test.jsonl"))]
+    (root / "piqa").mkdir(parents=True, exist_ok=True)
+    (root / "piqa/train-labels.lst").write_text("\n".join(piqa_labels) + "\n")
+    return {
+        "arc_easy": (_write(root / "arc_easy/ARC-Easy-Train.jsonl", ai2),
+                     [(d["query"] + "\nAnswer:", " " + d["choices"][d["gold"]]) for d in arc]),
+        "piqa": (_write(root / "piqa/train.jsonl", piqa),
+                 [(f"Question: {d['goal']}\nAnswer:", " " + d[f"sol{int(lab) + 1}"])
+                  for d, lab in zip(piqa, piqa_labels)]),
+        "winogrande": (_write(root / "winogrande/train_xl.jsonl", wino_original),
+                       [(d["context_options"][d["gold"]], " " + d["continuation"]) for d in wino]),
+        "hellaswag": (_write(root / "hellaswag/hellaswag_train.jsonl", hella),
+                      [(i.contexts[0], i.continuations[i.label]) for i in
+                       load("hellaswag", shared_data / "hellaswag/val_sample1000.jsonl")[:3]]),
+        "dialogsum": (_write(root / "dialogsum/dialogsum.train.jsonl", dialog),
+                      [(f"Dialogue: {d['dialogue']}\nSummary:", " " + d["summary"]) for d in dialog]),
+    }
+
+
+@pytest.mark.parametrize("name", ["arc_easy", "piqa", "winogrande", "hellaswag", "dialogsum"])
+def test_training_split_in_the_release_layout(shared_data, tmp_path, name):
+    """`data: {task: NAME, path: <train file>}`, or `{task: NAME, data_root: ROOT}` for the
+    task's own training_path there, gives the gold answers as (prompt, completion) pairs."""
+    from muscle_ray.training.config import DataConfig
+    from muscle_ray.training.data import read_pairs
+
+    path, want = _train_files(shared_data, tmp_path)[name]
+    pairs = [(p["prompt"], p["completion"]) for p in read_pairs(path, task=name)]
+    assert pairs == want
+    assert DataConfig(task=name, data_root=str(tmp_path)).path == path   # the task's training_path under the root
+
+
+def test_gsm8k_training_split_from_the_shared_data(shared_data):
+    from muscle_ray.training.config import DataConfig
+    from muscle_ray.training.data import read_pairs
+
+    data = DataConfig(task="gsm8k", data_root=str(shared_data))
+    pairs = read_pairs(data.path, task=data.task)
+    first = json.loads((shared_data / "gsm8k/train_first1000.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert len(pairs) == 1000
+    assert pairs[0] == {"prompt": f"Question: {first['question']}\nAnswer:", "completion": " " + first["answer"]}
+
+
+def test_training_split_from_a_hugging_face_parquet_shard(shared_data, tmp_path):
+    """ARC's hub train shard (Parquet, `choices: {text, label}`) reads like its JSON Lines."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from muscle_ray.training.data import read_pairs
+
+    arc = _first_rows(shared_data / "arc_easy/arc_easy_test.llmfoundry.jsonl")
+    rows = [{"id": f"x{i}", "question": d["query"].removeprefix("Question: "),
+             "choices": {"text": d["choices"], "label": list("ABCD")}, "answerKey": "ABCD"[d["gold"]]}
+            for i, d in enumerate(arc)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000-of-00001.parquet")
+    pairs = read_pairs(str(tmp_path / "train-00000-of-00001.parquet"), task="arc_easy")
+    assert [p["completion"] for p in pairs] == [" " + d["choices"][d["gold"]] for d in arc]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "answerKey": "Z"}) + "\n")
+    with pytest.raises(MuscleError, match=f"{bad}: row 1: answerKey 'Z' is not one of the choice labels"):
+        read_pairs(str(bad), task="arc_easy")

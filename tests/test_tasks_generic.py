@@ -159,3 +159,24 @@ def test_a_dropped_in_module_registers_itself(tmp_path, monkeypatch):
     inst = task.parse(Record(0, (json.dumps({"text": "hi"}),)))
     assert (inst.reference, task.score_generation(inst, " HI")[:2]) == ("HI", (True, 1.0))
     assert "shout" in task_names()
+
+
+def test_gen_jsonl_reads_training_files_as_they_are(tmp_path):
+    """prompt/completion rows and chat conversations (JSON Lines or Parquet) score as they train."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris"}]
+    rows = [{"id": "pc", "prompt": "2+2=", "completion": "4"}, {"id": "chat", "messages": talk},
+            {"id": "bad", "messages": talk[:2]}]
+    task = get_task("gen_jsonl")
+    for path in (_write(tmp_path, [json.dumps(r) for r in rows]), str(tmp_path / "data.parquet")):
+        if path.endswith(".parquet"):
+            columns = {"prompt": None, "completion": None, "messages": None}   # a table has every column
+            pq.write_table(pa.Table.from_pylist([{**columns, **r} for r in rows]), path)
+        (pc, chat), bad = _parse_all(task, path)
+        assert (pc.contexts, pc.reference, pc.messages) == (["2+2="], "4", None)
+        assert (chat.id, chat.messages, chat.reference) == ("chat", talk[:2], "Paris")
+        assert chat.contexts == ["Be brief.\n\nCapital of France?\n\n"]     # read without a chat template
+        assert bad == {2: "the last message must be the assistant's answer"}

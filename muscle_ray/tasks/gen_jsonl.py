@@ -58,8 +58,8 @@ class GenJsonl(GenerativeTask):
         self.metric, self.stop = self.options.metric, list(self.options.stop)
 
     def instance(self, doc: dict, row: int) -> Instance:
-        if "messages" in doc:
+        if doc.get("messages") is not None:   # (a Parquet row has every column, null where unused)
             prompt, reference = split_messages(doc["messages"], row)
             return self.generation(record_id(doc, row), prompt, reference)
-        answer = "completion" if "reference" not in doc and "completion" in doc else "reference"
+        answer = "completion" if doc.get("reference") is None and doc.get("completion") is not None else "reference"
         return self.generation(record_id(doc, row), need(doc, "prompt", str, row), need(doc, answer, str, row))

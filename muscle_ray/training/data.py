@@ -77,7 +77,7 @@ def read_pairs(path: str, task: str | None = None, task_options: dict | None = N
 
 
 def _pair(row: dict, where: str) -> dict:
-    if isinstance(row, dict) and "messages" in row:
+    if isinstance(row, dict) and row.get("messages") is not None:
         try:
             prompt, answer = split_messages(row["messages"])
         except BadRow as e:
