@@ -106,6 +106,19 @@ def test_training_data_reads_conversations_and_names_bad_rows(tmp_path):
         read_pairs(str(p))
 
 
+def test_training_rows_of_a_chat_model_and_a_refusal_naming_a_plain_one(tmp_path, tiny_chat_model, tiny_model):
+    from muscle_ray.training.config import DataConfig
+    from muscle_ray.training.data import tokenize_pairs
+
+    p = tmp_path / "chat.jsonl"
+    p.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    data = DataConfig(path=str(p), chat_template=True, max_length=256)
+    (row,) = tokenize_pairs(read_pairs(data.path), str(tiny_chat_model), data)
+    assert (row["labels"] != IGNORE).sum() > 0
+    with pytest.raises(MuscleError, match=f"{tiny_model}: chat_template is on but the tokenizer has no chat template"):
+        tokenize_pairs(read_pairs(data.path), str(tiny_model), data)
+
+
 def test_training_config_fields(tmp_path, tiny_model):
     from muscle_ray.config import validated
     from muscle_ray.training.config import AdapterTrainConfig, DataConfig
