@@ -1,12 +1,14 @@
-"""The scoring job end to end through real Ray: bad rows, several versions, determinism, resume.
+"""The scoring job end to end through real Ray: bad rows, several versions, determinism, resume,
+rows the model cannot take and duplicate ids quarantined, one run per output directory.
 
-Slow: each test starts a Ray Data actor pool on the tiny models.
+Slow (marked): the tests that start a Ray Data actor pool on the tiny models.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,11 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from muscle_ray.cli import main
+from muscle_ray.errors import BadRow, MuscleError
+from muscle_ray.out_lock import out_lock
 from muscle_ray.results import read_results
 from muscle_ray.scoring.config import ScoreConfig
-from muscle_ray.scoring.job import run_score
+from muscle_ray.scoring.job import duplicate_ids, run_score
+from muscle_ray.tasks import get_task
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BAD_ROWS = {3: "invalid JSON", 7: "label 5 out of range", 11: "no options", 15: "missing field 'context'"}
 
@@ -54,6 +59,7 @@ def table(path) -> dict:
     return {r["id"]: r for r in t}
 
 
+@slow
 def test_job_scores_versions_and_logs_bad_rows(tmp_path, ray_session, tiny_model, tiny_model_b, tiny_adapter, capsys):
     data = write_mc(tmp_path / "mc.jsonl", 30)
     cfg = ScoreConfig(
@@ -87,6 +93,7 @@ def test_job_scores_versions_and_logs_bad_rows(tmp_path, ray_session, tiny_model
     assert rc == 2 and "more than --max-errors 2" in capsys.readouterr().err
 
 
+@slow
 def test_predictions_do_not_depend_on_batch_size_or_workers(tmp_path, ray_session, tiny_model):
     data = write_mc(tmp_path / "mc.jsonl", 24)
     runs = {}
@@ -102,6 +109,7 @@ def test_predictions_do_not_depend_on_batch_size_or_workers(tmp_path, ray_sessio
         np.testing.assert_allclose(one[k]["choice_logliks"], eight[k]["choice_logliks"], atol=1e-4)
 
 
+@slow
 def test_generation_job(tmp_path, ray_session, tiny_model):
     data = write_gen(tmp_path / "gen.jsonl", 6)
     (s,) = run_score(ScoreConfig(versions=[{"base": str(tiny_model)}], task="gen_jsonl", data=str(data),
@@ -114,6 +122,7 @@ def test_generation_job(tmp_path, ray_session, tiny_model):
     assert all(r["score"] == float(r["prediction"].strip() == "12") for r in t.values())
 
 
+@slow
 def test_score_command_reads_and_writes_uris(tmp_path, ray_session, tiny_model, capsys, monkeypatch):
     """`muscle score` from a shell with file:// URIs, as under `ray job submit`: the shards land at
     the URI (not in a local folder named `file:`), and a rerun fetches them back and resumes."""
@@ -132,6 +141,7 @@ def test_score_command_reads_and_writes_uris(tmp_path, ray_session, tiny_model, 
     assert "resuming: 2/2 shards already done" in capsys.readouterr().out
 
 
+@slow
 def test_killed_run_resumes_to_the_same_table(tmp_path, ray_session, tiny_model):
     import ray
 
@@ -172,6 +182,7 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, ray_session, tiny_model)
     assert pq.read_table(shards / "errors.parquet").num_rows == 4
 
 
+@slow
 def test_real_hellaswag_sample(tmp_path, ray_session, shared_data, tiny_model):
     from muscle_ray.tasks import task_names
 
@@ -183,3 +194,115 @@ def test_real_hellaswag_sample(tmp_path, ray_session, shared_data, tiny_model):
     t = read_results(s.out).to_pylist()
     assert len(t) == 12 and s.errors == 0
     assert all(len(r["choice_logliks"]) == 4 for r in t)
+
+
+# -- hardening: rows the model cannot take, duplicate ids, one run per OUT ----------------------
+
+LONG = " ".join(["overlong"] * 600)   # far more tokens than the tiny model's context of 512
+TOO_LONG = r"option 1's continuation is \d+ tokens, longer than the model's context of 512"
+
+
+def mc_rows(n: int) -> list[dict]:
+    return [{"id": f"q{i}", "context": "The quick brown fox", "choices": ["jumps", "sleeps"], "label": i % 2}
+            for i in range(n)]
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_continuation_longer_than_the_context_is_a_bad_row(tmp_path, tiny_model):
+    from muscle_ray.models import ModelVersion
+    from muscle_ray.scoring.hf import HFScorer
+
+    rows = mc_rows(2)
+    rows[1]["choices"] = ["jumps", LONG]
+    task = get_task("mc_jsonl")
+    good, bad = (task.parse(r) for r in task.records(str(write_rows(tmp_path / "mc.jsonl", rows))))
+    scorer = HFScorer(ModelVersion(str(tiny_model)), batch_size=4)
+    with pytest.raises(BadRow, match=TOO_LONG):   # was: IndexError from the logits, the whole batch lost
+        scorer.loglikelihoods([good, bad])
+    assert len(scorer.loglikelihoods([good])[0].logliks) == 2
+
+
+def test_duplicate_ids_quarantine_the_second(tmp_path):
+    rows = mc_rows(4)
+    rows[2]["id"] = "q0"
+    rows[3]["id"] = 1              # ids are text: 1 and "1" are the same id
+    rows.append({"id": "1", "context": "x", "choices": ["a", "b"], "label": 0})
+    task = get_task("mc_jsonl")
+    path = write_rows(tmp_path / "mc.jsonl", rows)
+    with path.open("a") as f:      # a bad row holds no id: it is quarantined for its own reason
+        f.write('{"id": "q1", not json\n')
+    assert duplicate_ids(task, list(task.records(str(path)))) == {
+        2: "duplicate id 'q0', first seen at row 0", 4: "duplicate id '1', first seen at row 3"}
+
+
+HOLD = """import sys, time
+from muscle_ray.out_lock import out_lock
+with out_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_run_per_out_and_a_dead_holder_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(MuscleError) as refused:
+            with out_lock(out):
+                pass
+        message = str(refused.value)
+        assert message.startswith(f"{out / '.lock'}: another run is writing to this directory (host ")
+        assert f"pid {holder.pid}," in message and "\n" not in message
+    finally:
+        holder.kill()   # SIGKILL: no cleanup runs; the kernel drops the lock, the file stays
+        holder.wait()
+    assert (out / ".lock").exists()
+    seen: list[str] = []
+    with out_lock(out, log=seen.append):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert len(seen) == 1 and "taking over the lock of host" in seen[0] and f"pid {holder.pid}," in seen[0]
+    assert not (out / ".lock").exists()   # released on exit
+    with out_lock(out, log=seen.append):
+        pass
+    assert len(seen) == 1                 # a clean release leaves nothing to take over
+
+
+def test_score_command_refuses_a_held_out(tmp_path, tiny_model, capsys):
+    data = write_rows(tmp_path / "mc.jsonl", mc_rows(2))
+    out = tmp_path / "out"
+    with out_lock(out):
+        rc = main(["score", "--model", str(tiny_model), "--task", "mc_jsonl", "--data", str(data), "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"muscle score: error: {out / '.lock'}: another run is writing")
+    assert f"pid {os.getpid()}," in err[0]
+    assert not list(out.glob("model/**/*.parquet"))   # refused before anything was scored
+
+
+@slow
+def test_bad_rows_of_a_batch_and_duplicate_ids_are_quarantined(tmp_path, ray_session, tiny_model, capsys):
+    rows = mc_rows(10)
+    rows[2]["choices"] = ["jumps", LONG]   # the model cannot take it; rows 0-9 share one Ray Data batch
+    rows[6]["id"] = "q1"                   # a duplicate of row 1, in another shard
+    data = write_rows(tmp_path / "mc.jsonl", rows)
+    (s,) = run_score(ScoreConfig(versions=[{"base": str(tiny_model)}], task="mc_jsonl", data=str(data),
+                                 out=str(tmp_path / "out"), shard_size=4, batch_size=4))
+    errors = {e["row"]: e for e in pq.read_table(Path(s.out) / "errors.parquet").to_pylist()}
+    assert sorted(errors) == [2, 6] and (s.rows, s.errors) == (8, 2)
+    assert re.fullmatch(TOO_LONG, errors[2]["reason"]) and "overlong" in errors[2]["raw"]
+    assert errors[6]["reason"] == "duplicate id 'q1', first seen at row 1"
+    scored = read_results(s.out).to_pylist()
+    assert sorted(r["row"] for r in scored) == [0, 1, 3, 4, 5, 7, 8, 9]   # the rest of the batch is kept
+    assert main(["flips", s.out, s.out, "--json", "--bootstrap", "10"]) == 0   # ids unique: flips reads it
+    assert not (tmp_path / "out" / ".lock").exists()
+
+    # a model or input that fails every row is not a run with bad rows: it stops, naming the first reason
+    with pytest.raises(MuscleError, match=r"none of the 2 rows could be scored \(the first: option 1's"):
+        run_score(ScoreConfig(versions=[{"base": str(tiny_model)}], task="mc_jsonl",
+                              data=str(write_rows(tmp_path / "long.jsonl", [rows[2], {**rows[2], "id": "x"}])),
+                              out=str(tmp_path / "all_bad")))

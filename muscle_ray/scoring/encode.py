@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from muscle_ray.chat import render_prompt
+from muscle_ray.errors import BadRow
 from muscle_ray.tasks.base import Instance
 
 DEFAULT_MAX_LENGTH = 2048
@@ -98,6 +99,14 @@ class PackedQuestion:
         return len(self.tokens)
 
 
+def check_fits(continuation: list[int], max_len: int, option: int) -> None:
+    """Every continuation token must be predicted inside the model's context (lm-eval asserts
+    this); a longer one is a bad row, not a crash of the batch it came in."""
+    if len(continuation) > max_len:
+        raise BadRow(f"option {option}'s continuation is {len(continuation)} tokens, longer than the "
+                     f"model's context of {max_len}")
+
+
 def _common_prefix(seqs: list[list[int]]) -> int:
     n = min(len(s) for s in seqs)
     for j in range(n):
@@ -116,6 +125,7 @@ def pack_question(tokenizer, inst: Instance, max_len: int) -> PackedQuestion:
     inputs, targets = [], []
     for i, cont_text in enumerate(inst.continuations):
         ctx, cont = encode_pair(tokenizer, inst.context_for(i), cont_text)
+        check_fits(cont, max_len, i)
         full = (ctx + cont)[-(max_len + 1):]   # lm-eval's left truncation
         inputs.append(full[:-1])
         targets.append(cont)

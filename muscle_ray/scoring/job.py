@@ -3,9 +3,11 @@
 Layout of the output (one results set per version and task, readable by `read_results`)::
 
     OUT/<version>/<task>/shard-00000.parquet     results format, input rows [0, S), then [S, 2S), ...
-    OUT/<version>/<task>/errors.parquet          bad input rows: row, reason, raw
+    OUT/<version>/<task>/errors.parquet          rows quarantined: row, reason, raw (unparsable, too
+                                                 long for the model, a duplicate id, ...)
     OUT/<version>/<task>/_run.json               what produced the shards (checked on resume)
     OUT/summary.json                             rows, rows/s, tokens/s, errors per version
+    OUT/.lock                                    held while a run writes here (see out_lock.py)
 
 A shard is a fixed slice of the input (S = shard_size rows), written atomically when its last
 row comes back, so a rerun into the same OUT skips finished shards and the final table is the
@@ -26,15 +28,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from muscle_ray.errors import BadRow, MuscleError
+from muscle_ray.out_lock import out_lock
 from muscle_ray.results import ERRORS_FILE, write_atomic
 from muscle_ray.scoring.config import ScoreConfig, VersionSpec
 from muscle_ray.scoring.rows import ERROR_SCHEMA, to_table
-from muscle_ray.tasks.base import Record, Task, get_task
+from muscle_ray.tasks.base import Instance, Record, Task, get_task
 
 
 def shard_name(k: int) -> str:
@@ -63,21 +67,43 @@ class ScoreActor:
         self.scorer = make_scorer(backend, spec.model_version(), batch_size, chat_template=chat_template)
 
     def __call__(self, batch: dict) -> dict:
-        from muscle_ray.scoring.backend import score_instances
-
         n = len(batch["ord"])
-        results, errors, good = [""] * n, [""] * n, []
+        results, errors, good = [""] * n, list(batch["error"]), []   # duplicate ids come marked already
         for i, blob in enumerate(batch["record"]):
+            if errors[i]:
+                continue
             record: Record = pickle.loads(blob)
             try:
-                good.append((i, record.row, self.task.parse(record)))
+                good.append((i, (record.row, self.task.parse(record))))
             except BadRow as e:
                 errors[i] = e.reason
-        rows = score_instances(self.scorer, self.task, [(r, inst) for _, r, inst in good], self.name)
-        for (i, _, _), res in zip(good, rows):
-            results[i] = json.dumps(res)
+        for (i, _), (result, error) in zip(good, self._score([item for _, item in good])):
+            results[i], errors[i] = result, error
         return {"ord": batch["ord"], "shard": batch["shard"], "result": results, "error": errors,
                 "actor": [self.actor_id] * n}
+
+    def _score(self, items: list[tuple[int, Instance]]) -> list[tuple[str, str]]:
+        """(result row as JSON, "") or ("", why it failed) for each (row, Instance).
+
+        A batch that fails is retried one row at a time, so a bad row (a continuation longer than
+        the model's context, ...) costs only itself. A MuscleError that is not a BadRow is a
+        setting, wrong for every row, and stops the job.
+        """
+        from muscle_ray.scoring.backend import score_instances
+
+        if not items:
+            return []
+        try:
+            return [(json.dumps(r), "") for r in score_instances(self.scorer, self.task, items, self.name)]
+        except MuscleError as e:
+            if not isinstance(e, BadRow):
+                raise
+            if len(items) == 1:
+                return [("", e.reason)]
+        except Exception as e:
+            if len(items) == 1:
+                return [("", f"scoring failed: {type(e).__name__}: {' '.join(str(e).split())[:500]}")]
+        return [self._score([item])[0] for item in items]
 
 
 @dataclass
@@ -124,7 +150,9 @@ def _write_errors(out_dir: Path) -> int:
 
 
 def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], data: str,
-                  log=print, progress=None) -> VersionSummary:
+                  log=print, progress=None, skip: dict[int, str] | None = None) -> VersionSummary:
+    """Score one version into OUT/<version>/<task>; `skip` maps input indices to the reason they
+    are quarantined without scoring (duplicate ids)."""
     import ray
 
     out_dir = Path(cfg.out) / spec.name / cfg.task
@@ -139,8 +167,11 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], da
     for stale in out_dir.glob(".*.tmp"):   # a writer killed mid-write left its temp file behind
         stale.unlink(missing_ok=True)
     done = {k for k in range(n_shards) if (out_dir / shard_name(k)).exists()}
-    todo = [{"ord": i, "shard": i // S, "record": pickle.dumps(rec)}   # bytes: Arrow-safe, any text
-            for i, rec in enumerate(records) if i // S not in done]
+    skip = skip or {}
+    todo: list[dict[str, Any]] = [   # the record as bytes: Arrow-safe, any text
+        {"ord": i, "shard": i // S, "record": pickle.dumps(rec), "error": skip.get(i, "")}
+        for i, rec in enumerate(records) if i // S not in done
+    ]
     if done:
         log(f"[{spec.name}/{cfg.task}] resuming: {len(done)}/{n_shards} shards already done")
     start, scored, tokens, new_errors, actors = time.perf_counter(), 0, 0, 0, set()
@@ -200,11 +231,34 @@ def score_version(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], da
     )
 
 
+def duplicate_ids(task: Task, records: list[Record]) -> dict[int, str]:
+    """Input index -> reason, for every record whose id an earlier record already has: a result
+    set holds each id once (`muscle flips` joins on it), so the second one is quarantined."""
+    first: dict[str, int] = {}
+    out = {}
+    for k, rec in enumerate(records):
+        try:
+            id_ = task.parse(rec).id
+        except BadRow:
+            continue   # quarantined by the actor, with its own reason
+        if id_ in first:
+            out[k] = f"duplicate id {id_!r}, first seen at row {first[id_]}"
+        else:
+            first[id_] = rec.row
+    return out
+
+
 def run_score(cfg: ScoreConfig, log=print, progress=None) -> list[VersionSummary]:
     """Score every version on the task; returns (and writes to OUT/summary.json) one summary each.
 
-    `progress(n)`, if given, is called on the driver as each scored row comes back.
+    `progress(n)`, if given, is called on the driver as each scored row comes back. One run at
+    a time writes to an OUT (`out_lock`); a second one is refused.
     """
+    with out_lock(cfg.out, log=log):
+        return _run_score(cfg, log, progress)
+
+
+def _run_score(cfg: ScoreConfig, log, progress) -> list[VersionSummary]:
     from muscle_ray.models import check_same_tokenizer
     from muscle_ray.runtime import init_ray
 
@@ -229,11 +283,16 @@ def run_score(cfg: ScoreConfig, log=print, progress=None) -> list[VersionSummary
     records = _load_records(task, data, cfg.limit)
     if not records:
         raise MuscleError(f"{data}: no records to score")
+    skip = duplicate_ids(task, records)
     init_ray()
     summaries = []
     for spec in cfg.versions:
-        s = score_version(cfg, spec, records, data, log=log, progress=progress)
+        s = score_version(cfg, spec, records, data, log=log, progress=progress, skip=skip)
         summaries.append(s)
+        if s.rows == 0 and s.errors:   # every row failed: a broken model or backend, not bad rows
+            first = pq.read_table(Path(s.out) / ERRORS_FILE).column("reason")[0].as_py()
+            raise MuscleError(f"{Path(s.out) / ERRORS_FILE}: none of the {s.errors} rows could be scored "
+                              f"(the first: {first})")
         log(f"[{s.version}/{s.task}] {s.rows} rows in {s.out} ({s.scored} scored now, "
             f"{s.resumed_shards}/{s.shards} shards resumed, {s.errors} bad rows skipped); "
             f"{s.rows_per_s} rows/s, {s.tokens_per_s} tokens/s")

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from muscle_ray.chat import require_chat_template
 from muscle_ray.models import ModelVersion
-from muscle_ray.scoring.encode import chat_instance, completion_text, encode_pair, generation_groups, prompt_tokens
+from muscle_ray.scoring.encode import (
+    chat_instance,
+    check_fits,
+    completion_text,
+    encode_pair,
+    generation_groups,
+    prompt_tokens,
+)
 from muscle_ray.scoring.outputs import GenOutput, MCOutput
 from muscle_ray.tasks.base import Instance
 from muscle_ray.vllm_support import VLLMModel
@@ -39,8 +46,12 @@ class VLLMScorer:
 
     def loglikelihoods(self, instances: list[Instance]) -> list[MCOutput]:
         instances = self._as_read(instances)
-        pairs = [encode_pair(self.tokenizer, inst.context_for(i), c)
-                 for inst in instances for i, c in enumerate(inst.continuations)]
+        pairs = []
+        for inst in instances:
+            for i, c in enumerate(inst.continuations):
+                ctx, cont = encode_pair(self.tokenizer, inst.context_for(i), c)
+                check_fits(cont, self.max_len - 1, i)   # a prompt's first token has no log-prob in vLLM
+                pairs.append((ctx, cont))
         lls = self.vllm.continuation_logliks(pairs, self.adapter)
         out, k = [], 0
         for inst in instances:
