@@ -1,1 +1,1 @@
-"""Serving the updated model on Ray Serve: OpenAI-compatible completions, old-vs-new compare, shadow mode."""
+"""Serving the updated model on Ray Serve: OpenAI-compatible completions and chat, old-vs-new compare, shadow mode."""
