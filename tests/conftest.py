@@ -88,13 +88,24 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.fixture(scope="session")
-def tiny_chat_model(tmp_path_factory, tiny_model) -> Path:
-    """tiny_model with a ChatML-like chat template in its tokenizer_config.json (a chat model)."""
+def with_chat_template(model: Path, dest: Path) -> Path:
+    """A copy of `model` whose tokenizer_config.json carries CHATML, as a chat model's does."""
     import json
     import shutil
 
-    out = Path(shutil.copytree(tiny_model, tmp_path_factory.mktemp("tiny_chat") / "base"))
+    out = Path(shutil.copytree(model, dest))
     config = out / "tokenizer_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHATML}, indent=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, tiny_model) -> Path:
+    """tiny_model as a chat model (ChatML-like template)."""
+    return with_chat_template(tiny_model, tmp_path_factory.mktemp("tiny_chat") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_b(tmp_path_factory, tiny_model_b) -> Path:
+    """tiny_model_b (the updated base) as a chat model."""
+    return with_chat_template(tiny_model_b, tmp_path_factory.mktemp("tiny_chat_b") / "base")

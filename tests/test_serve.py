@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -32,9 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The quick brown fox", "Question: How many apples are left? Answer:", "hi"]
 KEY, KEY_ENV = "local-key-42", "MUSCLE_TEST_LOCAL_KEY"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-# ChatML, as Qwen's tokenizers write it: what a chat model's tokenizer_config.json carries
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,16 +52,6 @@ def adapters_b(tiny_model_b, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_lora")
     return {"new": random_lora_dir(tiny_model_b, root / "new", seed=1),
             "compat": random_lora_dir(tiny_model_b, root / "compat", seed=2)}
-
-
-@pytest.fixture(scope="module")
-def chat_model_b(tiny_model_b, tmp_path_factory):
-    """tiny_model_b with a chat template in its tokenizer_config.json, as a chat model has."""
-    dest = tmp_path_factory.mktemp("chat") / "base"
-    shutil.copytree(tiny_model_b, dest)
-    config = dest / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHATML}))
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -415,13 +401,13 @@ def http_server(app):
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_model, tiny_adapter, chat_model_b, adapters_b):
+def replicas(tiny_model, tiny_adapter, tiny_chat_model_b, adapters_b):
     """Base a (no chat template) serving old; base b (ChatML) serving new and compat."""
     from muscle_ray.serving.app import ModelReplica
 
     limits = {"max_prompt_tokens": 256, "max_tokens": 32, "max_body_bytes": 64_000, "max_prompt_chars": 4000}
     bases = {"a": {"path": str(tiny_model), "models": {"old": str(tiny_adapter)}},
-             "b": {"path": str(chat_model_b), "models": {"new": str(adapters_b["new"]),
+             "b": {"path": str(tiny_chat_model_b), "models": {"new": str(adapters_b["new"]),
                                                          "compat": str(adapters_b["compat"])}}}
     return {"bases": bases, "limits": limits,
             "handles": {k: LocalHandle(ModelReplica(b["path"], b["models"], limits=limits)) for k, b in bases.items()}}
@@ -584,7 +570,7 @@ def test_a_lost_replica_is_retried_once_for_greedy_requests_else_503(replicas):
     assert gw.stats()["replica_lost"] == {"retried": 2, "failed": 2}
 
 
-def test_chat_completions_with_the_openai_client(url, chat_model_b, engine):
+def test_chat_completions_with_the_openai_client(url, tiny_chat_model_b, engine):
     """The chat template renders the messages; greedy answers are the engine's completion of
     that text, streamed or not; logprobs in the chat shape."""
     from openai import BadRequestError, OpenAI
@@ -595,7 +581,7 @@ def test_chat_completions_with_the_openai_client(url, chat_model_b, engine):
     client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
     messages = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "3 plus 4 is"}]
     out = client.chat.completions.create(model="new", messages=messages, max_tokens=8, temperature=0)
-    tok = AutoTokenizer.from_pretrained(chat_model_b)
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model_b)
     text = chat.render(tok, messages, "new")
     assert text.endswith("<|im_start|>assistant\n") and "You add numbers." in text
     ids = tuple(chat.encode(tok, text))
@@ -629,7 +615,7 @@ def test_chat_completions_with_the_openai_client(url, chat_model_b, engine):
         client.chat.completions.create(model="old", messages=messages)
 
 
-def test_compare_takes_messages(url, chat_model_b, engine):
+def test_compare_takes_messages(url, tiny_chat_model_b, engine):
     from transformers import AutoTokenizer
 
     from muscle_ray.serving import chat
@@ -637,7 +623,7 @@ def test_compare_takes_messages(url, chat_model_b, engine):
     messages = [{"role": "user", "content": "Is 7 odd?"}]
     gen = requests.post(f"{url}/v1/compare", headers=AUTH, timeout=60,
                         json={"messages": messages, "old": "new", "new": "compat", "max_tokens": 6}).json()
-    tok = AutoTokenizer.from_pretrained(chat_model_b)
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model_b)
     ids = tuple(chat.encode(tok, chat.render(tok, messages, "new")))
     assert gen["old"]["text"] == engine.generate([GenRequest("new", ids, 6)])[0].text
     mc = requests.post(f"{url}/v1/compare", headers=AUTH, timeout=60,

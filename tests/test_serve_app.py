@@ -6,8 +6,6 @@ One app serves the whole module (starting Serve is the slow part): base A holds 
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 
 import pyarrow.parquet as pq
@@ -23,19 +21,14 @@ KEY = "test-key-0123"
 KEY_ENV = "MUSCLE_TEST_SERVE_KEY"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = ["The quick brown fox", "Question: How many apples are left? Answer:", "hi"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model, tiny_model_b, tiny_adapter, tmp_path_factory):
+def models(tiny_model, tiny_chat_model_b, tiny_adapter, tmp_path_factory):
     from muscle_ray.zoo.llama import random_lora_dir
 
     root = tmp_path_factory.mktemp("serve_app")
-    chat_b = root / "chat_b"   # tiny_model_b with a chat template, as a chat model's tokenizer has
-    shutil.copytree(tiny_model_b, chat_b)
-    config = chat_b / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHATML}))
+    chat_b = tiny_chat_model_b
     return {"old": (tiny_model, tiny_adapter),
             "new": (chat_b, random_lora_dir(chat_b, root / "new", seed=1)),
             "compat": (chat_b, random_lora_dir(chat_b, root / "compat", seed=2)),

@@ -8,7 +8,6 @@ the kill every client gets JSON and at most 1% of requests fail (greedy requests
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +22,10 @@ URL = f"http://127.0.0.1:{PORT}"
 KEY, KEY_ENV = "attack-key-7", "MUSCLE_TEST_ATTACK_KEY"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SERVED = ["old", "new", "compat"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model, tiny_model_b, tiny_adapter, tmp_path_factory):
+def app(tiny_model, tiny_chat_model_b, tiny_adapter, tmp_path_factory):
     """Base a serves old (no chat template); base b, with ChatML, serves new and compat."""
     import ray
     from ray import serve
@@ -38,10 +35,7 @@ def app(tiny_model, tiny_model_b, tiny_adapter, tmp_path_factory):
     from muscle_ray.zoo.llama import random_lora_dir
 
     root = tmp_path_factory.mktemp("serve_attack")
-    chat_b = root / "chat_b"
-    shutil.copytree(tiny_model_b, chat_b)
-    config = chat_b / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHATML}))
+    chat_b = tiny_chat_model_b
     args = {"bases": {"a": {"path": str(tiny_model), "models": {"old": str(tiny_adapter)}},
                       "b": {"path": str(chat_b), "models": {"new": None,
                                                             "compat": str(random_lora_dir(chat_b, root / "compat"))}}},
