@@ -87,8 +87,8 @@ def test_set_needs_key_and_value(capsys):
     assert "--set 'optim.lr': expected KEY=VALUE" in capsys.readouterr().err
 
 
-def test_without_a_file_the_error_names_the_command_line(capsys):
-    assert main(["train-compat", "--set", "base=m", "--out", "o", "--data", "d.jsonl"]) == 2
+def test_without_a_file_the_error_names_the_command_line(capsys, tmp_path):
+    assert main(["train-compat", "--set", "base=m", "--out", str(tmp_path / "o"), "--data", "d.jsonl"]) == 2
     assert "muscle train-compat: error: command line: field 'compat': Field required" in capsys.readouterr().err
 
 

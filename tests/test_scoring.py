@@ -129,7 +129,7 @@ def test_adapter_changes_scores(tiny_model, tiny_adapter, scorer):
     assert not np.allclose(a[0], b[0], atol=1e-3)
 
 
-def test_vllm_backend_says_how_to_install(tiny_model):
+def test_vllm_backend_says_how_to_install(tiny_model, tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("vllm") is not None:
@@ -140,7 +140,7 @@ def test_vllm_backend_says_how_to_install(tiny_model):
         make_scorer("vllm", ModelVersion(str(tiny_model)), batch_size=4)
     # the job checks on the driver, before any actor starts: a one-line error, exit code 2
     assert main(["score", "--model", str(tiny_model), "--task", "mc_jsonl", "--data", __file__,
-                 "--out", "unused", "--backend", "vllm"]) == 2
+                 "--out", str(tmp_path / "out"), "--backend", "vllm"]) == 2
 
 
 def test_vllm_lora_rank_is_a_size_vllm_accepts(tmp_path):
