@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import ray
@@ -24,7 +25,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        context = ray.init(address=address, runtime_env=kwargs.pop("runtime_env", env), log_to_driver=True, **kwargs)
+        # a loopback address is such a private Ray: Ray would swap it for the machine's address too
+        with _loopback_only() if _is_loopback(address) else nullcontext():
+            context = ray.init(address=address, runtime_env=kwargs.pop("runtime_env", env), log_to_driver=True,
+                               **kwargs)
     else:
         with _loopback_only():
             context = ray.init(
@@ -40,6 +44,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     _session_dir = getattr(context, "address_info", {}).get("session_dir")   # none through ray://
 
 
+def _is_loopback(address: str) -> bool:
+    """Whether a Ray address (host:port, maybe with a scheme) names this machine's loopback."""
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @contextmanager
 def _loopback_only():
     """Keep a private local Ray off the network: every process it starts listens on 127.0.0.1.
@@ -50,6 +65,8 @@ def _loopback_only():
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which is read once when Ray is imported. So the
     switch is set for the processes `ray.init` spawns (they inherit the environment) and for
     this one, and put back afterwards: a later `init_ray(address=...)` joins a real cluster.
+    A driver joining a loopback address needs the switch as well, or Ray would dial the
+    machine's external address, where nothing listens.
     """
     from ray._private import ray_constants
 

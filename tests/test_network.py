@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -49,6 +51,13 @@ def listening(procs: list[psutil.Process]) -> list[tuple[str, int, str, int]]:
     return out
 
 
+JOIN = """import ray
+from muscle_ray.runtime import init_ray
+init_ray()
+print(ray._private.worker._global_node.node_ip_address, ray.get(ray.remote(lambda: 2).remote()))
+"""
+
+
 def test_is_loopback():
     assert all(map(is_loopback, ["127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "192.0.2.2", "::ffff:10.0.0.1"]))
@@ -87,6 +96,12 @@ def test_local_ray_listens_on_loopback_only():
         exposed = [s for s in sockets if not is_loopback(s[2])]
         assert not exposed, f"listening beyond loopback (process, pid, host, port): {exposed}"
         assert ray._private.worker._global_node.node_ip_address == "127.0.0.1"
+
+        # a second driver joins it the way `muscle score` does under RAY_ADDRESS (a killed run's
+        # rerun in the tests): Ray would dial the machine's external address for 127.0.0.1
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        joined = subprocess.run([sys.executable, "-c", JOIN], env=env, capture_output=True, text=True, timeout=180)
+        assert joined.returncode == 0 and joined.stdout.split() == ["127.0.0.1", "2"], joined.stderr[-2000:]
     finally:
         ray.shutdown()
     assert ray_constants.ENABLE_RAY_CLUSTER == cluster_switch   # a later init_ray(address=...) joins a cluster
