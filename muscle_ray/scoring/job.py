@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,6 +39,9 @@ from muscle_ray.results import ERRORS_FILE, write_atomic
 from muscle_ray.scoring.config import ScoreConfig, VersionSpec
 from muscle_ray.scoring.rows import ERROR_SCHEMA, to_table
 from muscle_ray.tasks.base import Instance, Record, Task, get_task
+
+if TYPE_CHECKING:   # the backends load torch; the actor imports them when it starts
+    from muscle_ray.scoring.backend import Backend
 
 
 def shard_name(k: int) -> str:
@@ -52,7 +55,7 @@ def _errors_name(k: int) -> str:
 class ScoreActor:
     """One model version in memory; parses raw records and scores the good ones."""
 
-    def __init__(self, version: dict, task: str, task_options: dict, backend: str, batch_size: int,
+    def __init__(self, version: dict, task: str, task_options: dict, backend: Backend, batch_size: int,
                  threads: int, chat_template: bool = False):
         import ray
         import torch
