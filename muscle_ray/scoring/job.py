@@ -279,7 +279,7 @@ def _run_score(cfg: ScoreConfig, log, progress) -> list[VersionSummary]:
         for v in versions:
             require_chat_template(load_tokenizer(v))
     if cfg.backend == "vllm":
-        from muscle_ray.scoring.vllm import require_vllm
+        from muscle_ray.vllm_support import require_vllm
 
         require_vllm()
     data = cfg.data_path(task.default_path)
