@@ -57,6 +57,13 @@ def _demo_config(tmp_path: Path) -> Path:
     return path
 
 
+def _update_config(tmp_path: Path) -> Path:
+    path = tmp_path / "update.yaml"
+    path.write_text(yaml.safe_dump({"old": "models/v1", "new": "models/v2",
+                                    "tasks": [{"task": "mc_jsonl", "data": "test.jsonl", "train": "train.jsonl"}]}))
+    return path
+
+
 # (command, config file, a --set that names a bad field, the dotted field the error must name)
 BAD_SETS = [
     ("score", lambda tmp: REPO / "jobs/configs/score.yaml", "batch_size=0", "batch_size"),
@@ -66,6 +73,7 @@ BAD_SETS = [
     ("flips", _flips_config, "epsilon=-1", "epsilon"),
     ("serve", lambda tmp: REPO / "serve/config.yaml", "limits.max_tokens=-1", "limits.max_tokens"),
     ("demo", _demo_config, "score_batch_size=0", "score_batch_size"),
+    ("update", _update_config, "scoring.batch_size=0", "scoring.batch_size"),
 ]
 
 

@@ -8,6 +8,7 @@ jobs/configs/ validates against its pydantic class and mirrors how the demo trai
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -18,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 CONFIGS = REPO / "jobs" / "configs"
 IMAGE_ROOT = "/app/"          # cluster/Dockerfile puts the repo there
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # jobs/configs/update.yaml names hub ids: no network here
 
 
 def _docs(path: Path) -> list[dict]:
@@ -43,17 +45,19 @@ def _repo_path(path: str) -> Path:
 
 
 def load_job_config(path: Path):
-    """The config class of a jobs/configs file, by its name: demo*, score*, train_adapter*, train_compat*."""
+    """The config class of a jobs/configs file, by its name: demo*, score*, train_adapter*, train_compat*, update*."""
     from muscle_ray.config import load_config
     from muscle_ray.demo import DemoConfig
     from muscle_ray.scoring.config import ScoreConfig
     from muscle_ray.training.config import AdapterTrainConfig, CompatTrainConfig
+    from muscle_ray.update import UpdateConfig
 
     for prefix, model in (("demo", DemoConfig), ("score", ScoreConfig), ("train_adapter", AdapterTrainConfig),
-                          ("train_compat", CompatTrainConfig)):
+                          ("train_compat", CompatTrainConfig), ("update", UpdateConfig)):
         if path.name.startswith(prefix):
             return load_config(model, path)
-    raise AssertionError(f"{path}: no config class for this name (demo*, score*, train_adapter*, train_compat*)")
+    raise AssertionError(f"{path}: no config class for this name "
+                         "(demo*, score*, train_adapter*, train_compat*, update*)")
 
 
 # --- cluster/ as a whole -------------------------------------------------------------------
@@ -145,6 +149,7 @@ def test_kuberay_cluster_specs_have_head_and_autoscaled_worker_groups(kind):
 def test_rayjob_entrypoints_name_scripts_and_configs_that_exist_and_validate():
     from muscle_ray.scoring.config import ScoreConfig
     from muscle_ray.training.config import TrainConfig
+    from muscle_ray.update import UpdateConfig
 
     seen = {}
     for f, doc in _kind("RayJob"):
@@ -157,9 +162,10 @@ def test_rayjob_entrypoints_name_scripts_and_configs_that_exist_and_validate():
         cfg = load_job_config(config)
         seen[script.name] = cfg
         assert doc["spec"]["shutdownAfterJobFinishes"] is True, f
-    assert set(seen) == {"score.py", "train_compat.py"}
+    assert set(seen) == {"score.py", "train_compat.py", "update.py"}
     assert isinstance(seen["score.py"], ScoreConfig) and seen["score.py"].gpus_per_worker >= 1
     assert isinstance(seen["train_compat.py"], TrainConfig) and seen["train_compat.py"].compat is not None
+    assert isinstance(seen["update.py"], UpdateConfig) and seen["update.py"].tasks
 
 
 def test_rayservice_runs_the_serving_app_of_serve_config_yaml():
@@ -256,5 +262,5 @@ def _leaves(raw: dict, prefix: str = "") -> list[str]:
 
 def test_every_job_has_an_example_config():
     jobs = {p.stem for p in (REPO / "jobs").glob("*.py") if not p.name.startswith("_")}
-    assert jobs == {"demo", "score", "train_adapter", "train_compat"}
+    assert jobs == {"demo", "score", "train_adapter", "train_compat", "update"}
     assert all((CONFIGS / f"{job}.yaml").is_file() for job in jobs)

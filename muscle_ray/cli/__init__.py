@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-compat": ("muscle_ray.cli.train", "train a MUSCLE compatibility adapter with Ray Train"),
     "serve": ("muscle_ray.cli.serve",
               "host old/new/compat behind an OpenAI-compatible API with a compare endpoint (Ray Serve)"),
+    "update": ("muscle_ray.cli.update",
+               "a whole MUSCLE update of two base models: task adapters, flips, compat, report, serve.yaml"),
     "demo": ("muscle_ray.cli.demo", "the whole MUSCLE update end to end: zoo, adapters, flips, compat, report"),
     "tasks": ("muscle_ray.cli.tasks", "list the registered tasks, their kind and metric"),
 }
