@@ -138,7 +138,7 @@ def test_score_command_reads_and_writes_uris(tmp_path, ray_session, tiny_model, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bucket"]        # nothing written beside it
     assert f"-> file://{bucket}/run" in capsys.readouterr().err
     assert main(args) == 0
-    assert "resuming: 2/2 shards already done" in capsys.readouterr().out
+    assert "resuming: 2/2 shards already done" in (bucket / "run" / "logs" / "ray.log").read_text()
 
 
 @slow
@@ -169,7 +169,9 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, ray_session, tiny_model)
 
     rerun = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming: {n_done}/80 shards already done" in rerun.stdout
+    log = (out / "logs" / "ray.log").read_text()   # the console's log: the job's own lines
+    assert f"resuming: {n_done}/80 shards already done" in log
+    assert f"{out / '.lock'}: taking over the lock of host" in log   # SIGKILL left the file, not the lock
     assert not list(shards.glob(".*.tmp"))   # the rerun cleared any temp file the kill left
     assert main(["score", *args, "--out", str(tmp_path / "whole")]) == 0
     a = read_results(shards).to_pandas().drop(columns=["n_tokens"])
