@@ -79,11 +79,12 @@ class VLLMModel:
         log-probs summed over the continuation, the input left-truncated to the context length."""
         seqs = [(ctx + cont)[-self.max_len:] for ctx, cont in pairs]
         params = self._SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        if adapter is None:
+        if not self.lora:
             outs = self.run(seqs, params)
         else:
-            # vLLM 0.32 indexes LoRA logits by request, not by prompt position, when several
-            # requests ask for prompt logprobs at once (einsum size mismatch): one at a time.
+            # vLLM 0.32 with LoRA enabled indexes LoRA logits by request, not by prompt position,
+            # when several requests ask for prompt logprobs at once (einsum size mismatch), even
+            # for requests without an adapter: one at a time.
             outs = [o for seq in seqs for o in self.run([seq], params, adapter)]
         return [sum(o.prompt_logprobs[j][seq[j]].logprob for j in range(len(seq) - len(cont), len(seq)))
                 for seq, (_, cont), o in zip(seqs, pairs, outs)]
