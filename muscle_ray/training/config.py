@@ -95,7 +95,7 @@ class CompatSettings(_Strict):
 
     old: ModelRef                               # base v1 + v1 task adapter
     new_adapter: str                            # v2 task adapter, on the student's base
-    mask: Literal[MASKS + ("ce",)] = "muscle"   # "ce": plain CE continuation (the fair control)
+    mask: str = "muscle"                        # one of MASKS, or "ce": plain CE continuation (the fair control)
     temperature: float = Field(2.0, gt=0)
     ce_weight: float = Field(0.0, ge=0.0, le=1.0)
     t2_scaling: bool = False
@@ -106,6 +106,13 @@ class CompatSettings(_Strict):
     teacher_gpus: float = Field(0.0, ge=0)      # > 0: teachers on their own GPU share (bf16)
     cache_dir: str | None = None                # cached: where the Parquet goes (default out/teacher_cache)
     chunk_tokens: int = Field(1024, gt=0)
+
+    @field_validator("mask")
+    @classmethod
+    def _known_mask(cls, mask: str) -> str:
+        if mask not in MASKS + ("ce",):
+            raise ValueError(f"unknown mask {mask!r}; choose one of {', '.join(MASKS + ('ce',))}")
+        return mask
 
     @model_validator(mode="after")
     def _check(self):

@@ -39,6 +39,7 @@ the top-k and the tail mass (an upper bound of the label's probability) if it is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,8 @@ from torch.utils.checkpoint import checkpoint
 
 from muscle_ray.errors import MuscleError
 
-MASKS = ("muscle", "old_correct", "old", "new", "token_likelihood", "sequence_likelihood")
+Mask = Literal["muscle", "old_correct", "old", "new", "token_likelihood", "sequence_likelihood"]
+MASKS: tuple[str, ...] = get_args(Mask)
 # Finite stand-in for log 0: e^-100 is below float32's smallest denormal, so clamping there
 # changes no representable probability and keeps 0 · log 0 terms at 0 instead of nan.
 _FLOOR = -100.0
