@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -357,6 +358,8 @@ def _shutdown_ray(console: Console) -> None:
         logs = session_logs()
         if logs is not None and console.log_path is not None:
             link = console.log_path.parent / "ray-session"
+            if link.is_dir() and not link.is_symlink():   # a copy back from a URI --out holds it as a folder
+                shutil.rmtree(link)
             link.unlink(missing_ok=True)
             link.symlink_to(logs)
         ray.shutdown()
