@@ -35,6 +35,7 @@ from tqdm import tqdm
 from muscle_ray.errors import MuscleError
 
 POLL_S = 0.5
+NAME_WIDTH = 40            # "story_rouge: compat and control adapters"
 
 
 class ProgressBoard:
@@ -101,7 +102,7 @@ class Stage:
         """The stage's last line: what it counted, how long it took, its note."""
         n, total = self.counts(board)
         elapsed = time.perf_counter() - self.started
-        words = [f"{self.name:<36}"]
+        words = [f"{self.name:<{NAME_WIDTH}}"]
         if n or total:
             words.append(f"{n}/{total} {self.unit}" if total else f"{n} {self.unit}")
         words.append(f"in {tqdm.format_interval(elapsed)}")
@@ -228,7 +229,8 @@ class Console:
         with self._lock:
             self.lines.extend(text.splitlines() or [""])
             with tqdm.external_write_mode(file=self.err):
-                self.out.write(text + "\n")
+                # From the first column: a bar closed below others can leave the cursor mid-line.
+                self.out.write(("\r" if self._bars else "") + text + "\n")
                 self.out.flush()
         if self._log_fd is not None:
             self.log(text)
@@ -241,9 +243,10 @@ class Console:
         stage = Stage(self, f"stage{next(self._started)}", name, total, unit)
         with self._lock:
             if self._bars:
-                stage.bar = tqdm(total=total, desc=f"{name:<36}", unit=f" {unit}", file=self.err, leave=False,
-                                 dynamic_ncols=True, bar_format="{desc} |{bar:20}| {n_fmt}/{total_fmt}{unit} "
-                                                                "[{elapsed}<{remaining}, {rate_fmt}]")
+                stage.bar = tqdm(total=total, desc=f"{name:<{NAME_WIDTH}}", unit=f" {unit}", file=self.err,
+                                 leave=False, dynamic_ncols=True,
+                                 bar_format="{desc} |{bar:20}| {n_fmt}/{total_fmt}{unit} "
+                                            "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
             self._stages.append(stage)
         try:
             yield stage
