@@ -24,7 +24,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check muscle_ray jobs serve tests bench
 	$(VENV)/bin/mypy muscle_ray
 
-test: setup
+test: lint
 	$(PY) -m pytest -q -m "not slow and not vllm"
 	$(PY) -m pytest -q -m "slow and not vllm"
 

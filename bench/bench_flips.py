@@ -38,14 +38,16 @@ def make_results(n: int, seed: int, accuracy: float, id_offset: int) -> pa.Table
     correct = rng.random(n) < accuracy
     wrong = (gold + rng.integers(1, 4, size=n)) % 4
     pred = np.where(correct, gold, wrong)
-    return pa.table({
-        "id": ids,
-        "task": pa.repeat("mc", n),
-        "correct": pa.array(correct),
-        "score": pa.array(correct.astype(np.float64)),
-        "prediction": pa.array(pred).cast(pa.string()),
-        "reference": pa.array(gold).cast(pa.string()),
-    })
+    return pa.table(
+        {
+            "id": ids,
+            "task": pa.repeat("mc", n),
+            "correct": pa.array(correct),
+            "score": pa.array(correct.astype(np.float64)),
+            "prediction": pa.array(pred).cast(pa.string()),
+            "reference": pa.array(gold).cast(pa.string()),
+        }
+    )
 
 
 def ensure(path: Path, n: int, seed: int, accuracy: float, id_offset: int) -> Path:
@@ -68,16 +70,28 @@ def main() -> None:
     # Baseline in the same run: a bare Parquet read of the columns flips needs, so the
     # report has a ratio that survives a busy machine.
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import sys, pyarrow.parquet as pq; "
-                    "[pq.read_table(f, columns=['id', 'correct', 'score', 'prediction']) for f in sys.argv[1:]]",
-                    str(old), str(new)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pyarrow.parquet as pq; "
+            "[pq.read_table(f, columns=['id', 'correct', 'score', 'prediction']) for f in sys.argv[1:]]",
+            str(old),
+            str(new),
+        ],
+        check=True,
+    )
     read_wall = time.perf_counter() - start
 
     muscle = Path(sys.executable).parent / "muscle"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run([str(muscle), "flips", str(old), str(new), "--json"], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [str(muscle), "flips", str(old), str(new), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"muscle flips failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -85,24 +99,28 @@ def main() -> None:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     peak_kib = after.ru_maxrss  # Linux: KiB, the largest child (flips, not the bare read)
-    print(json.dumps({
-        "rows_per_file": args.rows,
-        "generate_s": round(gen_s, 2),
-        "flips_wall_s": round(wall, 2),
-        "flips_cpu_s": round(cpu, 2),  # user + sys: less sensitive than wall to a busy machine
-        "peak_rss_mib": round(peak_kib / 1024, 1),
-        "bare_read_s": round(read_wall, 2),
-        "flips_over_bare_read": round(wall / read_wall, 2),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-        "target_s": 10.0,
-        "within_target": wall < 10.0,
-        "cpus": os.cpu_count(),
-        "n_joined": summary["n"],
-        "only_old": summary["only_old"],
-        "only_new": summary["only_new"],
-        "nfr": summary["nfr"],
-        "pfr": summary["pfr"],
-    }))
+    print(
+        json.dumps(
+            {
+                "rows_per_file": args.rows,
+                "generate_s": round(gen_s, 2),
+                "flips_wall_s": round(wall, 2),
+                "flips_cpu_s": round(cpu, 2),  # user + sys: less sensitive than wall to a busy machine
+                "peak_rss_mib": round(peak_kib / 1024, 1),
+                "bare_read_s": round(read_wall, 2),
+                "flips_over_bare_read": round(wall / read_wall, 2),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+                "target_s": 10.0,
+                "within_target": wall < 10.0,
+                "cpus": os.cpu_count(),
+                "n_joined": summary["n"],
+                "only_old": summary["only_old"],
+                "only_new": summary["only_new"],
+                "nfr": summary["nfr"],
+                "pfr": summary["pfr"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,14 +54,23 @@ def main(argv: list[str]) -> int:
     task = get_task("hellaswag")
     insts = [task.parse(rec) for rec in islice(task.records(args.data), args.items)]
     texts = SAMPLE_TEXT + [c + e for i in insts for c, e in zip(i.contexts * 4, i.continuations)]
-    spec = LlamaSpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                     intermediate_size=688, max_position_embeddings=1024)
+    spec = LlamaSpec(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=688,
+        max_position_embeddings=1024,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model = random_model_dir(Path(tmp) / "m", spec, seed=0, tokenizer=build_tokenizer(texts, vocab_size=4096))
         ours = HFScorer(ModelVersion(str(model)), batch_size=args.batch_size, device="cpu")
-        reqs = [LmInstance(request_type="loglikelihood", doc={}, arguments=(i.context_for(k), c), idx=k)
-                for i in insts for k, c in enumerate(i.continuations)]
-        ours.loglikelihoods(insts[:4])                         # warm up
+        reqs = [
+            LmInstance(request_type="loglikelihood", doc={}, arguments=(i.context_for(k), c), idx=k)
+            for i in insts
+            for k, c in enumerate(i.continuations)
+        ]
+        ours.loglikelihoods(insts[:4])  # warm up
         t0 = time.perf_counter()
         outs = ours.loglikelihoods(insts)
         t_ours = time.perf_counter() - t0
@@ -69,7 +78,7 @@ def main(argv: list[str]) -> int:
         t_lm = {}
         for bs in [int(b) for b in args.lm_eval_batch_sizes.split(",")]:
             lm = HFLM(pretrained=str(model), batch_size=bs, device="cpu")
-            lm.loglikelihood(reqs[:16], disable_tqdm=True)      # warm up the same way
+            lm.loglikelihood(reqs[:16], disable_tqdm=True)  # warm up the same way
             t0 = time.perf_counter()
             flat = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
             t_lm[bs] = time.perf_counter() - t0
@@ -77,17 +86,24 @@ def main(argv: list[str]) -> int:
 
         lm_tokens = sum(len(sum(encode_pair(ours.tokenizer, *r.args), [])) - 1 for r in reqs)
 
-    ref = [flat[4 * k:4 * k + 4] for k in range(len(insts))]
+    ref = [flat[4 * k : 4 * k + 4] for k in range(len(insts))]
     same_pred = [int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(mine, ref)]
-    same_norm = [int(np.argmax(np.array(a) / i.choice_chars)) == int(np.argmax(np.array(b) / i.choice_chars))
-                 for a, b, i in zip(mine, ref, insts)]
+    same_norm = [
+        int(np.argmax(np.array(a) / i.choice_chars)) == int(np.argmax(np.array(b) / i.choice_chars))
+        for a, b, i in zip(mine, ref, insts)
+    ]
     diff = float(np.max(np.abs(np.array(mine) - np.array(ref))))
     result = {
-        "items": len(insts), "requests": len(reqs), "batch_size": args.batch_size,
-        "muscle_s": round(t_ours, 3), "lm_eval_s_by_batch_size": {b: round(t, 3) for b, t in t_lm.items()},
+        "items": len(insts),
+        "requests": len(reqs),
+        "batch_size": args.batch_size,
+        "muscle_s": round(t_ours, 3),
+        "lm_eval_s_by_batch_size": {b: round(t, 3) for b, t in t_lm.items()},
         "speedup_vs_lm_eval_best": round(min(t_lm.values()) / t_ours, 2),
-        "tokens_muscle": sum(o.n_tokens for o in outs), "tokens_lm_eval": lm_tokens,
-        "identical_predictions": all(same_pred) and all(same_norm), "max_abs_loglik_diff": diff,
+        "tokens_muscle": sum(o.n_tokens for o in outs),
+        "tokens_lm_eval": lm_tokens,
+        "identical_predictions": all(same_pred) and all(same_norm),
+        "max_abs_loglik_diff": diff,
         "target_speedup": 1.5,
     }
     print(json.dumps(result))

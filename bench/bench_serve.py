@@ -48,9 +48,16 @@ def make_models(root: Path) -> dict:
     spec = BaseConfig().spec()
     v1 = random_model_dir(root / "v1", spec, seed=0, tokenizer=build_tokenizer(SAMPLE_TEXT, vocab_size=400))
     v2 = random_model_dir(root / "v2", spec, seed=1, tokenizer=AutoTokenizer.from_pretrained(v1))
-    return {"v1": {"path": str(v1), "models": {"old": str(random_lora_dir(v1, root / "old", seed=0))}},
-            "v2": {"path": str(v2), "models": {"new": str(random_lora_dir(v2, root / "new", seed=1)),
-                                               "compat": str(random_lora_dir(v2, root / "compat", seed=2))}}}
+    return {
+        "v1": {"path": str(v1), "models": {"old": str(random_lora_dir(v1, root / "old", seed=0))}},
+        "v2": {
+            "path": str(v2),
+            "models": {
+                "new": str(random_lora_dir(v2, root / "new", seed=1)),
+                "compat": str(random_lora_dir(v2, root / "compat", seed=2)),
+            },
+        },
+    }
 
 
 def load(url: str, calls: list[list[tuple[str, dict]]], concurrency: int) -> tuple[list[float], int, float]:
@@ -92,17 +99,25 @@ def main(argv: list[str]) -> int:
     from muscle_ray.serving.app import build
 
     fixed = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    deployments = {"gateway": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
-                   "model_v1": fixed, "model_v2": fixed}
-    prompts = [f"Tom has {i % 13} apples and gets {i % 7} more. How many apples does Tom have?"
-               for i in range(args.requests)]
+    deployments = {
+        "gateway": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+        "model_v1": fixed,
+        "model_v2": fixed,
+    }
+    prompts = [
+        f"Tom has {i % 13} apples and gets {i % 7} more. How many apples does Tom have?" for i in range(args.requests)
+    ]
     gen = {"max_tokens": args.max_tokens, "stop": ["."], "temperature": 0}
-    bodies = {"completions": [[("completions", {"model": "new", "prompt": q, **gen})] for q in prompts],
-              "completions_logprobs": [[("completions", {"model": "new", "prompt": q, "logprobs": 0, **gen})]
-                                       for q in prompts],
-              "compare": [[("compare", {"prompt": q, **gen})] for q in prompts],
-              "sequential": [[("completions", {"model": m, "prompt": q, "logprobs": 0, **gen}) for m in ("old", "new")]
-                             for q in prompts]}
+    bodies = {
+        "completions": [[("completions", {"model": "new", "prompt": q, **gen})] for q in prompts],
+        "completions_logprobs": [
+            [("completions", {"model": "new", "prompt": q, "logprobs": 0, **gen})] for q in prompts
+        ],
+        "compare": [[("compare", {"prompt": q, **gen})] for q in prompts],
+        "sequential": [
+            [("completions", {"model": m, "prompt": q, "logprobs": 0, **gen}) for m in ("old", "new")] for q in prompts
+        ],
+    }
     lat: dict[str, list[float]] = {k: [] for k in bodies}
     errors = {k: 0 for k in bodies}
     wall = {k: 0.0 for k in bodies}
@@ -111,11 +126,17 @@ def main(argv: list[str]) -> int:
         init_ray(num_cpus=2)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-            serve.run(build({"bases": bases, "api_key_env": None, "batch": {"max_batch_size": args.batch_size}},
-                            deployments=deployments), name="muscle",
-                      route_prefix="/", logging_config={"log_level": "WARNING", "enable_access_log": False})
+            serve.run(
+                build(
+                    {"bases": bases, "api_key_env": None, "batch": {"max_batch_size": args.batch_size}},
+                    deployments=deployments,
+                ),
+                name="muscle",
+                route_prefix="/",
+                logging_config={"log_level": "WARNING", "enable_access_log": False},
+            )
             url = f"http://127.0.0.1:{PORT}/v1/"
-            for kind, b in bodies.items():   # warm-up: first batches, rouge-score's import
+            for kind, b in bodies.items():  # warm-up: first batches, rouge-score's import
                 load(url, b[:32], args.concurrency)
             for _ in range(args.rounds):
                 for kind, b in bodies.items():
@@ -123,16 +144,22 @@ def main(argv: list[str]) -> int:
                     lat[kind] += ms
                     errors[kind] += err
                     wall[kind] += w
-            light = {k: float(np.percentile(load(url, b[:args.light_requests], 1)[0], 50))
-                     for k, b in bodies.items() if k in ("completions", "compare", "sequential")}
+            light = {
+                k: float(np.percentile(load(url, b[: args.light_requests], 1)[0], 50))
+                for k, b in bodies.items()
+                if k in ("completions", "compare", "sequential")
+            }
         finally:
             serve.shutdown()
             ray.shutdown()
     out = {"requests_each": args.requests * args.rounds, "concurrency": args.concurrency}
     for kind in bodies:
-        out[kind] = {"errors": errors[kind], "p50_ms": round(float(np.percentile(lat[kind], 50)), 1),
-                     "p99_ms": round(float(np.percentile(lat[kind], 99)), 1),
-                     "req_per_s": round(args.requests * args.rounds / wall[kind], 1)}
+        out[kind] = {
+            "errors": errors[kind],
+            "p50_ms": round(float(np.percentile(lat[kind], 50)), 1),
+            "p99_ms": round(float(np.percentile(lat[kind], 99)), 1),
+            "req_per_s": round(args.requests * args.rounds / wall[kind], 1),
+        }
     p50 = {k: out[k]["p50_ms"] for k in bodies}
     out["ratio_compare_p50_over_completions_p50"] = round(p50["compare"] / p50["completions"], 2)
     out["ratio_compare_p50_over_completions_logprobs_p50"] = round(p50["compare"] / p50["completions_logprobs"], 2)

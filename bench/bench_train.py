@@ -26,14 +26,18 @@ def build_models(root: Path) -> dict:
     from muscle_ray.zoo.llama import LlamaSpec, random_lora_dir, random_model_dir
     from muscle_ray.zoo.tokenizer import SAMPLE_TEXT, build_tokenizer
 
-    spec = LlamaSpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                     intermediate_size=688)
+    spec = LlamaSpec(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=688
+    )
     tok = build_tokenizer(SAMPLE_TEXT, vocab_size=384)
     v1 = random_model_dir(root / "v1", spec=spec, seed=0, tokenizer=tok)
     v2 = random_model_dir(root / "v2", spec=spec, seed=1, tokenizer=tok)
-    return {"v1": str(v1), "v2": str(v2),
-            "a1": str(random_lora_dir(v1, root / "a1", seed=0, r=8)),
-            "a2": str(random_lora_dir(v2, root / "a2", seed=1, r=8))}
+    return {
+        "v1": str(v1),
+        "v2": str(v2),
+        "a1": str(random_lora_dir(v1, root / "a1", seed=0, r=8)),
+        "a2": str(random_lora_dir(v2, root / "a2", seed=1, r=8)),
+    }
 
 
 def run_mode(mode: str, paths: dict) -> dict:
@@ -50,20 +54,33 @@ def run_mode(mode: str, paths: dict) -> dict:
     torch.manual_seed(0)
     raw = {"base": paths["v2"], "out": "unused", "data": {"path": "unused"}}
     if mode != "task":
-        raw["compat"] = {"old": {"base": paths["v1"], "adapter": paths["a1"]}, "new_adapter": paths["a2"],
-                         "teachers": "inline" if mode == "inline" else "cached", "topk": TOPK}
+        raw["compat"] = {
+            "old": {"base": paths["v1"], "adapter": paths["a1"]},
+            "new_adapter": paths["a2"],
+            "teachers": "inline" if mode == "inline" else "cached",
+            "topk": TOPK,
+        }
     cfg = validated(CompatTrainConfig if mode != "task" else AdapterTrainConfig, raw)
     student = build_student(paths["v2"], cfg.lora, paths["a2"] if mode != "task" else None).train()
     ids = torch.randint(0, 384, (BATCH, SEQ))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "labels": torch.cat([ids[:, 1:], torch.full((BATCH, 1), -100)], 1)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.cat([ids[:, 1:], torch.full((BATCH, 1), -100)], 1),
+    }
     teachers = None
     if mode == "inline":
         teachers = InlineTeachers(student, ModelVersion(paths["v1"], paths["a1"]), paths["a2"], device="cpu")
-    elif mode == "cached":   # precomputed outside the step, as the Ray Data cache job does
+    elif mode == "cached":  # precomputed outside the step, as the Ray Data cache job does
         pair = TeacherPair(ModelVersion(paths["v1"], paths["a1"]), ModelVersion(paths["v2"], paths["a2"]), "cpu")
-        batch.update({k: torch.as_tensor(v) for k, v in pair.answer(
-            ids.numpy(), batch["attention_mask"].numpy(), batch["labels"].numpy(), TOPK, 2.0).items()})
+        batch.update(
+            {
+                k: torch.as_tensor(v)
+                for k, v in pair.answer(
+                    ids.numpy(), batch["attention_mask"].numpy(), batch["labels"].numpy(), TOPK, 2.0
+                ).items()
+            }
+        )
         del pair
         teachers = CachedTeachers()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
@@ -77,20 +94,23 @@ def run_mode(mode: str, paths: dict) -> dict:
         if i >= WARMUP:
             times.append(time.perf_counter() - t0)
     times.sort()
-    return {"s_per_step": times[len(times) // 2],
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "s_per_step": times[len(times) // 2],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> int:
-    if len(sys.argv) == 3:   # child: one mode
+    if len(sys.argv) == 3:  # child: one mode
         print(json.dumps(run_mode(sys.argv[1], json.loads(sys.argv[2]))))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_models(Path(tmp))
         res = {}
         for mode in ("task", "inline", "cached"):
-            out = subprocess.run([sys.executable, __file__, mode, json.dumps(paths)], check=True,
-                                 stdout=subprocess.PIPE, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, mode, json.dumps(paths)], check=True, stdout=subprocess.PIPE, text=True
+            ).stdout
             res[mode] = json.loads(out.strip().splitlines()[-1])
     t = res["task"]["s_per_step"]
     summary = {

@@ -1,6 +1,6 @@
 """Ray job entrypoint: `muscle score` (flags as there; data and out may be s3://, gs://, file:// URIs).
 
-    ray job submit --working-dir . -- python jobs/score.py --config jobs/configs/score.yaml
+ray job submit --working-dir . -- python jobs/score.py --config jobs/configs/score.yaml
 """
 
 import sys

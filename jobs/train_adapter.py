@@ -1,6 +1,6 @@
 """Ray job entrypoint: `muscle train-adapter` (flags as there; data and out may be URIs).
 
-    ray job submit --working-dir . -- python jobs/train_adapter.py --config jobs/configs/train_adapter.yaml
+ray job submit --working-dir . -- python jobs/train_adapter.py --config jobs/configs/train_adapter.yaml
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Ray job entrypoint: `muscle train-compat` (flags as there; data and out may be URIs).
 
-    ray job submit --working-dir . -- python jobs/train_compat.py --config jobs/configs/train_compat.yaml
+ray job submit --working-dir . -- python jobs/train_compat.py --config jobs/configs/train_compat.yaml
 """
 
 import sys

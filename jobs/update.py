@@ -1,6 +1,6 @@
 """Ray job entrypoint: `muscle update` (flags as there).
 
-    ray job submit --working-dir . -- python jobs/update.py --config jobs/configs/update.yaml
+ray job submit --working-dir . -- python jobs/update.py --config jobs/configs/update.yaml
 """
 
 import sys

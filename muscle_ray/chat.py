@@ -30,8 +30,7 @@ def split_messages(messages: Any, row: int | None = None) -> tuple[Messages, str
         raise BadRow("field 'messages' must be a non-empty list of {role, content} objects", row)
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise BadRow(f"messages[{i}] must be {{\"role\": {'|'.join(ROLES)}, \"content\": str}}, got {m!r}"[:200],
-                         row)
+            raise BadRow(f'messages[{i}] must be {{"role": {"|".join(ROLES)}, "content": str}}, got {m!r}'[:200], row)
     if messages[-1]["role"] != "assistant":
         raise BadRow("the last message must be the assistant's answer", row)
     if len(messages) == 1:
@@ -51,8 +50,10 @@ def model_name(tokenizer) -> str:
 def require_chat_template(tokenizer) -> None:
     """Refuse, naming the model, a tokenizer that has no chat template to render with."""
     if not getattr(tokenizer, "chat_template", None):
-        raise MuscleError(f"{model_name(tokenizer)}: chat_template is on but the tokenizer has no chat template "
-                          "(tokenizer_config.json sets no chat_template); use a chat model or chat_template: false")
+        raise MuscleError(
+            f"{model_name(tokenizer)}: chat_template is on but the tokenizer has no chat template "
+            "(tokenizer_config.json sets no chat_template); use a chat model or chat_template: false"
+        )
 
 
 def _apply(tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
@@ -61,7 +62,7 @@ def _apply(tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
     require_chat_template(tokenizer)
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    except TemplateError as e:   # e.g. a template that wants user and assistant turns to alternate
+    except TemplateError as e:  # e.g. a template that wants user and assistant turns to alternate
         raise MuscleError(f"{model_name(tokenizer)}: its chat template refused the conversation: {e}") from None
 
 
@@ -79,6 +80,8 @@ def render_turn(tokenizer, prompt: Prompt, answer: str) -> tuple[str, str]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     whole = _apply(tokenizer, messages + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
     if not whole.startswith(head):
-        raise MuscleError(f"{model_name(tokenizer)}: its chat template renders a conversation with an answer "
-                          "differently from the same conversation awaiting one; cannot tell the assistant turn apart")
-    return head, whole[len(head):]
+        raise MuscleError(
+            f"{model_name(tokenizer)}: its chat template renders a conversation with an answer "
+            "differently from the same conversation awaiting one; cannot tell the assistant turn apart"
+        )
+    return head, whole[len(head) :]

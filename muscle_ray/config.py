@@ -20,8 +20,7 @@ from muscle_ray.errors import MuscleError
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def load_config(model: type[Model], path: str | Path | None = None,
-                overrides: dict[str, Any] | None = None) -> Model:
+def load_config(model: type[Model], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Model:
     """`model` from the YAML file at `path` (none: only the overrides), with `overrides`
     ({"optim.lr": 2e-3, ...}) applied on top, validated."""
     source = str(path) if path else "command line"
@@ -91,7 +90,7 @@ def _child(node, part: str, key: str, where: str, source: str):
 
 def _set(node, leaf: str, value, key: str, source: str) -> None:
     if isinstance(node, list):
-        _index(node, leaf, key, source)   # only an item that is there
+        _index(node, leaf, key, source)  # only an item that is there
         node[int(leaf)] = value
     else:
         node[leaf] = value

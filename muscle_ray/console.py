@@ -35,7 +35,7 @@ from tqdm import tqdm
 from muscle_ray.errors import MuscleError
 
 POLL_S = 0.5
-NAME_WIDTH = 40            # "story_rouge: compat and control adapters"
+NAME_WIDTH = 40  # "story_rouge: compat and control adapters"
 
 
 class ProgressBoard:
@@ -75,9 +75,9 @@ class Stage:
     def __init__(self, console: "Console", key: str, name: str, total: int | None, unit: str):
         self.console, self.key, self.name, self.unit = console, key, name, unit
         self.given_total = total
-        self.local = 0                      # counted on the driver (advance)
-        self.parts: list[str] = []          # board keys counted remotely (reporter)
-        self.note = ""                      # said after the counts on the stage's last line
+        self.local = 0  # counted on the driver (advance)
+        self.parts: list[str] = []  # board keys counted remotely (reporter)
+        self.note = ""  # said after the counts on the stage's last line
         self.started = time.perf_counter()
         self.bar: tqdm | None = None
 
@@ -123,7 +123,7 @@ class Console:
     def __init__(self, log_dir: str | Path | None, verbose: bool = False, bars: bool | None = None):
         self.log_path = Path(log_dir) / "ray.log" if log_dir is not None else None
         self.verbose = verbose
-        self.lines: list[str] = []          # every line shown, for callers and tests
+        self.lines: list[str] = []  # every line shown, for callers and tests
         self._bars = bars
         self._stages: list[Stage] = []
         self._started = itertools.count()
@@ -178,10 +178,11 @@ class Console:
         self.err = os.fdopen(os.dup(2), "w", buffering=1)
         self._log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         target = self._log_fd
-        if self.verbose:        # a pipe, copied to the log and to the terminal as it arrives
+        if self.verbose:  # a pipe, copied to the log and to the terminal as it arrives
             read_end, target = os.pipe()
-            self._tee_thread = threading.Thread(target=self._tee, args=(read_end, self._log_fd), name="console-tee",
-                                                daemon=True)
+            self._tee_thread = threading.Thread(
+                target=self._tee, args=(read_end, self._log_fd), name="console-tee", daemon=True
+            )
             self._tee_thread.start()
         os.dup2(target, 1)
         os.dup2(target, 2)
@@ -189,8 +190,9 @@ class Console:
             os.close(target)
         # Python-level writers too, whatever sys.stdout was (a test's capture, a notebook's).
         self._saved_streams = (sys.stdout, sys.stderr)
-        sys.stdout, sys.stderr = (open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-                                  for fd in (1, 2))
+        sys.stdout, sys.stderr = (
+            open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False) for fd in (1, 2)
+        )
 
     def _tee(self, read_end: int, log_fd: int) -> None:
         while chunk := os.read(read_end, 65536):
@@ -207,7 +209,7 @@ class Console:
             os.dup2(saved, fd)
             os.close(saved)
         self._saved_fds = None
-        if self._tee_thread is not None:    # ends once no process holds the pipe (Ray is down)
+        if self._tee_thread is not None:  # ends once no process holds the pipe (Ray is down)
             self._tee_thread.join(timeout=2)
         if self._tee_thread is None or not self._tee_thread.is_alive():
             assert self._log_fd is not None
@@ -243,10 +245,15 @@ class Console:
         stage = Stage(self, f"stage{next(self._started)}", name, total, unit)
         with self._lock:
             if self._bars:
-                stage.bar = tqdm(total=total, desc=f"{name:<{NAME_WIDTH}}", unit=f" {unit}", file=self.err,
-                                 leave=False, dynamic_ncols=True,
-                                 bar_format="{desc} |{bar:20}| {n_fmt}/{total_fmt}{unit} "
-                                            "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
+                stage.bar = tqdm(
+                    total=total,
+                    desc=f"{name:<{NAME_WIDTH}}",
+                    unit=f" {unit}",
+                    file=self.err,
+                    leave=False,
+                    dynamic_ncols=True,
+                    bar_format="{desc} |{bar:20}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}, {rate_noinv_fmt}]",
+                )
             self._stages.append(stage)
         try:
             yield stage
@@ -308,7 +315,7 @@ def setup(run_dir: str | Path, verbose: bool = False) -> Iterator[Console]:
             except MuscleError:
                 raise
             except BaseException:
-                traceback.print_exc()       # into the log
+                traceback.print_exc()  # into the log
                 raise
             finally:
                 console.close()
@@ -345,25 +352,26 @@ def _root(error: BaseException) -> tuple[str, str]:
 
 def _inner(error: BaseException) -> BaseException | None:
     """The error `error` wraps: a Ray task's, a train worker's, the Train controller's, or its cause."""
-    inner = (getattr(error, "cause", None)
-             or next(iter((getattr(error, "worker_failures", None) or {}).values()), None)
-             or getattr(error, "controller_failure", None)
-             or error.__cause__)
+    inner = (
+        getattr(error, "cause", None)
+        or next(iter((getattr(error, "worker_failures", None) or {}).values()), None)
+        or getattr(error, "controller_failure", None)
+        or error.__cause__
+    )
     return inner if isinstance(inner, BaseException) else None
 
 
 def _shutdown_ray(console: Console) -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        time.sleep(1.0)   # Ray forwards workers' output every 0.1-0.5 s: let their last lines reach the log
+        time.sleep(1.0)  # Ray forwards workers' output every 0.1-0.5 s: let their last lines reach the log
         from muscle_ray.runtime import session_logs
 
         logs = session_logs()
         if logs is not None and console.log_path is not None:
             link = console.log_path.parent / "ray-session"
-            if link.is_dir() and not link.is_symlink():   # a copy back from a URI --out holds it as a folder
+            if link.is_dir() and not link.is_symlink():  # a copy back from a URI --out holds it as a folder
                 shutil.rmtree(link)
             link.unlink(missing_ok=True)
             link.symlink_to(logs)
         ray.shutdown()
-

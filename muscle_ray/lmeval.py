@@ -105,15 +105,19 @@ def lmeval_to_results(
     if metric is None:
         raise MuscleError(f"{path}: lm-eval samples list no metrics")
 
-    cols: dict[str, list] = {k: [] for k in ("id", "prediction", "reference", "score", "choice_logliks",
-                                               "choice_chars", "doc_hash", "prompt_hash")}
+    cols: dict[str, list] = {
+        k: []
+        for k in ("id", "prediction", "reference", "score", "choice_logliks", "choice_chars", "doc_hash", "prompt_hash")
+    }
     multiple_choice = _is_loglikelihood(first)
     for line_no, rec in records:
         try:
             row = _sample_row(rec, metric, multiple_choice, path, line_no)
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
             kind = "loglikelihood" if multiple_choice else "generation"
-            raise MuscleError(f"{path}: line {line_no}: not an lm-eval {kind} sample ({type(e).__name__}: {e})") from None
+            raise MuscleError(
+                f"{path}: line {line_no}: not an lm-eval {kind} sample ({type(e).__name__}: {e})"
+            ) from None
         for k, v in row.items():
             cols[k].append(v)
     score = np.array(cols["score"], dtype=np.float64)
@@ -130,7 +134,7 @@ def lmeval_to_results(
     if multiple_choice:
         table["choice_logliks"] = pa.array(cols["choice_logliks"], MC_COLUMNS["choice_logliks"])
         table["choice_chars"] = pa.array(cols["choice_chars"], MC_COLUMNS["choice_chars"])
-    for key in ("doc_hash", "prompt_hash"):   # provenance lm-eval writes; kept when it is text
+    for key in ("doc_hash", "prompt_hash"):  # provenance lm-eval writes; kept when it is text
         table[key] = pa.array([h if isinstance(h, str) else None for h in cols[key]], pa.string())
     return pa.table(table)
 
@@ -142,8 +146,12 @@ def _sample_row(rec: dict, metric: str, multiple_choice: bool, path: Path, line_
         value = float(value)
     if not isinstance(value, (int, float)):
         raise MuscleError(f"{path}: line {line_no}: column '{metric}' is {value!r}, not a number")
-    row = {"id": str(rec["doc_id"]), "score": float(value), "doc_hash": rec.get("doc_hash"),
-           "prompt_hash": rec.get("prompt_hash")}
+    row = {
+        "id": str(rec["doc_id"]),
+        "score": float(value),
+        "doc_hash": rec.get("doc_hash"),
+        "prompt_hash": rec.get("prompt_hash"),
+    }
     if not multiple_choice:
         fr = rec["filtered_resps"]
         return {**row, "prediction": str(fr[0] if isinstance(fr, list) and fr else fr), "reference": str(rec["target"])}
@@ -155,12 +163,18 @@ def _sample_row(rec: dict, metric: str, multiple_choice: bool, path: Path, line_
         ) from None
     conts = _continuations(rec["arguments"], path, line_no)
     if len(conts) != len(ll):
-        raise MuscleError(f"{path}: line {line_no}: {len(ll)} answers in 'filtered_resps' for "
-                          f"{len(conts)} options in 'arguments'")
+        raise MuscleError(
+            f"{path}: line {line_no}: {len(ll)} answers in 'filtered_resps' for {len(conts)} options in 'arguments'"
+        )
     n = [len(c[1:] if c.startswith(" ") else c) for c in conts]
     key = np.array(ll) / np.maximum(np.array(n, dtype=float), 1.0) if metric == "acc_norm" else np.array(ll)
-    return {**row, "choice_logliks": ll, "choice_chars": n, "prediction": str(int(np.argmax(key))),
-            "reference": _gold_index(rec["target"], conts)}
+    return {
+        **row,
+        "choice_logliks": ll,
+        "choice_chars": n,
+        "prediction": str(int(np.argmax(key))),
+        "reference": _gold_index(rec["target"], conts),
+    }
 
 
 def _continuations(arguments, path: Path, line_no: int) -> list[str]:

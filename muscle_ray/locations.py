@@ -60,9 +60,10 @@ def copy_location(src: str | Path, dst: str | Path) -> None:
     info = src_fs.get_file_info(src_path)
     if info.type == pafs.FileType.NotFound:
         raise MuscleError(f"{src}: no such file or directory")
-    if isinstance(dst_fs, pafs.LocalFileSystem):   # object stores have no directories to make
-        dst_fs.create_dir(dst_path if info.type == pafs.FileType.Directory else str(Path(dst_path).parent),
-                          recursive=True)
+    if isinstance(dst_fs, pafs.LocalFileSystem):  # object stores have no directories to make
+        dst_fs.create_dir(
+            dst_path if info.type == pafs.FileType.Directory else str(Path(dst_path).parent), recursive=True
+        )
     try:
         pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
     except (OSError, pa.ArrowException) as e:

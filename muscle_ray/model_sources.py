@@ -25,7 +25,7 @@ from muscle_ray.locations import in_workspace
 # `org/name` or `org/name@revision` (a branch, tag or commit), as the hub spells repo ids
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 logger = logging.getLogger(__name__)
-GGUF_FORMAT = "1"   # bump when the conversion's output changes, so old cache entries are not reused
+GGUF_FORMAT = "1"  # bump when the conversion's output changes, so old cache entries are not reused
 
 
 def resolve_model(ref: str) -> Path:
@@ -60,7 +60,7 @@ def config_model(ref: str) -> str:
     except MuscleError as e:
         if HUB_ID.fullmatch(ref):
             return ref
-        raise ValueError(str(e)) from None   # pydantic's error names the field
+        raise ValueError(str(e)) from None  # pydantic's error names the field
     return ref if path == Path(ref) else str(path)
 
 
@@ -79,9 +79,11 @@ def hub_snapshot(repo: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(repo, revision=revision, cache_dir=hub_cache(), local_files_only=_offline()))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         if _offline():
-            raise MuscleError(f"{named}: no such local directory, and not in the local Hugging Face cache "
-                              f"({hub_cache()}, offline); download it where the hub is reachable "
-                              f"(`hf download {repo}`) or name a local directory") from None
+            raise MuscleError(
+                f"{named}: no such local directory, and not in the local Hugging Face cache "
+                f"({hub_cache()}, offline); download it where the hub is reachable "
+                f"(`hf download {repo}`) or name a local directory"
+            ) from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MuscleError(f"{named}: not found on the Hugging Face hub: {reason}") from None
 
@@ -137,7 +139,7 @@ def convert_gguf(path: Path) -> Path:
         try:
             os.rename(tmp, dest)
         except OSError:
-            if not dest.is_dir():   # not "another process got there first"
+            if not dest.is_dir():  # not "another process got there first"
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,8 +55,12 @@ def load_tokenizer(version: ModelVersion):
     return tok
 
 
-def load_model(version: ModelVersion, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None, trainable_adapter: bool = False):
+def load_model(
+    version: ModelVersion,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    trainable_adapter: bool = False,
+):
     """Load base (+ adapter) for inference, in eval mode; adapters stay unmerged."""
     from transformers import AutoModelForCausalLM
 
@@ -95,12 +99,23 @@ def check_same_tokenizer(versions: list[ModelVersion]) -> None:
                 f"model versions do not share a tokenizer: {first.name} ({first.base}) and {v.name} ({v.base}) "
                 f"map {len(moved)} of {len(shared)} shared tokens to different ids, e.g. {t!r}: "
                 f"{ref_vocab[t]} vs {vocab[t]}; token-by-token comparison needs the same ids "
-                "(MUSCLE does not cover vocabulary changes)")
+                "(MUSCLE does not cover vocabulary changes)"
+            )
         only = sorted(ref_vocab.keys() ^ vocab.keys())
-        renamed = [f"{role} {getattr(ref, role)!r} -> {getattr(tok, role)!r}" for role in SPECIAL_ROLES
-                   if getattr(ref, role) != getattr(tok, role)]
+        renamed = [
+            f"{role} {getattr(ref, role)!r} -> {getattr(tok, role)!r}"
+            for role in SPECIAL_ROLES
+            if getattr(ref, role) != getattr(tok, role)
+        ]
         if only or renamed:
             example = f"e.g. {only[0]!r}; " if only else ""
-            logger.warning("%s and %s: %d token(s) in one vocabulary only (%s%d special token(s) renamed%s); "
-                           "shared tokens keep their ids", first.name, v.name, len(only), example, len(renamed),
-                           f": {', '.join(renamed)}" if renamed else "")
+            logger.warning(
+                "%s and %s: %d token(s) in one vocabulary only (%s%d special token(s) renamed%s); "
+                "shared tokens keep their ids",
+                first.name,
+                v.name,
+                len(only),
+                example,
+                len(renamed),
+                f": {', '.join(renamed)}" if renamed else "",
+            )

@@ -32,22 +32,24 @@ def out_lock(out: str | Path, log: Callable[[str], None] = print) -> Iterator[Pa
         yield path
     finally:
         if fd is not None:
-            path.unlink(missing_ok=True)   # before closing: a waiting run then finds the file gone
+            path.unlink(missing_ok=True)  # before closing: a waiting run then finds the file gone
             os.close(fd)
 
 
 def _acquire(path: Path, log: Callable[[str], None]) -> int | None:
     """The locked file's descriptor, with this run written into it (None: no locking here)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # not inherited by Ray's processes
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by Ray's processes
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise MuscleError(f"{path}: another run is writing to this directory ({holder}); wait for it "
-                              "to finish or use another --out") from None
-        except OSError as e:   # a filesystem without locks (some network mounts)
+            raise MuscleError(
+                f"{path}: another run is writing to this directory ({holder}); wait for it "
+                "to finish or use another --out"
+            ) from None
+        except OSError as e:  # a filesystem without locks (some network mounts)
             os.close(fd)
             log(f"warning: {path}: cannot lock ({e.strerror}); nothing stops a second run from writing here")
             return None
@@ -57,7 +59,7 @@ def _acquire(path: Path, log: Callable[[str], None]) -> int | None:
             same = False
         if same:
             break
-        os.close(fd)   # its holder removed it between our open and our lock: lock the new one
+        os.close(fd)  # its holder removed it between our open and our lock: lock the new one
     stale = _holder(fd)
     if stale:
         log(f"warning: {path}: taking over the lock of {stale}, which ended without releasing it")

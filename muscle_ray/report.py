@@ -17,9 +17,30 @@ from muscle_ray.metrics.compare import Comparison, compat_deltas
 from muscle_ray.metrics.format import MISSING, pct, relative
 from muscle_ray.metrics.plots import report_figures
 
-ROW_KEYS = ["acc_v1", "acc_v2", "acc_compat", "acc_control", "d_acc_c", "nfr", "nfr_compat", "nfr_control",
-            "d_nfr_c", "d_pct_nfr_c", "pfr", "pfr_compat", "pfr_control", "d_pfr_c", "nfr_mc", "nfr_mc_compat",
-            "m_g", "m_r", "d_m_g", "d_m_r", "fixed", "broken"]
+ROW_KEYS = [
+    "acc_v1",
+    "acc_v2",
+    "acc_compat",
+    "acc_control",
+    "d_acc_c",
+    "nfr",
+    "nfr_compat",
+    "nfr_control",
+    "d_nfr_c",
+    "d_pct_nfr_c",
+    "pfr",
+    "pfr_compat",
+    "pfr_control",
+    "d_pfr_c",
+    "nfr_mc",
+    "nfr_mc_compat",
+    "m_g",
+    "m_r",
+    "d_m_g",
+    "d_m_r",
+    "fixed",
+    "broken",
+]
 
 
 def task_row(metric: str, v2: Comparison, compat: Comparison, control: Comparison | None = None) -> dict:
@@ -31,17 +52,37 @@ def task_row(metric: str, v2: Comparison, compat: Comparison, control: Compariso
     s, c = v2.summary, compat.summary
     row = {
         "metric": metric,
-        "acc_v1": s["acc_old"], "acc_v2": s["acc_new"], "acc_compat": c["acc_new"],
-        "nfr": s["nfr"], "nfr_compat": c["nfr"], "pfr": s["pfr"], "pfr_compat": c["pfr"],
-        "nfr_mc": s.get("nfr_mc"), "nfr_mc_compat": c.get("nfr_mc"),
-        "m_g": s["m_g"], "m_r": s["m_r"],
+        "acc_v1": s["acc_old"],
+        "acc_v2": s["acc_new"],
+        "acc_compat": c["acc_new"],
+        "nfr": s["nfr"],
+        "nfr_compat": c["nfr"],
+        "pfr": s["pfr"],
+        "pfr_compat": c["pfr"],
+        "nfr_mc": s.get("nfr_mc"),
+        "nfr_mc_compat": c.get("nfr_mc"),
+        "m_g": s["m_g"],
+        "m_r": s["m_r"],
     }
     d = compat_deltas(s, c)
-    row.update({"d_acc_c": d["d_acc_c"], "d_nfr_c": d["d_nfr_c"], "d_pct_nfr_c": d["d_pct_nfr_c"],
-                "d_pfr_c": d["d_pfr_c"], "d_m_g": d["d_m_g"], "d_m_r": d["d_m_r"]})
+    row.update(
+        {
+            "d_acc_c": d["d_acc_c"],
+            "d_nfr_c": d["d_nfr_c"],
+            "d_pct_nfr_c": d["d_pct_nfr_c"],
+            "d_pfr_c": d["d_pfr_c"],
+            "d_m_g": d["d_m_g"],
+            "d_m_r": d["d_m_r"],
+        }
+    )
     if control is not None:
-        row.update({"acc_control": control.summary["acc_new"], "nfr_control": control.summary["nfr"],
-                    "pfr_control": control.summary["pfr"]})
+        row.update(
+            {
+                "acc_control": control.summary["acc_new"],
+                "nfr_control": control.summary["nfr"],
+                "pfr_control": control.summary["pfr"],
+            }
+        )
     # Paired fixed/broken among the instances both comparisons joined (v1 right on them).
     ids_v2 = v2.paired.old_column("id").to_numpy(zero_copy_only=False)
     ids_c = compat.paired.old_column("id").to_numpy(zero_copy_only=False)
@@ -73,27 +114,60 @@ def _spread(row: dict, key: str) -> str:
 
 def tables_markdown(report: dict) -> str:
     """Tables 4-6 (one row per task) and, when present, the Table 7 ablation."""
-    head = ["task", "metric", "acc v1", "acc v2", "acc compat", "acc control", "Δacc_c", "NFR", "NFR compat",
-            "NFR control", "ΔNFR_c", "Δ%NFR_c", "m_g", "m_r", "Δm_g", "Δm_r", "fixed/broken"]
+    head = [
+        "task",
+        "metric",
+        "acc v1",
+        "acc v2",
+        "acc compat",
+        "acc control",
+        "Δacc_c",
+        "NFR",
+        "NFR compat",
+        "NFR control",
+        "ΔNFR_c",
+        "Δ%NFR_c",
+        "m_g",
+        "m_r",
+        "Δm_g",
+        "Δm_r",
+        "fixed/broken",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in report["tasks"].items():
-        cont = r["metric"] not in ("acc", "exact")   # m_g, m_r: continuous metrics only
-        cells = [name, r["metric"], pct(r["acc_v1"]), pct(r["acc_v2"]), pct(r["acc_compat"]) + _spread(r, "acc_compat"),
-                 pct(r.get("acc_control")), pct(r["d_acc_c"], True), pct(r["nfr"]) + _spread(r, "nfr"),
-                 pct(r["nfr_compat"]) + _spread(r, "nfr_compat"), pct(r.get("nfr_control")), pct(r["d_nfr_c"], True),
-                 relative(r.get("d_pct_nfr_c")),
-                 *(pct(r.get(k), signed=k.startswith("d_")) if cont else MISSING
-                   for k in ("m_g", "m_r", "d_m_g", "d_m_r")),
-                 f"{r.get('fixed', 0):.0f}/{r.get('broken', 0):.0f}"]
+        cont = r["metric"] not in ("acc", "exact")  # m_g, m_r: continuous metrics only
+        cells = [
+            name,
+            r["metric"],
+            pct(r["acc_v1"]),
+            pct(r["acc_v2"]),
+            pct(r["acc_compat"]) + _spread(r, "acc_compat"),
+            pct(r.get("acc_control")),
+            pct(r["d_acc_c"], True),
+            pct(r["nfr"]) + _spread(r, "nfr"),
+            pct(r["nfr_compat"]) + _spread(r, "nfr_compat"),
+            pct(r.get("nfr_control")),
+            pct(r["d_nfr_c"], True),
+            relative(r.get("d_pct_nfr_c")),
+            *(pct(r.get(k), signed=k.startswith("d_")) if cont else MISSING for k in ("m_g", "m_r", "d_m_g", "d_m_r")),
+            f"{r.get('fixed', 0):.0f}/{r.get('broken', 0):.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if report.get("ablation"):
         ab = report["ablation"]
-        lines += ["", f"Masking ablation on {ab['task']} (baseline NFR {pct(ab['nfr'])}):", "",
-                  "| mask | acc | NFR | ΔNFR_c | Δ%NFR_c | ΔPFR_c | Δacc_c |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Masking ablation on {ab['task']} (baseline NFR {pct(ab['nfr'])}):",
+            "",
+            "| mask | acc | NFR | ΔNFR_c | Δ%NFR_c | ΔPFR_c | Δacc_c |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for mask, r in ab["masks"].items():
-            lines.append(f"| {mask} | {pct(r['acc_compat'])} | {pct(r['nfr_compat'])} | {pct(r['d_nfr_c'], True)} | "
-                         f"{relative(r.get('d_pct_nfr_c'))} | "
-                         f"{pct(r['d_pfr_c'], True)} | {pct(r['d_acc_c'], True)} |")
+            lines.append(
+                f"| {mask} | {pct(r['acc_compat'])} | {pct(r['nfr_compat'])} | {pct(r['d_nfr_c'], True)} | "
+                f"{relative(r.get('d_pct_nfr_c'))} | "
+                f"{pct(r['d_pfr_c'], True)} | {pct(r['d_acc_c'], True)} |"
+            )
     return "\n".join(lines)
 
 
@@ -114,9 +188,14 @@ def verdict(row: dict) -> str:
 def verdict_table(report: dict) -> str:
     """The console's summary of a run: accuracy and NFR of each model, and compat against the
     control per task (report.md has every column, the spread over seeds and the ablation)."""
-    lines = [f"{'':<19}{'accuracy / score (%)':^32}  {'NFR against v1 (%)':^24}".rstrip(),
-             f"{'task':<12}{'metric':<7}" + "".join(f"{c:>8}" for c in ("v1", "v2", "compat", "control"))
-             + "  " + "".join(f"{c:>8}" for c in ("v2", "compat", "control")) + f"{'Δ%NFR_c':>9}  compat vs control"]
+    lines = [
+        f"{'':<19}{'accuracy / score (%)':^32}  {'NFR against v1 (%)':^24}".rstrip(),
+        f"{'task':<12}{'metric':<7}"
+        + "".join(f"{c:>8}" for c in ("v1", "v2", "compat", "control"))
+        + "  "
+        + "".join(f"{c:>8}" for c in ("v2", "compat", "control"))
+        + f"{'Δ%NFR_c':>9}  compat vs control",
+    ]
     for name, r in report["tasks"].items():
         accs = "".join(f"{pct(r.get(k)):>8}" for k in ("acc_v1", "acc_v2", "acc_compat", "acc_control"))
         nfrs = "".join(f"{pct(r.get(k)):>8}" for k in ("nfr", "nfr_compat", "nfr_control"))
@@ -128,17 +207,26 @@ def write_report(report: dict, comparisons: dict[str, dict[str, Comparison]], ou
     """report.json (every number), report.md (tables), report.html (tables + embedded plots)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    md = "# MUSCLE update report\n\n" + tables_markdown(report) + "\n\nRates in %. Timings (s): " + \
-        ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()) + "\n"
+    md = (
+        "# MUSCLE update report\n\n"
+        + tables_markdown(report)
+        + "\n\nRates in %. Timings (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items())
+        + "\n"
+    )
     images = report_figures(report, comparisons)
-    body = "".join(f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'/>"
-                   for t, b in images.items())
+    body = "".join(
+        f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'/>"
+        for t, b in images.items()
+    )
     table_html = _markdown_table_to_html(tables_markdown(report))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>MUSCLE update report</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}"
-            f"td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}</style></head><body>"
-            f"<h1>MUSCLE update report</h1>{table_html}<p>Rates in %.</p>{body}"
-            f"<h3>report.json</h3><pre>{html.escape(json.dumps(report, indent=1))}</pre></body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>MUSCLE update report</title>"
+        f"<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}"
+        f"td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}</style></head><body>"
+        f"<h1>MUSCLE update report</h1>{table_html}<p>Rates in %.</p>{body}"
+        f"<h3>report.json</h3><pre>{html.escape(json.dumps(report, indent=1))}</pre></body></html>"
+    )
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
     paths["json"].write_text(json.dumps(report, indent=2))
     paths["md"].write_text(md)
@@ -155,8 +243,13 @@ def _markdown_table_to_html(md: str) -> str:
             continue
         if rows:
             head, *rest = rows
-            parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>" +
-                         "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rest) + "</table>")
+            parts.append(
+                "<table><tr>"
+                + "".join(f"<th>{c}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rest)
+                + "</table>"
+            )
             rows = []
         if line:
             parts.append(f"<p>{html.escape(line)}</p>")

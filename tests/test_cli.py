@@ -59,8 +59,15 @@ def _demo_config(tmp_path: Path) -> Path:
 
 def _update_config(tmp_path: Path) -> Path:
     path = tmp_path / "update.yaml"
-    path.write_text(yaml.safe_dump({"old": "models/v1", "new": "models/v2",
-                                    "tasks": [{"task": "mc_jsonl", "data": "test.jsonl", "train": "train.jsonl"}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "old": "models/v1",
+                "new": "models/v2",
+                "tasks": [{"task": "mc_jsonl", "data": "test.jsonl", "train": "train.jsonl"}],
+            }
+        )
+    )
     return path
 
 
@@ -108,28 +115,60 @@ def test_file_then_set_then_flags():
 
     parser = argparse.ArgumentParser()
     score.add_arguments(parser)
-    args = parser.parse_args(["--config", str(REPO / "jobs/configs/score.yaml"), "--set", "workers=3",
-                              "--set", "versions.0.name=old", "--set", "task_options.max_new_tokens=9",
-                              "--workers", "1,4", "--task-option", "stop=[';']", "--set", "limit=5"])
+    args = parser.parse_args(
+        [
+            "--config",
+            str(REPO / "jobs/configs/score.yaml"),
+            "--set",
+            "workers=3",
+            "--set",
+            "versions.0.name=old",
+            "--set",
+            "task_options.max_new_tokens=9",
+            "--workers",
+            "1,4",
+            "--task-option",
+            "stop=[';']",
+            "--set",
+            "limit=5",
+        ]
+    )
     cfg = score.config_from_args(args)
-    assert cfg.workers == (1, 4) and cfg.limit == 5 and cfg.batch_size == 32          # flag, --set, file
+    assert cfg.workers == (1, 4) and cfg.limit == 5 and cfg.batch_size == 32  # flag, --set, file
     assert cfg.versions[0].name == "old" and len(cfg.versions) == 4
     assert cfg.task_options == {"metric": "exact", "stop": [";"], "max_new_tokens": 9}  # merged, not replaced
 
 
 def test_flips_reads_its_options_from_a_file_too(tmp_path, capsys):
     """`muscle flips --config` with --set, on real Parquet result sets."""
+
     def write(path, correct):
         n = len(correct)
-        pq.write_table(pa.table({"id": [str(i) for i in range(n)], "task": ["t"] * n, "correct": correct,
-                                 "score": [float(c) for c in correct], "prediction": ["0"] * n,
-                                 "reference": ["0"] * n}), path)
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [str(i) for i in range(n)],
+                    "task": ["t"] * n,
+                    "correct": correct,
+                    "score": [float(c) for c in correct],
+                    "prediction": ["0"] * n,
+                    "reference": ["0"] * n,
+                }
+            ),
+            path,
+        )
         return str(path)
 
     cfg = tmp_path / "flips.yaml"
-    cfg.write_text(yaml.safe_dump({"old": write(tmp_path / "o.parquet", [True, True, False, True]),
-                                   "new": write(tmp_path / "n.parquet", [True, False, True, True]),
-                                   "bootstrap": 50}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "old": write(tmp_path / "o.parquet", [True, True, False, True]),
+                "new": write(tmp_path / "n.parquet", [True, False, True, True]),
+                "bootstrap": 50,
+            }
+        )
+    )
     assert main(["flips", "--config", str(cfg), "--set", "format=json"]) == 0
     import json
 
@@ -140,8 +179,10 @@ def test_flips_reads_its_options_from_a_file_too(tmp_path, capsys):
 def test_flips_never_imports_ray(tmp_path):
     old = tmp_path / "old.jsonl"
     old.write_text('{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x", "reference": "x"}\n')
-    code = ("import sys; from muscle_ray.cli import main; rc = main(['flips', sys.argv[1], sys.argv[1], '--json']); "
-            "assert rc == 0; assert 'ray' not in sys.modules, 'ray was imported'")
+    code = (
+        "import sys; from muscle_ray.cli import main; rc = main(['flips', sys.argv[1], sys.argv[1], '--json']); "
+        "assert rc == 0; assert 'ray' not in sys.modules, 'ray was imported'"
+    )
     res = subprocess.run([sys.executable, "-c", code, str(old)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
 
@@ -152,9 +193,13 @@ def test_flips_never_imports_ray(tmp_path):
 def test_overrides_reach_into_nested_mappings_and_lists():
     raw = {"a": {"b": 1}, "items": [{"x": 1}, {"x": 2}], "empty": None}
     out = with_overrides(raw, parse_overrides(["a.c=[1, 2]", "items.1.x=null", "empty.k=true", "new.deep=2e-3"]))
-    assert out == {"a": {"b": 1, "c": [1, 2]}, "items": [{"x": 1}, {"x": None}], "empty": {"k": True},
-                   "new": {"deep": 0.002}}
-    assert raw["items"][1]["x"] == 2     # the input is left as it was
+    assert out == {
+        "a": {"b": 1, "c": [1, 2]},
+        "items": [{"x": 1}, {"x": None}],
+        "empty": {"k": True},
+        "new": {"deep": 0.002},
+    }
+    assert raw["items"][1]["x"] == 2  # the input is left as it was
     with pytest.raises(MuscleError, match=r"cannot set 'a\.b\.c': 'a\.b' is a int, not a mapping"):
         with_overrides(raw, {"a.b.c": 1})
     with pytest.raises(MuscleError, match="no item 5 in a list of 2"):

@@ -18,8 +18,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 CONFIGS = REPO / "jobs" / "configs"
-IMAGE_ROOT = "/app/"          # cluster/Dockerfile puts the repo there
-os.environ.setdefault("HF_HUB_OFFLINE", "1")   # jobs/configs/update.yaml names hub ids: no network here
+IMAGE_ROOT = "/app/"  # cluster/Dockerfile puts the repo there
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # jobs/configs/update.yaml names hub ids: no network here
 
 
 def _docs(path: Path) -> list[dict]:
@@ -36,12 +36,15 @@ def _kind(kind: str) -> list[tuple[str, dict]]:
 
 def _ray_cluster_spec(doc: dict) -> dict:
     spec = doc["spec"]
-    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
-            "RayService": lambda: spec["rayClusterConfig"]}[doc["kind"]]()
+    return {
+        "RayCluster": lambda: spec,
+        "RayJob": lambda: spec["rayClusterSpec"],
+        "RayService": lambda: spec["rayClusterConfig"],
+    }[doc["kind"]]()
 
 
 def _repo_path(path: str) -> Path:
-    return REPO / (path[len(IMAGE_ROOT):] if path.startswith(IMAGE_ROOT) else path)
+    return REPO / (path[len(IMAGE_ROOT) :] if path.startswith(IMAGE_ROOT) else path)
 
 
 def load_job_config(path: Path):
@@ -52,12 +55,18 @@ def load_job_config(path: Path):
     from muscle_ray.training.config import AdapterTrainConfig, CompatTrainConfig
     from muscle_ray.update import UpdateConfig
 
-    for prefix, model in (("demo", DemoConfig), ("score", ScoreConfig), ("train_adapter", AdapterTrainConfig),
-                          ("train_compat", CompatTrainConfig), ("update", UpdateConfig)):
+    for prefix, model in (
+        ("demo", DemoConfig),
+        ("score", ScoreConfig),
+        ("train_adapter", AdapterTrainConfig),
+        ("train_compat", CompatTrainConfig),
+        ("update", UpdateConfig),
+    ):
         if path.name.startswith(prefix):
             return load_config(model, path)
-    raise AssertionError(f"{path}: no config class for this name "
-                         "(demo*, score*, train_adapter*, train_compat*, update*)")
+    raise AssertionError(
+        f"{path}: no config class for this name (demo*, score*, train_adapter*, train_compat*, update*)"
+    )
 
 
 # --- cluster/ as a whole -------------------------------------------------------------------
@@ -82,7 +91,7 @@ def test_launcher_yaml_passes_rays_schema_and_autoscales_cpu_and_gpu_workers():
 
     raw = _docs(CLUSTER / "launcher.yaml")[0]
     cfg = prepare_config(raw)
-    validate_config(cfg)             # Ray's own JSON schema for `ray up`
+    validate_config(cfg)  # Ray's own JSON schema for `ray up`
     types = raw["available_node_types"]
     head = types[raw["head_node_type"]]
     assert head["resources"].get("CPU") == 0 and "GPU" not in head["node_config"]["InstanceType"]
@@ -175,21 +184,22 @@ def test_rayservice_runs_the_serving_app_of_serve_config_yaml():
     serve_config = REPO / "serve" / "config.yaml"
     if not serve_config.is_file():
         pytest.skip("serve/config.yaml is not in this checkout (the serving app lands separately)")
-    (f, doc), = _kind("RayService")
-    mine, = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
-    theirs, = yaml.safe_load(serve_config.read_text())["applications"]
+    ((f, doc),) = _kind("RayService")
+    (mine,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    (theirs,) = yaml.safe_load(serve_config.read_text())["applications"]
     assert mine["import_path"] == theirs["import_path"], f
     module, attr = mine["import_path"].split(":")
     source = REPO / (module.replace(".", "/") + ".py")
     assert f"def {attr}(" in source.read_text(), f"{source} defines no {attr}"
-    validate_app_config(mine["args"], source=f)          # the app's own config class
+    validate_app_config(mine["args"], source=f)  # the app's own config class
 
     def on_volume(p):
         return p if p is None else "/data/muscle/" + p
 
     assert {k: (b["path"], b["models"]) for k, b in mine["args"]["bases"].items()} == {
         k: (on_volume(b["path"]), {n: on_volume(a) for n, a in b["models"].items()})
-        for k, b in theirs["args"]["bases"].items()}
+        for k, b in theirs["args"]["bases"].items()
+    }
     assert mine["args"]["shadow"]["out"] == on_volume(theirs["args"]["shadow"]["out"])
     assert [d["name"] for d in mine["deployments"]] == [d["name"] for d in theirs["deployments"]]
     for d in mine["deployments"]:
@@ -204,7 +214,7 @@ def test_rayservice_runs_the_serving_app_of_serve_config_yaml():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_job_config_validates_and_writes_outside_the_demo(path):
     cfg = load_job_config(path)
-    if path.name == "demo.yaml":   # the one job that writes runs/demo, with the demo's defaults
+    if path.name == "demo.yaml":  # the one job that writes runs/demo, with the demo's defaults
         from muscle_ray.demo import DemoConfig
 
         assert cfg == DemoConfig(), "jobs/configs/demo.yaml should spell out what `make demo` runs"
@@ -237,27 +247,49 @@ def test_train_configs_are_the_demo_recipes_plus_paths():
     trains with the demo's numbers (they come from the same file, not a second copy)."""
     from muscle_ray.demo import DemoConfig
 
-    for name, kind, recipe in (("train_adapter.yaml", "adapter", "task_adapter"),
-                               ("train_compat.yaml", "compat", "compat")):
+    for name, kind, recipe in (
+        ("train_adapter.yaml", "adapter", "task_adapter"),
+        ("train_compat.yaml", "compat", "compat"),
+    ):
         raw = yaml.safe_load((CONFIGS / name).read_text())
         assert raw.pop("recipe") == recipe, name
-        paths = {"base", "out", "data.path", "data.val_path", "run.name", "run.storage_path",
-                 "compat.old.base", "compat.old.adapter", "compat.new_adapter"}
+        paths = {
+            "base",
+            "out",
+            "data.path",
+            "data.val_path",
+            "run.name",
+            "run.storage_path",
+            "compat.old.base",
+            "compat.old.adapter",
+            "compat.new_adapter",
+        }
         assert set(_leaves(raw)) <= paths, f"{name} restates recipe fields: {set(_leaves(raw)) - paths}"
         cfg = load_job_config(CONFIGS / name)
-        demo = DemoConfig().train_config(kind, {k: v for k, v in raw.items() if k != "run"})   # as the demo trains
+        demo = DemoConfig().train_config(kind, {k: v for k, v in raw.items() if k != "run"})  # as the demo trains
         assert (cfg.data.max_length, cfg.data.loss_on, cfg.lora, cfg.optim, cfg.compat) == (
-            demo.data.max_length, demo.data.loss_on, demo.lora, demo.optim, demo.compat), name
+            demo.data.max_length,
+            demo.data.loss_on,
+            demo.lora,
+            demo.optim,
+            demo.compat,
+        ), name
         assert cfg.run.model_dump(exclude={"name", "storage_path"}) == demo.run.model_dump(
-            exclude={"name", "storage_path"}), name
+            exclude={"name", "storage_path"}
+        ), name
         assert cfg.base == "runs/demo/zoo/v2"
         assert (cfg.data.path, cfg.data.val_path) == (
-            "runs/demo/zoo/data/sum_em/train_pairs.jsonl", "runs/demo/zoo/data/sum_em/val_pairs.jsonl")
+            "runs/demo/zoo/data/sum_em/train_pairs.jsonl",
+            "runs/demo/zoo/data/sum_em/val_pairs.jsonl",
+        )
 
 
 def _leaves(raw: dict, prefix: str = "") -> list[str]:
-    return [leaf for k, v in raw.items()
-            for leaf in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])]
+    return [
+        leaf
+        for k, v in raw.items()
+        for leaf in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])
+    ]
 
 
 def test_every_job_has_an_example_config():

@@ -27,7 +27,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent            # the venv whose python the jobs must run
+BIN = Path(sys.executable).parent  # the venv whose python the jobs must run
 EXCLUDES = [".git", ".venv", ".venv-*", "runs", "bench/out", ".hypothesis", ".pytest_cache"]
 
 
@@ -43,9 +43,9 @@ def _free_ports(n: int) -> list[int]:
 
 @dataclass
 class Head:
-    address: str        # the job server (dashboard) URL
+    address: str  # the job server (dashboard) URL
     token: str
-    env: dict           # what a user's shell needs for `ray job submit` (RAY_AUTH_MODE, RAY_AUTH_TOKEN)
+    env: dict  # what a user's shell needs for `ray job submit` (RAY_AUTH_MODE, RAY_AUTH_TOKEN)
     log: Path
 
     def client(self):
@@ -83,20 +83,44 @@ def head(tmp_path_factory):
     import requests
 
     token = secrets.token_hex(16)
-    temp_dir = tempfile.mkdtemp(prefix="mrc", dir="/tmp")   # short: Ray's unix sockets live under it
+    temp_dir = tempfile.mkdtemp(prefix="mrc", dir="/tmp")  # short: Ray's unix sockets live under it
     gcs, dash, agent, agent_grpc, client_port, metrics, rt_agent = _free_ports(7)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               HF_HUB_OFFLINE="1")
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HF_HUB_OFFLINE="1"
+    )
     log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-           "--ray-client-server-port", str(client_port), "--metrics-export-port", str(metrics),
-           "--runtime-env-agent-port", str(rt_agent), "--temp-dir", temp_dir, "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        "2",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--ray-client-server-port",
+        str(client_port),
+        "--metrics-export-port",
+        str(metrics),
+        "--runtime-env-agent-port",
+        str(rt_agent),
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
+    ]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, cwd=temp_dir, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=temp_dir, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     h = Head(f"http://127.0.0.1:{dash}", token, env, log)
     try:
         deadline = time.time() + 240
@@ -112,8 +136,10 @@ def head(tmp_path_factory):
                 time.sleep(1)
         # The job server refuses a request without the token (401) and with a wrong one (403).
         assert requests.get(f"{h.address}/api/jobs/", timeout=10).status_code == 401
-        assert requests.get(f"{h.address}/api/jobs/", headers={"Authorization": "Bearer nope"},
-                            timeout=10).status_code == 403
+        assert (
+            requests.get(f"{h.address}/api/jobs/", headers={"Authorization": "Bearer nope"}, timeout=10).status_code
+            == 403
+        )
         yield h
     finally:
         _stop_tree(proc)
@@ -139,10 +165,12 @@ def workspace(tmp_path_factory, tiny_model, tiny_model_b):
     def write(name, recs):
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
 
-    write("test.jsonl", [{"id": f"test-{i}", "prompt": p, "reference": c.strip()}
-                         for i, (p, c) in enumerate(rows[:12])])
-    write("val.jsonl", [{"id": f"val-{i}", "prompt": p, "reference": c.strip()}
-                        for i, (p, c) in enumerate(rows[12:20])])
+    write(
+        "test.jsonl", [{"id": f"test-{i}", "prompt": p, "reference": c.strip()} for i, (p, c) in enumerate(rows[:12])]
+    )
+    write(
+        "val.jsonl", [{"id": f"val-{i}", "prompt": p, "reference": c.strip()} for i, (p, c) in enumerate(rows[12:20])]
+    )
     write("val_pairs.jsonl", [{"prompt": p, "completion": c + "."} for p, c in rows[12:20]])
     write("train_pairs.jsonl", [{"prompt": p, "completion": c + "."} for p, c in rows[20:]])
     return ws
@@ -172,9 +200,22 @@ def test_score_job_via_ray_job_submit_cli(head, workspace):
 
     from muscle_ray.results import read_results
 
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", head.address, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({k: v for k, v in _runtime_env(workspace).items() if k != "working_dir"}),
-           "--", "python", "jobs/score.py", "--config", "jobs/configs/score.yaml"]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head.address,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({k: v for k, v in _runtime_env(workspace).items() if k != "working_dir"}),
+        "--",
+        "python",
+        "jobs/score.py",
+        "--config",
+        "jobs/configs/score.yaml",
+    ]
     res = subprocess.run(cmd, env=head.env, cwd=REPO, capture_output=True, text=True, timeout=170)
     assert res.returncode == 0, f"ray job submit failed ({res.returncode}):\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
     out = workspace / "runs/jobs/score/sum_em"
@@ -195,9 +236,9 @@ def test_compat_job_via_sdk_writes_adapter_to_uri(head, workspace, tmp_path):
     shutil.copy(workspace / "runs/demo/zoo/data/sum_em/train_pairs.jsonl", bucket / "pairs.jsonl")
     job_id = head.client().submit_job(
         entrypoint=f"python jobs/train_compat.py --config jobs/configs/train_compat.yaml --out file://{dest} "
-                   f"--data file://{bucket}/pairs.jsonl "
-                   f"--set run.storage_path=file://{bucket}/ray "
-                   "--set optim.max_steps=3 --set run.eval_every_steps=3 --set optim.micro_batch_size=8",
+        f"--data file://{bucket}/pairs.jsonl "
+        f"--set run.storage_path=file://{bucket}/ray "
+        "--set optim.max_steps=3 --set run.eval_every_steps=3 --set optim.micro_batch_size=8",
         runtime_env=_runtime_env(workspace),
     )
     logs = _wait(head, job_id)
@@ -205,7 +246,7 @@ def test_compat_job_via_sdk_writes_adapter_to_uri(head, workspace, tmp_path):
     manifest = json.loads((dest / "muscle_manifest.json").read_text())
     assert manifest["kind"] == "compat" and manifest["mask"] == "muscle"
     assert manifest["new_adapter"] == str(workspace / "runs/demo/adapters/sum_em/v2")
-    assert manifest["data"] == f"file://{bucket}/pairs.jsonl"     # what was given, not the staged copy
+    assert manifest["data"] == f"file://{bucket}/pairs.jsonl"  # what was given, not the staged copy
     # Ray Train wrote its run directory (checkpoints) to the storage URI itself.
     assert any((bucket / "ray/sum_em-compat-job").rglob("checkpoint_*")), logs[-3000:]
     assert manifest["ray_run"]["storage_path"] == f"file://{bucket}/ray"
@@ -218,8 +259,10 @@ def test_score_job_reads_and_writes_uris_and_resumes_from_the_remote_shards(head
     bucket = tmp_path / "bucket"
     bucket.mkdir()
     shutil.copy(workspace / "runs/demo/zoo/data/sum_em/test.jsonl", bucket / "test.jsonl")
-    run = (f"python jobs/score.py --config jobs/configs/score.yaml --data file://{bucket}/test.jsonl "
-           f"--out file://{bucket}/results --version v2=runs/demo/zoo/v2:runs/demo/adapters/sum_em/v2 --limit 6")
+    run = (
+        f"python jobs/score.py --config jobs/configs/score.yaml --data file://{bucket}/test.jsonl "
+        f"--out file://{bucket}/results --version v2=runs/demo/zoo/v2:runs/demo/adapters/sum_em/v2 --limit 6"
+    )
     job_id = head.client().submit_job(entrypoint=f"{run} && {run}", runtime_env=_runtime_env(workspace))
     logs = _wait(head, job_id)
     assert read_results(bucket / "results/v2/gen_jsonl").num_rows == 6

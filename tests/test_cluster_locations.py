@@ -44,7 +44,7 @@ def test_score_config_takes_relative_paths_under_the_workspace(tmp_path):
     assert cfg.versions[0].base == str(tmp_path / "runs/demo/zoo/v1")
     assert cfg.data == str(tmp_path / "runs/demo/zoo/data/sum_em/test.jsonl")
     assert cfg.out == str(tmp_path / "runs/jobs/x") and copies == []
-    same, _ = _score_cfg(data="/abs/test.jsonl").located(None, None)      # no workspace: untouched
+    same, _ = _score_cfg(data="/abs/test.jsonl").located(None, None)  # no workspace: untouched
     assert (same.versions[0].base, same.data, same.out) == ("runs/demo/zoo/v1", "/abs/test.jsonl", "runs/jobs/x")
 
 
@@ -53,17 +53,19 @@ def test_score_config_fetches_a_data_uri_and_stages_an_out_uri_with_its_shards(t
     (tmp_path / "bucket" / "test.jsonl").write_text('{"prompt": "p", "reference": "r"}\n')
     remote_out = tmp_path / "bucket" / "out"
     (remote_out / "v1" / "gen_jsonl").mkdir(parents=True)
-    (remote_out / "v1" / "gen_jsonl" / "_run.json").write_text("{}")    # a previous run's state
+    (remote_out / "v1" / "gen_jsonl" / "_run.json").write_text("{}")  # a previous run's state
     staging = tmp_path / "staging"
     cfg, copies = _score_cfg(data=f"file://{tmp_path}/bucket/test.jsonl", out=f"file://{remote_out}").located(
-        None, staging)
+        None, staging
+    )
     assert Path(cfg.data).read_text() == '{"prompt": "p", "reference": "r"}\n'
     assert Path(cfg.data).is_relative_to(staging) and Path(cfg.data).name == "test.jsonl"
-    assert (Path(cfg.out) / "v1" / "gen_jsonl" / "_run.json").is_file()   # seeded: a rerun resumes
+    assert (Path(cfg.out) / "v1" / "gen_jsonl" / "_run.json").is_file()  # seeded: a rerun resumes
     assert copies == [(cfg.out, f"file://{remote_out}")]
     again, _ = _score_cfg(data=f"file://{tmp_path}/bucket/test.jsonl", out=f"file://{remote_out}").located(
-        None, staging)
-    assert (again.data, again.out) == (cfg.data, cfg.out)   # stable paths: the resume fingerprint holds
+        None, staging
+    )
+    assert (again.data, again.out) == (cfg.data, cfg.out)  # stable paths: the resume fingerprint holds
 
 
 def test_score_config_refuses_model_uris_and_uris_without_staging(tmp_path):
@@ -78,8 +80,11 @@ def test_train_config_located_fetches_data_stages_out_and_keeps_models_local(tmp
     pairs = tmp_path / "bucket" / "train_pairs.jsonl"
     pairs.parent.mkdir()
     pairs.write_text('{"prompt": "a", "completion": "b"}\n')
-    cfg = load_config(CompatTrainConfig, REPO / "jobs/configs/train_compat.yaml",
-                      {"data.path": f"file://{pairs}", "out": "gs://bucket/adapters/compat"})
+    cfg = load_config(
+        CompatTrainConfig,
+        REPO / "jobs/configs/train_compat.yaml",
+        {"data.path": f"file://{pairs}", "out": "gs://bucket/adapters/compat"},
+    )
     local, copies = cfg.located(str(tmp_path / "ws"), tmp_path / "st")
     assert Path(local.data.path).read_text() == pairs.read_text()
     assert local.data.val_path == str(tmp_path / "ws/runs/demo/zoo/data/sum_em/val_pairs.jsonl")
@@ -87,11 +92,13 @@ def test_train_config_located_fetches_data_stages_out_and_keeps_models_local(tmp
     assert local.run.storage_path == str(tmp_path / "ws/runs/jobs/ray")
     assert copies == [(local.out, "gs://bucket/adapters/compat")] and Path(local.out).is_relative_to(tmp_path / "st")
     with pytest.raises(MuscleError, match="compat.new_adapter"):
-        load_config(CompatTrainConfig, REPO / "jobs/configs/train_compat.yaml",
-                    {"compat.new_adapter": "s3://b/v2"}).located(None, tmp_path)
-    remote, _ = load_config(AdapterTrainConfig, REPO / "jobs/configs/train_adapter.yaml",
-                            {"run.storage_path": "s3://b/ray"}).located(None, tmp_path)
-    assert remote.run.storage_path == "s3://b/ray"     # handed to Ray Train as it is
+        load_config(
+            CompatTrainConfig, REPO / "jobs/configs/train_compat.yaml", {"compat.new_adapter": "s3://b/v2"}
+        ).located(None, tmp_path)
+    remote, _ = load_config(
+        AdapterTrainConfig, REPO / "jobs/configs/train_adapter.yaml", {"run.storage_path": "s3://b/ray"}
+    ).located(None, tmp_path)
+    assert remote.run.storage_path == "s3://b/ray"  # handed to Ray Train as it is
 
 
 def test_score_job_reports_a_user_error_as_exit_2(tmp_path):
@@ -100,10 +107,19 @@ def test_score_job_reports_a_user_error_as_exit_2(tmp_path):
     import sys
 
     cfg = tmp_path / "score.yaml"
-    cfg.write_text(json.dumps({"task": "gen_jsonl", "out": "runs/jobs/x", "data": "x.jsonl",
-                               "versions": [{"name": "v1", "base": "s3://bucket/v1"}]}))
-    res = subprocess.run([sys.executable, "jobs/score.py", "--config", str(cfg)], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    cfg.write_text(
+        json.dumps(
+            {
+                "task": "gen_jsonl",
+                "out": "runs/jobs/x",
+                "data": "x.jsonl",
+                "versions": [{"name": "v1", "base": "s3://bucket/v1"}],
+            }
+        )
+    )
+    res = subprocess.run(
+        [sys.executable, "jobs/score.py", "--config", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("muscle score: error: versions[0].base") and res.stderr.count("\n") == 1
 
@@ -137,7 +153,7 @@ def _pool_request(monkeypatch, tmp_path, config: str) -> dict:
 
 def test_cpu_pool_asks_for_fractional_cpus_and_no_gpu(monkeypatch, tmp_path):
     req = _pool_request(monkeypatch, tmp_path, "score.yaml")
-    assert (req["compute"].min_size, req["compute"].max_size) == (1, 2)     # autoscales 1..2 actors
+    assert (req["compute"].min_size, req["compute"].max_size) == (1, 2)  # autoscales 1..2 actors
     assert req["num_cpus"] == 0.25 and req["num_gpus"] is None
 
 
@@ -152,8 +168,19 @@ def test_train_compat_job_script_runs_and_reports_a_user_error_as_exit_2():
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "jobs/train_compat.py", "--config", "jobs/configs/train_compat.yaml",
-                          "--set", "compat.new_adapter=s3://bucket/v2"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "jobs/train_compat.py",
+            "--config",
+            "jobs/configs/train_compat.yaml",
+            "--set",
+            "compat.new_adapter=s3://bucket/v2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stderr
     assert "compat.new_adapter: s3://bucket/v2" in res.stderr

@@ -15,22 +15,47 @@ from muscle_ray.zoo.build import BaseConfig, TaskSizes, ZooConfig
 pytestmark = pytest.mark.slow
 
 TASKS = list(SCORING)
-STAGES = {"zoo", "task adapters", "score v1/v2", "compat and control adapters", "score compat/control",
-          "task pipelines", "total"}
+STAGES = {
+    "zoo",
+    "task adapters",
+    "score v1/v2",
+    "compat and control adapters",
+    "score compat/control",
+    "task pipelines",
+    "total",
+}
 ADAPTER_STEPS, COMPAT_STEPS, TEST_ROWS = 80, 60, 160
-ABLATION_CE_WEIGHT = 0.25          # not the recipe's 0.5, so the test sees which masks got it
-ROW_KEYS = {"metric", "acc_v1", "acc_v2", "acc_compat", "acc_control", "nfr", "nfr_compat", "nfr_control",
-            "pfr", "pfr_compat"}
+ABLATION_CE_WEIGHT = 0.25  # not the recipe's 0.5, so the test sees which masks got it
+ROW_KEYS = {
+    "metric",
+    "acc_v1",
+    "acc_v2",
+    "acc_compat",
+    "acc_control",
+    "nfr",
+    "nfr_compat",
+    "nfr_control",
+    "pfr",
+    "pfr_compat",
+}
 
 
 def reduced(out: Path) -> DemoConfig:
     """Minutes, not the default's quarter hour: small bases, few items, short schedules."""
-    zoo = ZooConfig(v1=BaseConfig(seed=1, steps=250, corpus_docs=3000),
-                    v2=BaseConfig(seed=2, steps=300, corpus_docs=4000),
-                    sizes=TaskSizes(train=800, val=64, test=TEST_ROWS), max_number=15)
-    return DemoConfig(out=str(out), zoo=zoo, tasks=TASKS,
-                      adapter={"optim": {"max_steps": ADAPTER_STEPS}, "run": {"eval_every_steps": 40}},
-                      compat={"optim": {"max_steps": COMPAT_STEPS, "lr": 2e-3}}, threads=1)
+    zoo = ZooConfig(
+        v1=BaseConfig(seed=1, steps=250, corpus_docs=3000),
+        v2=BaseConfig(seed=2, steps=300, corpus_docs=4000),
+        sizes=TaskSizes(train=800, val=64, test=TEST_ROWS),
+        max_number=15,
+    )
+    return DemoConfig(
+        out=str(out),
+        zoo=zoo,
+        tasks=TASKS,
+        adapter={"optim": {"max_steps": ADAPTER_STEPS}, "run": {"eval_every_steps": 40}},
+        compat={"optim": {"max_steps": COMPAT_STEPS, "lr": 2e-3}},
+        threads=1,
+    )
 
 
 def run(cfg: DemoConfig) -> tuple[dict, list[str]]:
@@ -66,7 +91,7 @@ def test_report_holds_every_number_of_the_table(demo):
     for task in TASKS:
         assert task in md and f"{on_disk['tasks'][task]['acc_v2'] * 100:.2f}" in md
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 3           # self-contained plots
+    assert html.count("data:image/png;base64,") >= 3  # self-contained plots
 
 
 def test_the_console_shows_a_line_per_stage_and_the_verdict(demo):
@@ -74,22 +99,22 @@ def test_the_console_shows_a_line_per_stage_and_the_verdict(demo):
     to the driver), the verdict table last; Ray's and the workers' output in the run's log."""
     out, report, lines = demo
     assert len(lines) < 30, "\n".join(lines)
-    assert lines[-len(verdict_table(report).splitlines()):] == verdict_table(report).splitlines()
+    assert lines[-len(verdict_table(report).splitlines()) :] == verdict_table(report).splitlines()
 
     def stage(name: str) -> str:
-        line, = [line for line in lines if line.startswith(name + " ")]     # one line per stage
+        (line,) = [line for line in lines if line.startswith(name + " ")]  # one line per stage
         return line
 
-    assert "550/550 steps" in stage("zoo")          # both bases, every pretraining step
+    assert "550/550 steps" in stage("zoo")  # both bases, every pretraining step
     for task in TASKS:
         assert f"{2 * ADAPTER_STEPS}/{2 * ADAPTER_STEPS} steps" in stage(f"{task}: task adapters")
         assert f"{2 * COMPAT_STEPS}/{2 * COMPAT_STEPS} steps" in stage(f"{task}: compat and control adapters")
         for scored in ("score v1/v2", "score compat/control"):
             assert f"{2 * TEST_ROWS}/{2 * TEST_ROWS} rows" in stage(f"{task}: {scored}")
     log = (out / "logs" / "ray.log").read_text()
-    assert "[muscle-train]" in log and "(RayTrainWorker pid=" in log    # worker output, forwarded by Ray
+    assert "[muscle-train]" in log and "(RayTrainWorker pid=" in log  # worker output, forwarded by Ray
     assert not any("[muscle-train]" in line or "pid=" in line for line in lines)
-    assert (out / "logs" / "ray-session").is_symlink()           # Ray's own logs of this session
+    assert (out / "logs" / "ray-session").is_symlink()  # Ray's own logs of this session
 
 
 def test_products_stay_in_the_output_folder(demo):
@@ -108,15 +133,15 @@ def test_every_stage_ran_through_ray(demo):
     ray_facts = report["ray"]
     assert ray_facts["address"] and ray_facts["cluster_cpus"] >= 1
     stages = ray_facts["stages"]
-    assert stages["zoo"]["task_id"]                            # built inside a Ray task
+    assert stages["zoo"]["task_id"]  # built inside a Ray task
     trained = {Path(t["adapter"]).relative_to(out / "adapters").as_posix(): t for t in stages["train"]}
     assert set(trained) == {f"{t}/{n}" for t in TASKS for n in ("v1", "v2", "compat", "control")}
-    for t in trained.values():                                 # a Ray Train run directory per adapter
+    for t in trained.values():  # a Ray Train run directory per adapter
         assert Path(t["path"]).is_dir() and Path(t["path"]).is_relative_to(out / "ray"), t
         assert any(Path(t["path"]).glob("checkpoint_*")), t
     scored = {(s["task"], s["version"]): s for s in stages["score"]}
     assert set(scored) == {(t, n) for t in TASKS for n in ("v1", "v2", "compat", "control")}
-    for s in scored.values():                                  # scored by Ray Data pool actors
+    for s in scored.values():  # scored by Ray Data pool actors
         assert s["rows"] == TEST_ROWS and len(s["actors"]) >= 1, s
 
 
@@ -149,10 +174,16 @@ def seeds_and_ablation(demo, tmp_path_factory):
     shutil.copytree(first / "zoo", out / "zoo")
     weights = out / "zoo" / "v1" / "model.safetensors"
     built = weights.stat().st_mtime_ns
-    cfg = reduced(out).model_copy(update={"tasks": ["sum_mc"], "seeds": [0, 1], "ablation_task": "sum_mc",
-                                          "ablation_ce_weight": ABLATION_CE_WEIGHT})
+    cfg = reduced(out).model_copy(
+        update={
+            "tasks": ["sum_mc"],
+            "seeds": [0, 1],
+            "ablation_task": "sum_mc",
+            "ablation_ce_weight": ABLATION_CE_WEIGHT,
+        }
+    )
     report, lines = run(cfg)
-    assert weights.stat().st_mtime_ns == built     # the zoo was reused, not rebuilt
+    assert weights.stat().st_mtime_ns == built  # the zoo was reused, not rebuilt
     return out, report, lines
 
 
@@ -165,7 +196,7 @@ def test_several_seeds_report_mean_and_per_seed_values(seeds_and_ablation):
         assert len(per_seed) == 2 and row[k] == pytest.approx(sum(per_seed) / 2), k
     # The seed reaches the adapters: the two seeds' task models differ somewhere.
     assert any(row[f"{k}_std"] > 0 for k in ("acc_v1", "acc_v2", "nfr")), row
-    for root in (out, out / "seed1"):     # seed 0 is the default layout, later seeds sit beside it
+    for root in (out, out / "seed1"):  # seed 0 is the default layout, later seeds sit beside it
         for name in ("v1", "v2", "compat", "control"):
             assert (root / "adapters" / "sum_mc" / name / "adapter_config.json").is_file(), (root, name)
     assert "±" in (out / "report.md").read_text()
@@ -185,7 +216,9 @@ def test_ablation_trains_and_scores_every_mask(seeds_and_ablation):
         assert (manifest["mask"], manifest["config"]["compat"]["ce_weight"]) == (mask, weight)
         assert manifest["best_metrics"]["step"] == COMPAT_STEPS
         assert 0 <= ab["masks"][f"{mask}+ce{weight:g}"]["nfr_compat"] <= 1
-    assert len({r["nfr_compat"] for r in ab["masks"].values()}) > 1, ab     # the masks change what is learned
-    assert any(line.startswith("sum_mc: ablation adapters") and f"{6 * COMPAT_STEPS}/{6 * COMPAT_STEPS} steps" in line
-               for line in lines), lines
+    assert len({r["nfr_compat"] for r in ab["masks"].values()}) > 1, ab  # the masks change what is learned
+    assert any(
+        line.startswith("sum_mc: ablation adapters") and f"{6 * COMPAT_STEPS}/{6 * COMPAT_STEPS} steps" in line
+        for line in lines
+    ), lines
     assert "Masking ablation on sum_mc" in (out / "report.md").read_text()

@@ -15,8 +15,23 @@ import pytest
 from muscle_ray.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lmeval"
-KEYS = {"n", "only_old", "only_new", "acc_old", "acc_new", "nfr", "pfr", "nfr_mc", "quadrants",
-        "btc", "bec", "m_g", "m_r", "mcnemar_p", "ci"}
+KEYS = {
+    "n",
+    "only_old",
+    "only_new",
+    "acc_old",
+    "acc_new",
+    "nfr",
+    "pfr",
+    "nfr_mc",
+    "quadrants",
+    "btc",
+    "bec",
+    "m_g",
+    "m_r",
+    "mcnemar_p",
+    "ci",
+}
 
 
 def fixture(side: str, task: str) -> str:
@@ -26,11 +41,19 @@ def fixture(side: str, task: str) -> str:
 
 def write(path: Path, ids, correct, pred, score=None, ref=None) -> str:
     n = len(ids)
-    pq.write_table(pa.table({
-        "id": ids, "task": ["t"] * n, "correct": pa.array([bool(c) for c in correct], pa.bool_()),
-        "score": pa.array(score or [float(c) for c in correct], pa.float64()),
-        "prediction": pred, "reference": ref or ["0"] * n,
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "id": ids,
+                "task": ["t"] * n,
+                "correct": pa.array([bool(c) for c in correct], pa.bool_()),
+                "score": pa.array(score or [float(c) for c in correct], pa.float64()),
+                "prediction": pred,
+                "reference": ref or ["0"] * n,
+            }
+        ),
+        path,
+    )
     return str(path)
 
 
@@ -74,23 +97,45 @@ def test_lmeval_samples_directly(capsys, tmp_path):
     s = json.loads(capsys.readouterr().out)
     assert s["n"] == 12 and s["acc_old"] == pytest.approx(7 / 12) and s["acc_new"] == pytest.approx(6 / 12)
     out = tmp_path / "gen"
-    assert main(["flips", fixture("old", "tiny_gen"), fixture("new", "tiny_gen"), "--metric", "rouge1",
-                 "--json", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "flips",
+                fixture("old", "tiny_gen"),
+                fixture("new", "tiny_gen"),
+                "--metric",
+                "rouge1",
+                "--json",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     s = json.loads(capsys.readouterr().out)
     assert s["kind"] == "continuous" and s["metric"] == "rouge1" and s["n"] == 8
     assert (out / "d_hist.png").exists()
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: str(d / "missing.parquet"), "no such file or directory"),
-    (lambda d: (d / "x.txt").write_text("hello") and str(d / "x.txt"), "neither a Parquet file nor JSON Lines"),
-    (lambda d: write(d / "dup.parquet", ["a", "a"], [1, 0], ["0", "1"]), "duplicate id 'a' at rows 0 and 1"),
-    (lambda d: write(d / "nan.parquet", ["a", "b"], [1, 0], ["0", "1"], score=[1.0, float("nan")]),
-     "column 'score' is nan at row 1"),
-    (lambda d: pq.write_table(pa.table({"id": ["a"], "task": ["t"], "score": [1.0]}), d / "cols.parquet")
-     or str(d / "cols.parquet"),
-     "missing column 'correct'"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: str(d / "missing.parquet"), "no such file or directory"),
+        (lambda d: (d / "x.txt").write_text("hello") and str(d / "x.txt"), "neither a Parquet file nor JSON Lines"),
+        (lambda d: write(d / "dup.parquet", ["a", "a"], [1, 0], ["0", "1"]), "duplicate id 'a' at rows 0 and 1"),
+        (
+            lambda d: write(d / "nan.parquet", ["a", "b"], [1, 0], ["0", "1"], score=[1.0, float("nan")]),
+            "column 'score' is nan at row 1",
+        ),
+        (
+            lambda d: (
+                pq.write_table(pa.table({"id": ["a"], "task": ["t"], "score": [1.0]}), d / "cols.parquet")
+                or str(d / "cols.parquet")
+            ),
+            "missing column 'correct'",
+        ),
+    ],
+)
 def test_bad_input_exit_2_one_line(three, tmp_path, capsys, make, message):
     old = three[0]
     bad = make(tmp_path)
@@ -117,19 +162,25 @@ def test_task_mismatch_refused_unless_allowed(tmp_path, capsys):
     assert "--allow-task-mismatch" in capsys.readouterr().err
     assert main(["flips", old, str(other), "--json", "--allow-task-mismatch"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 2
-    cfg = tmp_path / "flips.yaml"   # the same field from a config file
+    cfg = tmp_path / "flips.yaml"  # the same field from a config file
     cfg.write_text(f"old: {old}\nnew: {other}\nallow_task_mismatch: true\nformat: json\n")
     assert main(["flips", "--config", str(cfg)]) == 0
 
 
-@pytest.mark.parametrize("out", [
-    pytest.param(lambda d: "/proc/x", id="under-proc"),
-    pytest.param(lambda d: "/proc/self", id="proc-dir"),
-    pytest.param(lambda d: (d / "file").write_text("x") and str(d / "file"), id="file-in-the-way"),
-    pytest.param(lambda d: (d / "file").write_text("x") and str(d / "file" / "sub"), id="file-as-parent"),
-    pytest.param(lambda d: (d / "ro").mkdir(mode=0o500) or str(d / "ro" / "report"), id="read-only-dir",
-                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")),
-])
+@pytest.mark.parametrize(
+    "out",
+    [
+        pytest.param(lambda d: "/proc/x", id="under-proc"),
+        pytest.param(lambda d: "/proc/self", id="proc-dir"),
+        pytest.param(lambda d: (d / "file").write_text("x") and str(d / "file"), id="file-in-the-way"),
+        pytest.param(lambda d: (d / "file").write_text("x") and str(d / "file" / "sub"), id="file-as-parent"),
+        pytest.param(
+            lambda d: (d / "ro").mkdir(mode=0o500) or str(d / "ro" / "report"),
+            id="read-only-dir",
+            marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories"),
+        ),
+    ],
+)
 def test_unwritable_out_exit_2_one_line(three, tmp_path, capsys, out):
     old, new, _ = three
     where = out(tmp_path)

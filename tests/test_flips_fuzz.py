@@ -21,9 +21,9 @@ from muscle_ray.cli import main
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-IDS = st.sampled_from(["0", "1", "2", "3", "4", "a", "é"])   # lm-eval doc_ids read as "0", "1", ...
+IDS = st.sampled_from(["0", "1", "2", "3", "4", "a", "é"])  # lm-eval doc_ids read as "0", "1", ...
 TEXT = st.one_of(st.sampled_from(["0", "1", "2", " 1 ", "yes", ""]), st.text(max_size=6))
-ODD = {   # a value of the wrong kind or out of range, per field
+ODD = {  # a value of the wrong kind or out of range, per field
     "id": st.one_of(st.none(), st.integers(0, 3), st.just("")),
     "task": st.one_of(st.none(), st.integers(0, 1), st.just("u")),
     "correct": st.one_of(st.none(), st.sampled_from([0, 1, "true"])),
@@ -32,24 +32,40 @@ ODD = {   # a value of the wrong kind or out of range, per field
     "reference": st.one_of(st.none(), st.integers(0, 3)),
 }
 
-EMPTY = pa.table({"id": pa.array([], pa.string()), "task": pa.array([], pa.string()),
-                  "correct": pa.array([], pa.bool_()), "score": pa.array([], pa.float64()),
-                  "prediction": pa.array([], pa.string()), "reference": pa.array([], pa.string())})
+EMPTY = pa.table(
+    {
+        "id": pa.array([], pa.string()),
+        "task": pa.array([], pa.string()),
+        "correct": pa.array([], pa.bool_()),
+        "score": pa.array([], pa.float64()),
+        "prediction": pa.array([], pa.string()),
+        "reference": pa.array([], pa.string()),
+    }
+)
 
 
 @st.composite
 def result_rows(draw) -> list[dict]:
     """Well-formed rows most of the time (so the comparison runs on odd but valid sets: one row,
     all wrong, ties, scores in (0, 1)), now and then with a field dropped or given an odd value."""
-    ids = draw(st.lists(IDS, min_size=draw(st.sampled_from([1, 1, 1, 0])), max_size=6,
-                        unique=draw(st.integers(0, 5)) > 0))
+    ids = draw(
+        st.lists(IDS, min_size=draw(st.sampled_from([1, 1, 1, 0])), max_size=6, unique=draw(st.integers(0, 5)) > 0)
+    )
     continuous = draw(st.booleans())
     rows = []
     for i in ids:
         correct = draw(st.booleans())
         score = draw(st.floats(0, 1)) if continuous else float(correct)
-        rows.append({"id": i, "task": "t", "correct": correct, "score": score, "prediction": draw(TEXT),
-                     "reference": draw(TEXT)})
+        rows.append(
+            {
+                "id": i,
+                "task": "t",
+                "correct": correct,
+                "score": score,
+                "prediction": draw(TEXT),
+                "reference": draw(TEXT),
+            }
+        )
     if rows and draw(st.integers(0, 3)) == 0:
         row, name = draw(st.sampled_from(rows)), draw(st.sampled_from(sorted(ODD)))
         if draw(st.booleans()):
@@ -67,7 +83,7 @@ def write_jsonl(path, rows: list[dict]) -> str:
 def write_parquet(path, rows: list[dict]) -> str:
     try:
         table = pa.Table.from_pylist(rows) if rows else EMPTY
-    except (pa.ArrowException, TypeError, ValueError):   # mixed types in a column: store them as text
+    except (pa.ArrowException, TypeError, ValueError):  # mixed types in a column: store them as text
         table = pa.Table.from_pylist([{k: json.dumps(v) for k, v in r.items()} for r in rows])
     pq.write_table(table, path)
     return str(path)
@@ -75,9 +91,20 @@ def write_parquet(path, rows: list[dict]) -> str:
 
 def write_lmeval(path, rows: list[dict], doc_ids) -> str:
     """lm-eval `--log_samples` lines built from the rows' values (any shape where it counts)."""
-    lines = [{"doc_id": d, "doc": {}, "target": r.get("reference"), "arguments": [[r.get("prediction"), " x"]],
-              "resps": [], "filtered_resps": [r.get("prediction")], "filter": "none", "metrics": ["acc"],
-              "acc": r.get("score")} for r, d in zip(rows, doc_ids)]
+    lines = [
+        {
+            "doc_id": d,
+            "doc": {},
+            "target": r.get("reference"),
+            "arguments": [[r.get("prediction"), " x"]],
+            "resps": [],
+            "filtered_resps": [r.get("prediction")],
+            "filter": "none",
+            "metrics": ["acc"],
+            "acc": r.get("score"),
+        }
+        for r, d in zip(rows, doc_ids)
+    ]
     return write_jsonl(path, lines)
 
 
@@ -91,8 +118,11 @@ def result_file(draw, tmp_path, name: str) -> str:
     if form == "jsonl":
         return write_jsonl(tmp_path / f"{name}.jsonl", rows)
     if form == "lmeval":
-        doc_ids = draw(st.lists(st.one_of(st.integers(0, 4), st.text(max_size=2)), min_size=len(rows),
-                                max_size=len(rows), unique=True))
+        doc_ids = draw(
+            st.lists(
+                st.one_of(st.integers(0, 4), st.text(max_size=2)), min_size=len(rows), max_size=len(rows), unique=True
+            )
+        )
         (tmp_path / name).mkdir()
         return write_lmeval(tmp_path / name / "samples_t_2024-01-01T00-00-00.jsonl", rows, doc_ids)
     if form == "bytes":
@@ -106,13 +136,24 @@ def result_file(draw, tmp_path, name: str) -> str:
         if draw(st.booleans()):
             write_parquet(d / "shard-1.parquet", draw(result_rows()))
         return str(d)
-    return str(tmp_path / f"{name}.parquet")   # no such file
+    return str(tmp_path / f"{name}.parquet")  # no such file
 
 
-FLAGS = st.lists(st.sampled_from([
-    ["--json"], ["--metric", "exact"], ["--metric", "rouge1"], ["--epsilon", "0.5"], ["--allow-task-mismatch"],
-    ["--lmeval-metric", "acc"], ["--lmeval-filter", "none"], ["--seed", "3"],
-]), max_size=3)
+FLAGS = st.lists(
+    st.sampled_from(
+        [
+            ["--json"],
+            ["--metric", "exact"],
+            ["--metric", "rouge1"],
+            ["--epsilon", "0.5"],
+            ["--allow-task-mismatch"],
+            ["--lmeval-metric", "acc"],
+            ["--lmeval-filter", "none"],
+            ["--seed", "3"],
+        ]
+    ),
+    max_size=3,
+)
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
@@ -133,7 +174,7 @@ def test_flips_exits_0_or_2_with_one_line(tmp_path_factory, data, flags, with_co
         argv += ["--compat", data.draw(result_file(tmp, "compat"))]
     if with_out:
         argv += ["--out", str(tmp / "report")]
-    rc, err = run_cli(argv)   # any other exception fails the test with its traceback
+    rc, err = run_cli(argv)  # any other exception fails the test with its traceback
     assert rc in (0, 2)
     if rc == 2:
         lines = err.strip().splitlines()

@@ -12,8 +12,12 @@ from muscle_ray.models import ModelVersion, check_same_tokenizer, load_model, lo
 
 def _table(**over):
     cols = dict(
-        id=["a", "b"], task=["t", "t"], correct=[True, False], score=[1.0, 0.0],
-        prediction=["0", "1"], reference=["0", "0"],
+        id=["a", "b"],
+        task=["t", "t"],
+        correct=[True, False],
+        score=[1.0, 0.0],
+        prediction=["0", "1"],
+        reference=["0", "0"],
     )
     cols.update(over)
     return pa.table(cols)

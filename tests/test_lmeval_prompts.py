@@ -38,29 +38,45 @@ def _winogrande_original(d: dict) -> dict:
     which both contexts share the text before the blank gives lm-eval the same rendering."""
     a, b = d["context_options"]
     before = commonprefix([a, b])
-    return {"sentence": before + "_ " + d["continuation"], "option1": a[len(before):],
-            "option2": b[len(before):], "answer": str(d["gold"] + 1)}
+    return {
+        "sentence": before + "_ " + d["continuation"],
+        "option1": a[len(before) :],
+        "option2": b[len(before) :],
+        "answer": str(d["gold"] + 1),
+    }
 
 
 def _arc_hf(d: dict, row: int) -> dict:
     """llm-foundry row -> Hugging Face allenai/ai2_arc row."""
     letters = "ABCDE"[: len(d["choices"])]
-    return {"id": str(row), "question": d["query"].removeprefix("Question: "),
-            "choices": {"text": d["choices"], "label": list(letters)}, "answerKey": letters[d["gold"]]}
+    return {
+        "id": str(row),
+        "question": d["query"].removeprefix("Question: "),
+        "choices": {"text": d["choices"], "label": list(letters)},
+        "answerKey": letters[d["gold"]],
+    }
 
 
 def _local_docs(data: Path) -> dict[str, tuple[str, list[dict]]]:
     """task -> (stock yaml relative to lm_eval/tasks, docs in the schema lm-eval expects)."""
     labels = (data / "piqa/valid-labels.lst").read_text().split()
     return {
-        "hellaswag": ("hellaswag/hellaswag.yaml",
-                      [{**d, "label": str(d["label"])} for d in _first(data / "hellaswag/val_sample1000.jsonl")]),
-        "piqa": ("piqa/piqa.yaml",
-                 [{**d, "label": int(lab)} for d, lab in zip(_first(data / "piqa/valid.jsonl"), labels)]),
-        "winogrande": ("winogrande/default.yaml",
-                       [_winogrande_original(d) for d in _first(data / "winogrande/winogrande_dev.llmfoundry.jsonl")]),
-        "arc_easy": ("arc/arc_easy.yaml",
-                     [_arc_hf(d, i) for i, d in enumerate(_first(data / "arc_easy/arc_easy_test.llmfoundry.jsonl"))]),
+        "hellaswag": (
+            "hellaswag/hellaswag.yaml",
+            [{**d, "label": str(d["label"])} for d in _first(data / "hellaswag/val_sample1000.jsonl")],
+        ),
+        "piqa": (
+            "piqa/piqa.yaml",
+            [{**d, "label": int(lab)} for d, lab in zip(_first(data / "piqa/valid.jsonl"), labels)],
+        ),
+        "winogrande": (
+            "winogrande/default.yaml",
+            [_winogrande_original(d) for d in _first(data / "winogrande/winogrande_dev.llmfoundry.jsonl")],
+        ),
+        "arc_easy": (
+            "arc/arc_easy.yaml",
+            [_arc_hf(d, i) for i, d in enumerate(_first(data / "arc_easy/arc_easy_test.llmfoundry.jsonl"))],
+        ),
         "gsm8k": ("gsm8k/gsm8k.yaml", _first(data / "gsm8k/test.jsonl")),
     }
 
@@ -68,10 +84,12 @@ def _local_docs(data: Path) -> dict[str, tuple[str, list[dict]]]:
 def _yaml(name: str, stock: Path, split: str, files: dict[str, Path], cache: Path, extra: str = "") -> str:
     data_files = "".join(f"    {k}: {v}\n" for k, v in files.items())
     train = "train" if "train" in files else "null"
-    return (f"include: {stock}\ntask: {name}\ndataset_path: json\ndataset_name: null\n"
-            f"dataset_kwargs:\n  data_files:\n{data_files}  cache_dir: {cache}\n"
-            f"training_split: {train}\nvalidation_split: {'validation' if split == 'validation' else 'null'}\n"
-            f"test_split: {'test' if split == 'test' else 'null'}\n{extra}")
+    return (
+        f"include: {stock}\ntask: {name}\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n{data_files}  cache_dir: {cache}\n"
+        f"training_split: {train}\nvalidation_split: {'validation' if split == 'validation' else 'null'}\n"
+        f"test_split: {'test' if split == 'test' else 'null'}\n{extra}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +105,29 @@ def lmeval(shared_data, tmp_path_factory):
         split = "test" if task == "gsm8k" else "validation"
         local = tmp / f"{task}.jsonl"
         local.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-        files = {split: local, **({"train": train} if task == "gsm8k" else {})}   # gsm8k.yaml has a fewshot_split
+        files = {split: local, **({"train": train} if task == "gsm8k" else {})}  # gsm8k.yaml has a fewshot_split
         (tmp / f"muscle_{task}.yaml").write_text(
-            _yaml(f"muscle_{task}", stock_root / stock, split, files, tmp / "cache",
-                  "num_fewshot: 0\n" if task == "gsm8k" else ""))
+            _yaml(
+                f"muscle_{task}",
+                stock_root / stock,
+                split,
+                files,
+                tmp / "cache",
+                "num_fewshot: 0\n" if task == "gsm8k" else "",
+            )
+        )
         names[task] = f"muscle_{task}"
     # gsm8k with few-shot examples: lm-eval's first_n sampler over the same train file
-    (tmp / "muscle_gsm8k_fewshot.yaml").write_text(_yaml(
-        "muscle_gsm8k_fewshot", stock_root / "gsm8k/gsm8k.yaml", "test",
-        {"test": tmp / "gsm8k.jsonl", "train": train}, tmp / "cache",
-        f"num_fewshot: {FEWSHOT}\nfewshot_config:\n  sampler: first_n\n"))
+    (tmp / "muscle_gsm8k_fewshot.yaml").write_text(
+        _yaml(
+            "muscle_gsm8k_fewshot",
+            stock_root / "gsm8k/gsm8k.yaml",
+            "test",
+            {"test": tmp / "gsm8k.jsonl", "train": train},
+            tmp / "cache",
+            f"num_fewshot: {FEWSHOT}\nfewshot_config:\n  sampler: first_n\n",
+        )
+    )
     names["gsm8k_fewshot"] = "muscle_gsm8k_fewshot"
 
     loaded = TaskManager(include_path=str(tmp), include_defaults=False).load(list(names.values()))["tasks"]
@@ -134,10 +165,13 @@ def test_multiple_choice_requests_equal_lmevals(name, lmeval, shared_data):
         assert inst.choice_chars == [len(c) for c in theirs.doc_to_choice(doc)]
 
 
-@pytest.mark.parametrize("variant, options", [
-    ("gsm8k", {}),
-    ("gsm8k_fewshot", {"num_fewshot": FEWSHOT, "fewshot_path": "gsm8k/train_first1000.jsonl"}),
-])
+@pytest.mark.parametrize(
+    "variant, options",
+    [
+        ("gsm8k", {}),
+        ("gsm8k_fewshot", {"num_fewshot": FEWSHOT, "fewshot_path": "gsm8k/train_first1000.jsonl"}),
+    ],
+)
 def test_gsm8k_requests_equal_lmevals(variant, options, lmeval, shared_data):
     if "fewshot_path" in options:
         options = {**options, "fewshot_path": str(shared_data / options["fewshot_path"])}
@@ -161,14 +195,26 @@ def test_gsm8k_scoring_equals_lmevals_filter_and_metric(lmeval):
     cfg = next(m for m in theirs.config.metric_list if m["metric"] == "exact_match")
     kwargs = {k: cfg[k] for k in ("ignore_case", "ignore_punctuation", "regexes_to_ignore")}
     strict = RegexFilter(regex_pattern=r"#### (\-?[0-9\.\,]+)")
-    generations = [" She makes 9 * 2 = $18.\n#### 18", " #### $18", " #### 18.", " #### 1,8", "#### -3",
-                   " #### 18 and #### 19", " The answer is 18.", " ####18", " #### 18\n\nQuestion: x",
-                   " #### 18.00", " #### 0.5", "", " #### 1.8"]
+    generations = [
+        " She makes 9 * 2 = $18.\n#### 18",
+        " #### $18",
+        " #### 18.",
+        " #### 1,8",
+        "#### -3",
+        " #### 18 and #### 19",
+        " The answer is 18.",
+        " ####18",
+        " #### 18\n\nQuestion: x",
+        " #### 18.00",
+        " #### 0.5",
+        "",
+        " #### 1.8",
+    ]
     for doc in theirs.eval_docs.select(range(5)):
         inst = ours.parse(Record(0, (json.dumps(doc),)))
         for gen in generations + [" " + doc["answer"]]:
-            cut = gen.split("Question:")[0]   # lm-eval's generate_until stops there
+            cut = gen.split("Question:")[0]  # lm-eval's generate_until stops there
             (pred,) = strict.apply([[cut]], [doc])[0]
             want = exact_match_hf_evaluate([pred], [theirs.doc_to_target(doc)], **kwargs)["exact_match"]
-            correct, score, _ = ours.score_generation(inst, cut_at_stop(gen, inst.stop))   # a scorer's cut
+            correct, score, _ = ours.score_generation(inst, cut_at_stop(gen, inst.stop))  # a scorer's cut
             assert (correct, score) == (bool(want), float(want)), (gen, doc["answer"][-12:])

@@ -20,15 +20,20 @@ def reference(s, o, nw, y, mask, T=2.0, w=0.0, ignore=-100):
 
     s_lab = lp(s).gather(-1, yc[..., None])[..., 0]
     o_lab = lp(o).gather(-1, yc[..., None])[..., 0]
-    m = {
-        "muscle": s.argmax(-1) != y,
-        "old_correct": o.argmax(-1) == y,
-        "old": torch.ones_like(valid),
-        "new": torch.zeros_like(valid),
-        "token_likelihood": s_lab < o_lab,
-        "sequence_likelihood": ((s_lab * valid).sum(1, keepdim=True)
-                                < (o_lab * valid).sum(1, keepdim=True)).expand_as(y),
-    }[mask].detach().float()
+    m = (
+        {
+            "muscle": s.argmax(-1) != y,
+            "old_correct": o.argmax(-1) == y,
+            "old": torch.ones_like(valid),
+            "new": torch.zeros_like(valid),
+            "token_likelihood": s_lab < o_lab,
+            "sequence_likelihood": (
+                (s_lab * valid).sum(1, keepdim=True) < (o_lab * valid).sum(1, keepdim=True)
+            ).expand_as(y),
+        }[mask]
+        .detach()
+        .float()
+    )
     per = m * kl(o, s) + (1 - m) * kl(nw, s)
     klm = per[valid].mean()
     ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1), ignore_index=ignore)
@@ -100,23 +105,25 @@ def test_topk_is_a_lower_bound_and_masks_are_exact(mask):
     lab = y.clamp(min=0)
     _, full = compat_loss(s, o, nw, y, mask=mask, return_stats=True)
     sr = s.clone().requires_grad_()
-    loss, tk = compat_loss(sr, topk_from_logits(o, 20, 2.0, lab), topk_from_logits(nw, 20, 2.0, lab), y,
-                           mask=mask, return_stats=True)
+    loss, tk = compat_loss(
+        sr, topk_from_logits(o, 20, 2.0, lab), topk_from_logits(nw, 20, 2.0, lab), y, mask=mask, return_stats=True
+    )
     loss.backward()
     assert torch.isfinite(sr.grad).all()
-    assert tk["share_old"] == full["share_old"]            # label_logprob keeps masks exact
-    assert tk["kl_old"] <= full["kl_old"] + 1e-6           # data-processing inequality
+    assert tk["share_old"] == full["share_old"]  # label_logprob keeps masks exact
+    assert tk["kl_old"] <= full["kl_old"] + 1e-6  # data-processing inequality
     assert tk["kl_new"] <= full["kl_new"] + 1e-6
 
 
 def test_topk_without_label_logprob_uses_tail():
     """No label log-prob stored: labels in the top-k use their stored log-prob, others the tail."""
     s, o, nw, y = make(v=200)
-    y[0, :4] = o[0, :4].argmax(-1)   # some labels inside the old model's top-k
+    y[0, :4] = o[0, :4].argmax(-1)  # some labels inside the old model's top-k
     t = topk_from_logits(o, 5, 1.0)
     assert t.label_logprob is None
-    _, st = compat_loss(s, t, topk_from_logits(nw, 5, 1.0), y, mask="token_likelihood", temperature=1.0,
-                        return_stats=True)
+    _, st = compat_loss(
+        s, t, topk_from_logits(nw, 5, 1.0), y, mask="token_likelihood", temperature=1.0, return_stats=True
+    )
     valid = y != -100
     lp_o = F.log_softmax(o, -1)
     in_top = (t.ids == y[..., None]).any(-1)
@@ -143,10 +150,12 @@ def test_gradient_reaches_only_the_student_even_from_teachers_that_require_grad(
     s, o, nw, y = make()
     student = s.clone().requires_grad_()
     old, new = leaves = [o.clone().requires_grad_(), nw.clone().requires_grad_()]
-    if topk is not None:   # top-k teachers whose tensors ask for gradient themselves
+    if topk is not None:  # top-k teachers whose tensors ask for gradient themselves
         compact = [topk_from_logits(z, topk, 2.0, y) for z in (o, nw)]
-        old, new = [TopK(t.ids, *(x.clone().requires_grad_() for x in (t.logprobs, t.tail_logmass, t.label_logprob)))
-                    for t in compact]
+        old, new = [
+            TopK(t.ids, *(x.clone().requires_grad_() for x in (t.logprobs, t.tail_logmass, t.label_logprob)))
+            for t in compact
+        ]
         leaves = [x for t in (old, new) for x in (t.logprobs, t.tail_logmass, t.label_logprob)]
     compat_loss(student, old, new, y, mask="token_likelihood", ce_weight=0.3).backward()
     assert student.grad is not None and student.grad.abs().sum() > 0

@@ -13,31 +13,46 @@ from muscle_ray.metrics.text import exact_match, rouge, similarity
 
 def results(ids, correct, pred, score=None, ref=None):
     n = len(ids)
-    return pa.table({
-        "id": pa.array(ids, pa.string()),
-        "task": pa.array(["t"] * n, pa.string()),
-        "correct": pa.array([None if c is None else bool(c) for c in correct], pa.bool_()),
-        "score": pa.array(score if score is not None else [float(c) if c is not None else 0.0 for c in correct], pa.float64()),
-        "prediction": pa.array(pred, pa.string()),
-        "reference": pa.array(ref if ref is not None else ["0"] * n, pa.string()),
-    })
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "task": pa.array(["t"] * n, pa.string()),
+            "correct": pa.array([None if c is None else bool(c) for c in correct], pa.bool_()),
+            "score": pa.array(
+                score if score is not None else [float(c) if c is not None else 0.0 for c in correct], pa.float64()
+            ),
+            "prediction": pa.array(pred, pa.string()),
+            "reference": pa.array(ref if ref is not None else ["0"] * n, pa.string()),
+        }
+    )
 
 
 # 10 shared instances, gold answer "0". old right on a,b,c,d,e,f; new right on a,b,c,g,h.
 #   a b c: both right          g h: positive flips
 #   d e f: negative flips      i: both wrong, same answer; j: both wrong, different answers
-OLD = results(list("abcdefghij") + ["x"], [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1],
-              ["0", "0", "0", "0", "0", "0", "1", "2", "3", "1", "0"])
-NEW = results(list("jihgfedcba") + ["y", "z"], [0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0],
-              ["2", "3", "0", "0", "1", "2", "1", "0", "0", "0", "0", "1"])
+OLD = results(
+    list("abcdefghij") + ["x"],
+    [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1],
+    ["0", "0", "0", "0", "0", "0", "1", "2", "3", "1", "0"],
+)
+NEW = results(
+    list("jihgfedcba") + ["y", "z"],
+    [0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0],
+    ["2", "3", "0", "0", "1", "2", "1", "0", "0", "0", "0", "1"],
+)
 
 
 def test_discrete_hand_case():
     s = compare(OLD, NEW).summary
     assert (s["n"], s["only_old"], s["only_new"]) == (10, 1, 2)
     assert s["only_old_examples"] == ["x"] and sorted(s["only_new_examples"]) == ["y", "z"]
-    assert s["quadrants"] == {"both_right": 3, "positive_flip": 2, "both_wrong_same": 1,
-                              "both_wrong_different": 1, "negative_flip": 3}
+    assert s["quadrants"] == {
+        "both_right": 3,
+        "positive_flip": 2,
+        "both_wrong_same": 1,
+        "both_wrong_different": 1,
+        "negative_flip": 3,
+    }
     assert s["acc_old"] == pytest.approx(0.6) and s["acc_new"] == pytest.approx(0.5)
     assert s["nfr"] == pytest.approx(0.3) and s["pfr"] == pytest.approx(0.2)
     assert s["nfr_mc"] == pytest.approx(0.4)  # 3 negative flips + j (both wrong, different)
@@ -89,8 +104,11 @@ def test_similarities_by_hand():
 
 
 def test_bertscore_local_minilm():
-    f1 = similarity("bertscore", ["the cat sat on the mat", "the cat sat on the mat"],
-                    ["the cat sat on the mat", "stock prices fell sharply"])
+    f1 = similarity(
+        "bertscore",
+        ["the cat sat on the mat", "the cat sat on the mat"],
+        ["the cat sat on the mat", "stock prices fell sharply"],
+    )
     assert f1[0] == pytest.approx(1.0, abs=1e-4) and f1[1] < 0.8
     with pytest.raises(ValueError, match="does not exist"):
         similarity("bertscore", ["a"], ["a"], bertscore_model="/no/such/model")

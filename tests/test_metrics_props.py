@@ -21,11 +21,16 @@ def tables(rows):
 
     def side(pred):
         correct = pred == gold
-        return pa.table({
-            "id": ids, "task": ["t"] * len(ids), "correct": pa.array(correct),
-            "score": pa.array(correct.astype(float)), "prediction": pa.array(pred.astype(str)),
-            "reference": pa.array(gold.astype(str)),
-        })
+        return pa.table(
+            {
+                "id": ids,
+                "task": ["t"] * len(ids),
+                "correct": pa.array(correct),
+                "score": pa.array(correct.astype(float)),
+                "prediction": pa.array(pred.astype(str)),
+                "reference": pa.array(gold.astype(str)),
+            }
+        )
 
     return side(a), side(b)
 
@@ -63,8 +68,10 @@ def test_continuous_identities(pairs, eps):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(0, 1000), min_size=1, max_size=40, unique=True),
-       st.lists(st.integers(0, 1000), min_size=1, max_size=40, unique=True))
+@given(
+    st.lists(st.integers(0, 1000), min_size=1, max_size=40, unique=True),
+    st.lists(st.integers(0, 1000), min_size=1, max_size=40, unique=True),
+)
 def test_join_counts_every_id(a, b):
     mk = lambda xs: pa.table({"id": [str(x) for x in xs], "v": xs})  # noqa: E731
     old, new = mk(a), mk(b)

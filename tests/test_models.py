@@ -46,8 +46,11 @@ def test_hub_ids_resolve_from_the_local_cache(hub_cache):
 
 
 def test_a_hub_id_not_in_the_cache_is_one_line_naming_it(hub_cache):
-    with pytest.raises(MuscleError, match=r"^tiny-org/other: no such local directory, and not in the local "
-                                          r"Hugging Face cache") as e:
+    with pytest.raises(
+        MuscleError,
+        match=r"^tiny-org/other: no such local directory, and not in the local "
+        r"Hugging Face cache",
+    ) as e:
         ModelVersion("tiny-org/other")
     assert "\n" not in str(e.value)
     with pytest.raises(MuscleError, match=r"^tiny-org/tiny-llama@v3: no such local directory, and not in"):
@@ -73,11 +76,18 @@ def test_configs_resolve_hub_ids_when_read_and_name_the_field(hub_cache):
     from muscle_ray.training.config import CompatTrainConfig
 
     snapshot = str(hub_cache / "snapshots" / SHA)
-    score = ScoreConfig(versions=[{"name": "old", "base": "tiny-org/tiny-llama"},
-                                  {"name": "new", "base": "runs/zoo/v2"}], task="mc_jsonl", out="o")
-    assert [v.base for v in score.versions] == [snapshot, "runs/zoo/v2"]   # local paths stay as written
-    train = CompatTrainConfig(base="tiny-org/tiny-llama@v2", out="o", data={"path": "d.jsonl"},
-                              compat={"old": {"base": "tiny-org/tiny-llama"}, "new_adapter": "a"})
+    score = ScoreConfig(
+        versions=[{"name": "old", "base": "tiny-org/tiny-llama"}, {"name": "new", "base": "runs/zoo/v2"}],
+        task="mc_jsonl",
+        out="o",
+    )
+    assert [v.base for v in score.versions] == [snapshot, "runs/zoo/v2"]  # local paths stay as written
+    train = CompatTrainConfig(
+        base="tiny-org/tiny-llama@v2",
+        out="o",
+        data={"path": "d.jsonl"},
+        compat={"old": {"base": "tiny-org/tiny-llama"}, "new_adapter": "a"},
+    )
     assert (train.base, train.compat.old.base) == (str(hub_cache / "snapshots" / TAG_SHA), snapshot)
     serve = ServeAppConfig(bases={"v1": {"path": "tiny-org/tiny-llama", "models": {"old": None, "new": None}}})
     assert serve.bases["v1"].path == snapshot
@@ -87,9 +97,16 @@ def test_configs_resolve_hub_ids_when_read_and_name_the_field(hub_cache):
     with pytest.raises(MuscleError, match=r"^tiny-org/missing: no such local directory, and not in the local"):
         missing.versions[0].model_version()
     with pytest.raises(MuscleError, match=r"field 'compat.old.base': .*missing.gguf: no such GGUF file"):
-        validated(CompatTrainConfig, {"base": "m", "out": "o", "data": {"path": "d"},
-                                      "compat": {"old": {"base": "/nowhere/missing.gguf"}, "new_adapter": "a"}},
-                  "cfg.yaml")
+        validated(
+            CompatTrainConfig,
+            {
+                "base": "m",
+                "out": "o",
+                "data": {"path": "d"},
+                "compat": {"old": {"base": "/nowhere/missing.gguf"}, "new_adapter": "a"},
+            },
+            "cfg.yaml",
+        )
 
 
 def test_gguf_paths_are_checked(tmp_path):
@@ -118,12 +135,12 @@ def test_conversion_is_all_or_nothing(tmp_path, monkeypatch, tiny_model):
 
     def lose_the_race(path, out):
         shutil.copytree(tiny_model, out, dirs_exist_ok=True)
-        shutil.copytree(tiny_model, out.parent / sources.gguf_key(path))   # the other process renames first
+        shutil.copytree(tiny_model, out.parent / sources.gguf_key(path))  # the other process renames first
 
     monkeypatch.setattr(sources, "write_hf_dir", lose_the_race)
     dest = convert_gguf(gguf)
     assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [dest.name]
-    assert ModelVersion(str(gguf)).base == str(dest)   # converted once: found in the cache now
+    assert ModelVersion(str(gguf)).base == str(dest)  # converted once: found in the cache now
 
 
 def _with_tokenizer(src: Path, dest: Path, change) -> Path:
@@ -156,9 +173,14 @@ def test_shared_tokens_with_other_ids_are_refused_naming_both_models(tmp_path, t
     state = json.loads((swapped / "tokenizer.json").read_text())
     vocab = state["model"]["vocab"]
     a, b = sorted(vocab, key=vocab.__getitem__)[100:102]
-    vocab[a], vocab[b] = vocab[b], vocab[a]   # the same strings, two of them under each other's id
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the same strings, two of them under each other's id
     (swapped / "tokenizer.json").write_text(json.dumps(state))
     shared = len(AutoTokenizer.from_pretrained(tiny_model).get_vocab())
-    with pytest.raises(MuscleError, match=(rf"do not share a tokenizer: old \({tiny_model}\) and new \({swapped}\) "
-                                           rf"map 2 of {shared} shared tokens to different ids, e.g. {a!r}")):
+    with pytest.raises(
+        MuscleError,
+        match=(
+            rf"do not share a tokenizer: old \({tiny_model}\) and new \({swapped}\) "
+            rf"map 2 of {shared} shared tokens to different ids, e.g. {a!r}"
+        ),
+    ):
         check_same_tokenizer([ModelVersion(str(tiny_model), name="old"), ModelVersion(str(swapped), name="new")])

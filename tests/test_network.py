@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def is_loopback(host: str) -> bool:
     ip = ipaddress.ip_address(host.split("%")[0])
-    mapped = getattr(ip, "ipv4_mapped", None)   # ::ffff:127.0.0.1, how a dual-stack socket shows 127.0.0.1
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, how a dual-stack socket shows 127.0.0.1
     return (mapped or ip).is_loopback
 
 
@@ -69,10 +69,11 @@ def test_local_ray_listens_on_loopback_only():
 
     from muscle_ray import runtime
 
-    ray.shutdown()   # this test starts its own
+    ray.shutdown()  # this test starts its own
     cluster_switch = ray_constants.ENABLE_RAY_CLUSTER
     runtime.init_ray(num_cpus=2)
     try:
+
         @ray.remote
         def pid() -> int:
             return os.getpid()
@@ -104,4 +105,4 @@ def test_local_ray_listens_on_loopback_only():
         assert joined.returncode == 0 and joined.stdout.split() == ["127.0.0.1", "2"], joined.stderr[-2000:]
     finally:
         ray.shutdown()
-    assert ray_constants.ENABLE_RAY_CLUSTER == cluster_switch   # a later init_ray(address=...) joins a cluster
+    assert ray_constants.ENABLE_RAY_CLUSTER == cluster_switch  # a later init_ray(address=...) joins a cluster

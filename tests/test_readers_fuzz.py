@@ -17,11 +17,12 @@ from muscle_ray.results import read_results
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),
-                        st.text(max_size=5))
-json_value = st.recursive(json_scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                                st.dictionaries(st.text(max_size=4), inner, max_size=3)),
-                          max_leaves=8)
+json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=5))
+json_value = st.recursive(
+    json_scalar,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=8,
+)
 RESULT_KEYS = ["id", "task", "correct", "score", "prediction", "reference", "choice_logliks", "choice_chars"]
 LMEVAL_KEYS = ["doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "acc"]
 
@@ -54,8 +55,17 @@ def test_results_jsonl_of_any_shape(tmp_path, lines):
 def test_lmeval_samples_of_any_shape(tmp_path, lines, arguments, resps):
     path = tmp_path / "samples_arc_easy_2024-01-01T00-00-00.jsonl"
     # every line looks like an lm-eval sample (so the lm-eval reader takes it), with fields of any shape
-    base = {"doc_id": 0, "doc": {}, "target": "0", "arguments": arguments, "resps": [],
-            "filtered_resps": resps, "filter": "none", "metrics": ["acc"], "acc": 1.0}
+    base = {
+        "doc_id": 0,
+        "doc": {},
+        "target": "0",
+        "arguments": arguments,
+        "resps": [],
+        "filtered_resps": resps,
+        "filter": "none",
+        "metrics": ["acc"],
+        "acc": 1.0,
+    }
     path.write_text("".join(json.dumps({**base, **r}) + "\n" for r in lines))
     _read_or_user_error(path)
 
@@ -86,9 +96,12 @@ def _value(typ: pa.DataType, k: int, unique: bool):
 
 
 @SETTINGS
-@given(shards=st.lists(st.dictionaries(st.sampled_from(RESULT_KEYS), st.sampled_from(COLUMN_TYPES), min_size=1),
-                       min_size=1, max_size=3),
-       rows=st.integers(0, 3))
+@given(
+    shards=st.lists(
+        st.dictionaries(st.sampled_from(RESULT_KEYS), st.sampled_from(COLUMN_TYPES), min_size=1), min_size=1, max_size=3
+    ),
+    rows=st.integers(0, 3),
+)
 def test_parquet_shards_of_any_schema(tmp_path, shards, rows):
     """Shards whose columns have any of these types: read, cast to the contract, or refused in one line."""
     d = tmp_path / "set"
@@ -108,8 +121,16 @@ def test_parquet_shards_of_any_schema(tmp_path, shards, rows):
 def test_nothing_joins_is_a_user_error(old_ids, new_ids):
     def table(ids):
         n = len(ids)
-        return pa.table({"id": pa.array(ids, pa.string()), "task": ["t"] * n, "correct": [True] * n,
-                         "score": [1.0] * n, "prediction": ["0"] * n, "reference": ["0"] * n})
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "task": ["t"] * n,
+                "correct": [True] * n,
+                "score": [1.0] * n,
+                "prediction": ["0"] * n,
+                "reference": ["0"] * n,
+            }
+        )
 
     with pytest.raises(MuscleError, match="share no instance id"):
         compare(table(old_ids), table(new_ids), n_boot=10)
@@ -117,8 +138,16 @@ def test_nothing_joins_is_a_user_error(old_ids, new_ids):
 
 def test_different_tasks_are_refused_unless_allowed():
     def table(task):
-        return pa.table({"id": ["1", "2"], "task": [task] * 2, "correct": [True, False], "score": [1.0, 0.0],
-                         "prediction": ["0", "1"], "reference": ["0", "0"]})
+        return pa.table(
+            {
+                "id": ["1", "2"],
+                "task": [task] * 2,
+                "correct": [True, False],
+                "score": [1.0, 0.0],
+                "prediction": ["0", "1"],
+                "reference": ["0", "0"],
+            }
+        )
 
     with pytest.raises(MuscleError, match=r"task \['arc_easy'\].*task \['piqa'\]"):
         compare(table("arc_easy"), table("piqa"), n_boot=10)

@@ -26,16 +26,17 @@ def gguf_model(smollm2_gguf):
     """The model as transformers' GGUF loader gives it (dequantized to float32)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
 
 
 def test_the_conversion_is_a_model_version(smollm2_gguf, smollm2_dir):
     version = ModelVersion(str(smollm2_gguf), name="smollm2")
-    assert version.base == str(smollm2_dir)                     # converted once: the cache is reused
+    assert version.base == str(smollm2_dir)  # converted once: the cache is reused
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == 49152
-    assert "quantization_config" not in config                  # loads as a plain safetensors checkpoint
+    assert "quantization_config" not in config  # loads as a plain safetensors checkpoint
 
 
 def test_greedy_logits_match_the_gguf_model(smollm2_dir, gguf_model):
@@ -47,7 +48,7 @@ def test_greedy_logits_match_the_gguf_model(smollm2_dir, gguf_model):
         ours = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
         theirs = gguf_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert ours.tolist() == theirs.tolist()
-    assert "Paris" in tok.decode(ours[0, ids.shape[1]:])        # a real model, not random weights
+    assert "Paris" in tok.decode(ours[0, ids.shape[1] :])  # a real model, not random weights
 
 
 def test_the_tokenizer_keeps_its_chat_template(smollm2_dir):
@@ -59,16 +60,20 @@ def test_the_tokenizer_keeps_its_chat_template(smollm2_dir):
 
 def test_another_vocabulary_is_refused_naming_both(smollm2_dir, tiny_model):
     with pytest.raises(MuscleError, match=r"do not share a tokenizer: smollm2 \(.*\) and tiny \(.*\) map \d+ of"):
-        check_same_tokenizer([ModelVersion(str(smollm2_dir), name="smollm2"),
-                              ModelVersion(str(tiny_model), name="tiny")])
+        check_same_tokenizer(
+            [ModelVersion(str(smollm2_dir), name="smollm2"), ModelVersion(str(tiny_model), name="tiny")]
+        )
 
 
 def lm_eval_logliks(lm, instances) -> list[list[float]]:
     """lm-eval's log-likelihood of each option, grouped per instance."""
     from lm_eval.api.instance import Instance as LmInstance
 
-    reqs = [LmInstance(request_type="loglikelihood", doc={}, arguments=(inst.context_for(i), c), idx=i)
-            for inst in instances for i, c in enumerate(inst.continuations)]
+    reqs = [
+        LmInstance(request_type="loglikelihood", doc={}, arguments=(inst.context_for(i), c), idx=i)
+        for inst in instances
+        for i, c in enumerate(inst.continuations)
+    ]
     flat = iter(ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True))
     return [[next(flat) for _ in inst.continuations] for inst in instances]
 
@@ -82,8 +87,16 @@ def test_muscle_score_agrees_with_lm_eval_on_arc_easy(tmp_path, ray_session, sha
     from muscle_ray.tasks import get_task
 
     n = 32
-    (summary,) = run_score(ScoreConfig(versions=[{"name": "smollm2", "base": str(smollm2_dir)}], task="arc_easy",
-                                       data_root=str(shared_data), out=str(tmp_path / "out"), limit=n, batch_size=8))
+    (summary,) = run_score(
+        ScoreConfig(
+            versions=[{"name": "smollm2", "base": str(smollm2_dir)}],
+            task="arc_easy",
+            data_root=str(shared_data),
+            out=str(tmp_path / "out"),
+            limit=n,
+            batch_size=8,
+        )
+    )
     rows = {r["id"]: r for r in read_results(summary.out).to_pylist()}
     task = get_task("arc_easy")
     instances = [task.parse(rec) for rec in islice(task.records(str(shared_data / task.default_path)), n)]

@@ -11,11 +11,16 @@ from muscle_ray.report import mean_over_seeds, task_row, verdict, verdict_table,
 
 def _results(correct, pred, score=None):
     n = len(correct)
-    return pa.table({
-        "id": [str(i) for i in range(n)], "task": ["t"] * n, "correct": correct,
-        "score": score if score is not None else [float(c) for c in correct],
-        "prediction": pred, "reference": ["0"] * n,
-    })
+    return pa.table(
+        {
+            "id": [str(i) for i in range(n)],
+            "task": ["t"] * n,
+            "correct": correct,
+            "score": score if score is not None else [float(c) for c in correct],
+            "prediction": pred,
+            "reference": ["0"] * n,
+        }
+    )
 
 
 def test_task_row_and_files(tmp_path):
@@ -23,8 +28,11 @@ def test_task_row_and_files(tmp_path):
     v2 = _results([False, True, True, False, True], ["3", "0", "0", "1", "0"])
     compat = _results([True, True, True, False, True], ["0", "0", "0", "2", "0"])
     control = _results([False, True, True, True, True], ["3", "0", "0", "0", "0"])
-    cmps = {"v2": compare(v1, v2, n_boot=50), "compat": compare(v1, compat, n_boot=50),
-            "control": compare(v1, control, n_boot=50)}
+    cmps = {
+        "v2": compare(v1, v2, n_boot=50),
+        "compat": compare(v1, compat, n_boot=50),
+        "control": compare(v1, control, n_boot=50),
+    }
     row = task_row("acc", cmps["v2"], cmps["compat"], cmps["control"])
     # hand-computed: v1 right on {0,1,4}; v2 breaks 0 (NFR 1/5), fixes 2 (PFR 1/5); compat breaks none.
     assert row["nfr"] == 0.2 and row["pfr"] == 0.2 and row["nfr_compat"] == 0.0
@@ -43,13 +51,22 @@ def test_task_row_and_files(tmp_path):
 
 
 def _row(acc_compat, nfr_compat, acc_control=0.8, nfr_control=0.1):
-    return {"metric": "acc", "acc_v1": 0.7, "acc_v2": 0.75, "acc_compat": acc_compat, "acc_control": acc_control,
-            "nfr": 0.2, "nfr_compat": nfr_compat, "nfr_control": nfr_control, "d_pct_nfr_c": -50.0}
+    return {
+        "metric": "acc",
+        "acc_v1": 0.7,
+        "acc_v2": 0.75,
+        "acc_compat": acc_compat,
+        "acc_control": acc_control,
+        "nfr": 0.2,
+        "nfr_compat": nfr_compat,
+        "nfr_control": nfr_control,
+        "d_pct_nfr_c": -50.0,
+    }
 
 
 def test_verdict_weighs_compat_against_the_control_on_flips_and_accuracy():
-    assert verdict(_row(acc_compat=0.80, nfr_compat=0.05)) == "compat better"      # fewer flips, same acc
-    assert verdict(_row(acc_compat=0.85, nfr_compat=0.10)) == "compat better"      # same flips, higher acc
+    assert verdict(_row(acc_compat=0.80, nfr_compat=0.05)) == "compat better"  # fewer flips, same acc
+    assert verdict(_row(acc_compat=0.85, nfr_compat=0.10)) == "compat better"  # same flips, higher acc
     assert verdict(_row(acc_compat=0.78, nfr_compat=0.12)) == "control better"
     assert verdict(_row(acc_compat=0.80, nfr_compat=0.10)) == "tie"
     assert verdict(_row(acc_compat=0.70, nfr_compat=0.05)) == "fewer flips, lower acc"
@@ -61,8 +78,20 @@ def test_verdict_table_has_a_row_per_task_in_percent():
     table = verdict_table({"tasks": {"sum_mc": _row(0.8, 0.05), "story_rouge": {**_row(0.7, 0.2), "metric": "rouge1"}}})
     head, cols, *rows = table.splitlines()
     assert "accuracy" in head and "NFR" in head and cols.split()[:2] == ["task", "metric"]
-    assert rows[0].split() == ["sum_mc", "acc", "70.00", "75.00", "80.00", "80.00", "20.00", "5.00", "10.00",
-                               "-50.0", "compat", "better"]
+    assert rows[0].split() == [
+        "sum_mc",
+        "acc",
+        "70.00",
+        "75.00",
+        "80.00",
+        "80.00",
+        "20.00",
+        "5.00",
+        "10.00",
+        "-50.0",
+        "compat",
+        "better",
+    ]
     assert rows[1].split()[:2] == ["story_rouge", "rouge1"] and rows[1].endswith("control better")
 
 
@@ -71,7 +100,7 @@ def test_mean_over_seeds_keeps_each_seed_and_the_spread():
     out = mean_over_seeds(rows)
     assert out["seeds"] == 2 and out["acc_compat_per_seed"] == [0.8, 0.9]
     assert np.isclose(out["acc_compat"], 0.85) and np.isclose(out["nfr_compat_std"], 0.0707107, atol=1e-6)
-    assert "nfr_control_std" in out and out["nfr_control_std"] == 0.0          # the same in both seeds
-    assert "m_g" not in out                                                   # absent stays absent, not 0
+    assert "nfr_control_std" in out and out["nfr_control_std"] == 0.0  # the same in both seeds
+    assert "m_g" not in out  # absent stays absent, not 0
     single = mean_over_seeds(rows[:1])
     assert single["acc_compat"] == 0.8 and "acc_compat_per_seed" not in single and "acc_compat_std" not in single

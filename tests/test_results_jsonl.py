@@ -65,7 +65,9 @@ def test_lmeval_generation_maps_text():
 
 def test_lmeval_several_filters_pick_one(tmp_path):
     raw = raw_lines(sample_file("old", "tiny_gen"))
-    lines = [dict(r, filter="strict-match") for r in raw] + [dict(r, filter="flexible-extract", exact_match=1.0) for r in raw]
+    lines = [dict(r, filter="strict-match") for r in raw] + [
+        dict(r, filter="flexible-extract", exact_match=1.0) for r in raw
+    ]
     path = tmp_path / "samples_gsm8k_2024-01-01T00-00-00.000000.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert lmeval_task_name(path) == "gsm8k"
@@ -74,24 +76,35 @@ def test_lmeval_several_filters_pick_one(tmp_path):
 
 
 def test_results_format_rows_as_jsonl(tmp_path):
-    rows = [{"id": "a", "task": "t", "correct": True, "score": 1.0, "prediction": "x", "reference": "x"},
-            {"id": "b", "task": "t", "correct": False, "score": 0.0, "prediction": "y", "reference": "x"}]
+    rows = [
+        {"id": "a", "task": "t", "correct": True, "score": 1.0, "prediction": "x", "reference": "x"},
+        {"id": "b", "task": "t", "correct": False, "score": 0.0, "prediction": "y", "reference": "x"},
+    ]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_results(path).column("id").to_pylist() == ["a", "b"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x", "reference": "x"}\n{"id": "b", "task": "t", "correct": true, "score": NaN, "prediction": "x", "reference": "x"}\n',
-     r"column 'score' is nan at row 1"),
-    ('{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x", "reference": "x"}\n{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x", "reference": "x"}\n',
-     r"column 'id' has duplicate id 'a' at rows 0 and 1"),
-    ('{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x"}\n', r"missing column 'reference'"),
-    ('{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x", "reference": "x"}\n{"id": "b", "task": "t", "correct": true, "score": "high", "prediction": "x", "reference": "x"}\n',
-     r"column 'score' has a bad value 'high' at line 2"),
-    ('{"id": "a"}\nnot json\n', r"line 2 is not valid JSON"),
-    ('{"doc_id": 0, "filtered_resps": []}\n', r"line 1: lm-eval sample lacks field 'doc'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            '{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x", "reference": "x"}\n{"id": "b", "task": "t", "correct": true, "score": NaN, "prediction": "x", "reference": "x"}\n',
+            r"column 'score' is nan at row 1",
+        ),
+        (
+            '{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x", "reference": "x"}\n{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x", "reference": "x"}\n',
+            r"column 'id' has duplicate id 'a' at rows 0 and 1",
+        ),
+        ('{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x"}\n', r"missing column 'reference'"),
+        (
+            '{"id": "a", "task": "t", "correct": true, "score": 1.0, "prediction": "x", "reference": "x"}\n{"id": "b", "task": "t", "correct": true, "score": "high", "prediction": "x", "reference": "x"}\n',
+            r"column 'score' has a bad value 'high' at line 2",
+        ),
+        ('{"id": "a"}\nnot json\n', r"line 2 is not valid JSON"),
+        ('{"doc_id": 0, "filtered_resps": []}\n', r"line 1: lm-eval sample lacks field 'doc'"),
+    ],
+)
 def test_bad_jsonl_names_file_column_and_row(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)

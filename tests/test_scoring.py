@@ -19,8 +19,16 @@ from muscle_ray.tasks.base import Instance
 
 
 def mc(id, contexts, continuations, label=0):
-    return Instance(id=id, task="t", kind="mc", contexts=contexts, continuations=continuations,
-                    choice_chars=[len(c) for c in continuations], label=label, reference=str(label))
+    return Instance(
+        id=id,
+        task="t",
+        kind="mc",
+        contexts=contexts,
+        continuations=continuations,
+        choice_chars=[len(c) for c in continuations],
+        label=label,
+        reference=str(label),
+    )
 
 
 MC = [
@@ -33,12 +41,14 @@ MC = [
 ]
 GEN = [
     Instance(id=f"g{i}", task="t", kind="gen", contexts=[p], stop=stop, max_new_tokens=n)
-    for i, (p, stop, n) in enumerate([
-        ("Question: How many apples are left? Answer:", ["\n\n"], 12),
-        ("The quick brown fox", ["e", "o"], 16),
-        ("#Person1#: Hello, how are you?", ["\n"], 5),
-        ("She sells", [" "], 20),
-    ])
+    for i, (p, stop, n) in enumerate(
+        [
+            ("Question: How many apples are left? Answer:", ["\n\n"], 12),
+            ("The quick brown fox", ["e", "o"], 16),
+            ("#Person1#: Hello, how are you?", ["\n"], 5),
+            ("She sells", [" "], 20),
+        ]
+    )
 ]
 
 
@@ -57,12 +67,15 @@ def scorer(tiny_model):
 def lm_eval_logliks(lm, instances):
     from lm_eval.api.instance import Instance as LmInstance
 
-    reqs = [LmInstance(request_type="loglikelihood", doc={}, arguments=(inst.context_for(i), c), idx=i)
-            for inst in instances for i, c in enumerate(inst.continuations)]
+    reqs = [
+        LmInstance(request_type="loglikelihood", doc={}, arguments=(inst.context_for(i), c), idx=i)
+        for inst in instances
+        for i, c in enumerate(inst.continuations)
+    ]
     flat = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
     out, k = [], 0
     for inst in instances:
-        out.append(flat[k:k + len(inst.continuations)])
+        out.append(flat[k : k + len(inst.continuations)])
         k += len(inst.continuations)
     return out
 
@@ -81,13 +94,13 @@ def test_context_is_encoded_once_per_question(scorer):
     q = pack_question(scorer.tokenizer, inst, scorer.max_len)
     ctx, _ = encode_pair(scorer.tokenizer, inst.contexts[0], inst.continuations[0])
     per_option = sum(len(sum(encode_pair(scorer.tokenizer, inst.contexts[0], c), [])) - 1 for c in inst.continuations)
-    assert q.tokens[:len(ctx)] == ctx and q.branch[:len(ctx)] == [0] * len(ctx)
-    assert q.branch.count(0) == len(ctx)   # the context appears once, not once per option
+    assert q.tokens[: len(ctx)] == ctx and q.branch[: len(ctx)] == [0] * len(ctx)
+    assert q.branch.count(0) == len(ctx)  # the context appears once, not once per option
     assert len(q) == per_option - (len(inst.continuations) - 1) * len(ctx)
 
 
 def test_too_long_inputs_are_left_truncated_like_lm_eval(scorer, lm):
-    long_ctx = " ".join(["The quick brown fox jumps over the lazy dog."] * 80)   # > 512 positions
+    long_ctx = " ".join(["The quick brown fox jumps over the lazy dog."] * 80)  # > 512 positions
     inst = mc("long", [long_ctx], [" A man is sitting.", " 12 apples"])
     assert len(encode_pair(scorer.tokenizer, long_ctx, "")[0]) > scorer.max_len
     np.testing.assert_allclose(scorer.loglikelihoods([inst])[0].logliks, lm_eval_logliks(lm, [inst])[0], atol=1e-4)
@@ -104,10 +117,15 @@ def test_batch_size_does_not_change_predictions(tiny_model):
 def test_greedy_generation_matches_lm_eval(scorer, lm):
     from lm_eval.api.instance import Instance as LmInstance
 
-    reqs = [LmInstance(request_type="generate_until", doc={}, idx=0,
-                       arguments=(g.contexts[0], {"until": list(g.stop), "max_gen_toks": g.max_new_tokens,
-                                                  "do_sample": False}))
-            for g in GEN]
+    reqs = [
+        LmInstance(
+            request_type="generate_until",
+            doc={},
+            idx=0,
+            arguments=(g.contexts[0], {"until": list(g.stop), "max_gen_toks": g.max_new_tokens, "do_sample": False}),
+        )
+        for g in GEN
+    ]
     ref = lm.generate_until(reqs, disable_tqdm=True)
     ours = [o.text for o in scorer.generate(GEN)]
     assert ours == ref
@@ -139,8 +157,24 @@ def test_vllm_backend_says_how_to_install(tiny_model, tmp_path):
     with pytest.raises(MuscleError, match=r"pip install muscle-ray\[vllm\]"):
         make_scorer("vllm", ModelVersion(str(tiny_model)), batch_size=4)
     # the job checks on the driver, before any actor starts: a one-line error, exit code 2
-    assert main(["score", "--model", str(tiny_model), "--task", "mc_jsonl", "--data", __file__,
-                 "--out", str(tmp_path / "out"), "--backend", "vllm"]) == 2
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(tiny_model),
+                "--task",
+                "mc_jsonl",
+                "--data",
+                __file__,
+                "--out",
+                str(tmp_path / "out"),
+                "--backend",
+                "vllm",
+            ]
+        )
+        == 2
+    )
 
 
 def test_vllm_lora_rank_is_a_size_vllm_accepts(tmp_path):
@@ -160,8 +194,10 @@ def test_vllm_lora_rank_is_a_size_vllm_accepts(tmp_path):
 
 
 def test_generation_does_not_depend_on_batch_size(tiny_model):
-    many = GEN + [Instance(id=f"x{i}", task="t", kind="gen", contexts=["0 1 2" + " 3" * i], stop=["9"],
-                           max_new_tokens=6) for i in range(5)]
+    many = GEN + [
+        Instance(id=f"x{i}", task="t", kind="gen", contexts=["0 1 2" + " 3" * i], stop=["9"], max_new_tokens=6)
+        for i in range(5)
+    ]
     a = [o.text for o in HFScorer(ModelVersion(str(tiny_model)), batch_size=1).generate(many)]
     b = [o.text for o in HFScorer(ModelVersion(str(tiny_model)), batch_size=8).generate(many)]
     assert a == b
@@ -171,11 +207,13 @@ def test_config_errors_are_one_line(tmp_path, tiny_model):
     with pytest.raises(MuscleError, match="workers"):
         validated(ScoreConfig, dict(versions=[{"base": "x"}], task="mc_jsonl", out="o", workers="3,1"))
     with pytest.raises(MuscleError, match="duplicate name"):
-        validated(ScoreConfig, dict(versions=[{"name": "a", "base": "x"}, {"name": "a", "base": "y"}],
-                                    task="t", out="o"))
+        validated(
+            ScoreConfig, dict(versions=[{"name": "a", "base": "x"}, {"name": "a", "base": "y"}], task="t", out="o")
+        )
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"task: mc_jsonl\nout: {tmp_path}/o\nworkers: [1, 2]\n"
-                   f"versions:\n  - {{name: old, base: {tiny_model}}}\n")
+    cfg.write_text(
+        f"task: mc_jsonl\nout: {tmp_path}/o\nworkers: [1, 2]\nversions:\n  - {{name: old, base: {tiny_model}}}\n"
+    )
     assert load_config(ScoreConfig, cfg, {"batch_size": 3}).workers == (1, 2)
     assert main(["score", "--config", str(cfg), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["score", "--model", str(tmp_path), "--task", "mc_jsonl", "--data", "x", "--out", "o"]) == 2
@@ -199,7 +237,14 @@ def test_real_task_instances_score_like_lm_eval(name, shared_data, scorer, lm):
             np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"{name} {inst.id}")
             assert np.argmax(a) == np.argmax(b)
         return
-    insts = [dataclasses.replace(i, max_new_tokens=6) for i in insts[:2]]   # a random model: short is enough
-    reqs = [LmInstance(request_type="generate_until", doc={}, idx=0, arguments=(
-        i.contexts[0], {"until": list(i.stop), "max_gen_toks": i.max_new_tokens, "do_sample": False})) for i in insts]
+    insts = [dataclasses.replace(i, max_new_tokens=6) for i in insts[:2]]  # a random model: short is enough
+    reqs = [
+        LmInstance(
+            request_type="generate_until",
+            doc={},
+            idx=0,
+            arguments=(i.contexts[0], {"until": list(i.stop), "max_gen_toks": i.max_new_tokens, "do_sample": False}),
+        )
+        for i in insts
+    ]
     assert [o.text for o in scorer.generate(insts)] == lm.generate_until(reqs, disable_tqdm=True)

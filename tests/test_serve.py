@@ -50,14 +50,17 @@ def adapters_b(tiny_model_b, tmp_path_factory):
     from muscle_ray.zoo.llama import random_lora_dir
 
     root = tmp_path_factory.mktemp("serve_lora")
-    return {"new": random_lora_dir(tiny_model_b, root / "new", seed=1),
-            "compat": random_lora_dir(tiny_model_b, root / "compat", seed=2)}
+    return {
+        "new": random_lora_dir(tiny_model_b, root / "new", seed=1),
+        "compat": random_lora_dir(tiny_model_b, root / "compat", seed=2),
+    }
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_b, adapters_b):
-    return HFEngine(str(tiny_model_b), {"new": str(adapters_b["new"]), "compat": str(adapters_b["compat"]),
-                                        "base": None})
+    return HFEngine(
+        str(tiny_model_b), {"new": str(adapters_b["new"]), "compat": str(adapters_b["compat"]), "base": None}
+    )
 
 
 def test_model_names_need_not_be_peft_names(tiny_model_b, adapters_b):
@@ -73,8 +76,10 @@ def test_shipped_config_points_at_the_demo_and_is_safe():
     cfg = validate_app_config(args)
     assert cfg.bases["v1"].path == "runs/demo/zoo/v1"
     assert cfg.bases["v1"].models == {"old": "runs/demo/adapters/sum_em/v1"}
-    assert cfg.bases["v2"].models == {"new": "runs/demo/adapters/sum_em/v2",
-                                      "compat": "runs/demo/adapters/sum_em/compat"}
+    assert cfg.bases["v2"].models == {
+        "new": "runs/demo/adapters/sum_em/v2",
+        "compat": "runs/demo/adapters/sum_em/compat",
+    }
     assert opts["http_options"]["host"] == "127.0.0.1"
     assert set(opts["deployments"]) == {"gateway", "model_v1", "model_v2"}
     for d in opts["deployments"].values():
@@ -83,8 +88,10 @@ def test_shipped_config_points_at_the_demo_and_is_safe():
 
 
 def test_config_errors_name_the_field(tiny_model, tmp_path):
-    two = {"a": {"path": str(tiny_model), "models": {"old": None}},
-           "b": {"path": str(tiny_model), "models": {"old": None}}}
+    two = {
+        "a": {"path": str(tiny_model), "models": {"old": None}},
+        "b": {"path": str(tiny_model), "models": {"old": None}},
+    }
     with pytest.raises(MuscleError, match="bases.*old.*unique"):
         validate_app_config({"bases": two})
     with pytest.raises(MuscleError, match="compare.new"):
@@ -100,12 +107,20 @@ def test_serve_file_deployment_options_are_validated(tmp_path):
     """Serve's per-deployment options fail on the driver with the file and field named, not as
     a pydantic traceback from Serve; unknown keys and deployment names are refused too."""
     shipped = (ROOT / "serve" / "config.yaml").read_text()
-    cases = [("max_replicas: 2, target_ongoing_requests: 64", 'max_replicas: "x", target_ongoing_requests: 64',
-              "applications[0].deployments[0].autoscaling_config.max_replicas"),
-             ("max_ongoing_requests: 256", "max_ongoing_requests: 256\n        max_ongoing: 9",
-              "applications[0].deployments[0].max_ongoing"),
-             ("- name: model_v2", "- name: model_v3", "applications[0].deployments[2].name': no deployment named"),
-             ("{num_cpus: 0.25}", "{num_cpus: lots}", "deployments[0].ray_actor_options.num_cpus")]
+    cases = [
+        (
+            "max_replicas: 2, target_ongoing_requests: 64",
+            'max_replicas: "x", target_ongoing_requests: 64',
+            "applications[0].deployments[0].autoscaling_config.max_replicas",
+        ),
+        (
+            "max_ongoing_requests: 256",
+            "max_ongoing_requests: 256\n        max_ongoing: 9",
+            "applications[0].deployments[0].max_ongoing",
+        ),
+        ("- name: model_v2", "- name: model_v3", "applications[0].deployments[2].name': no deployment named"),
+        ("{num_cpus: 0.25}", "{num_cpus: lots}", "deployments[0].ray_actor_options.num_cpus"),
+    ]
     for before, after, field in cases:
         assert before in shipped
         bad = tmp_path / "bad.yaml"
@@ -157,16 +172,26 @@ def test_request_models():
         CompareRequest(prompt="x", choices=[])
     with pytest.raises(ValidationError, match="either prompt or messages"):
         CompareRequest(prompt="x", messages=[{"role": "user", "content": "hi"}])
-    chat = ChatCompletionRequest(model="new", messages=[{"role": "developer", "content": "be brief"},
-                                                        {"role": "user", "content": [{"type": "text", "text": "h"},
-                                                                                     {"type": "text", "text": "i"}]}])
-    assert [m.as_template_input() for m in chat.messages] == [{"role": "system", "content": "be brief"},
-                                                              {"role": "user", "content": "hi"}]
+    chat = ChatCompletionRequest(
+        model="new",
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]},
+        ],
+    )
+    assert [m.as_template_input() for m in chat.messages] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+    ]
     assert chat.completion_tokens(99) == 99 and chat.stop == []
     with pytest.raises(ValidationError, match="top_logprobs needs logprobs"):
         ChatCompletionRequest(model="new", messages=[{"role": "user", "content": "hi"}], top_logprobs=2)
-    assert [verdict(o, n) for o, n in [(True, False), (False, True), (True, True), (False, False)]] == \
-        ["negative", "positive", "both_right", "both_wrong"]
+    assert [verdict(o, n) for o, n in [(True, False), (False, True), (True, True), (False, False)]] == [
+        "negative",
+        "positive",
+        "both_right",
+        "both_wrong",
+    ]
 
 
 # -- engine ------------------------------------------------------------------------------------
@@ -175,13 +200,19 @@ def test_greedy_completion_is_the_scoring_jobs_generation(engine, tiny_model_b, 
     for name, adapter in [("new", adapters_b["new"]), ("compat", adapters_b["compat"]), ("base", None)]:
         scorer = HFScorer(ModelVersion(str(tiny_model_b), adapter=str(adapter) if adapter else None))
         for stop, max_new in [(("o",), 12), ((), 8)]:
-            ref = scorer.generate([Instance(id=p, task="t", kind="gen", contexts=[p], stop=list(stop),
-                                            max_new_tokens=max_new) for p in PROMPTS])
+            ref = scorer.generate(
+                [
+                    Instance(id=p, task="t", kind="gen", contexts=[p], stop=list(stop), max_new_tokens=max_new)
+                    for p in PROMPTS
+                ]
+            )
             got = engine.generate([GenRequest(name, tuple(engine.encode(p)), max_new, stop) for p in PROMPTS])
             assert [g.text for g in got] == [r.text for r in ref], (name, stop)
-    texts = {n: engine.generate([GenRequest(n, tuple(engine.encode(PROMPTS[0])), 12)])[0].text
-             for n in ("new", "compat", "base")}
-    assert len(set(texts.values())) == 3   # the adapters really switch
+    texts = {
+        n: engine.generate([GenRequest(n, tuple(engine.encode(PROMPTS[0])), 12)])[0].text
+        for n in ("new", "compat", "base")
+    }
+    assert len(set(texts.values())) == 3  # the adapters really switch
 
 
 def test_mixed_batch_groups_by_adapter(engine):
@@ -208,8 +239,9 @@ def test_finish_reason_and_logprobs(engine):
     stop = full.text[3]
     cut = engine.generate([GenRequest("new", ids, 12, (stop,), logprobs=0)])[0]
     assert cut.finish_reason == "stop" and cut.text == full.text.split(stop)[0]
-    sampled = [engine.generate([GenRequest("new", tuple(engine.encode(p)), 12, temperature=1.0)])[0].text
-               for p in PROMPTS]
+    sampled = [
+        engine.generate([GenRequest("new", tuple(engine.encode(p)), 12, temperature=1.0)])[0].text for p in PROMPTS
+    ]
     greedy = [engine.generate([GenRequest("new", tuple(engine.encode(p)), 12)])[0].text for p in PROMPTS]
     assert sampled != greedy
 
@@ -224,12 +256,19 @@ def test_echo_logprobs_agree_with_choice_logliks(engine):
         _, cont = encode_pair(engine.tokenizer, context, c)
         r = engine.generate([GenRequest("compat", tuple(engine.encode(context + c)), 0, logprobs=0, echo=True)])[0]
         assert r.text == context + c and r.logprobs["token_logprobs"][0] is None
-        assert sum(r.logprobs["token_logprobs"][-len(cont):]) == pytest.approx(ll, abs=1e-4)
+        assert sum(r.logprobs["token_logprobs"][-len(cont) :]) == pytest.approx(ll, abs=1e-4)
 
 
 # -- shadow log --------------------------------------------------------------------------------
-ROW = {"pair": "old->new", "model": "new", "shadow_model": "old", "prompt": "p", "output": "a",
-       "shadow_output": "b", "rougeL": 0.0}
+ROW = {
+    "pair": "old->new",
+    "model": "new",
+    "shadow_model": "old",
+    "prompt": "p",
+    "output": "a",
+    "shadow_output": "b",
+    "rougeL": 0.0,
+}
 
 
 def test_shadow_log_writes_whole_batches(tmp_path):
@@ -243,15 +282,15 @@ def test_shadow_log_writes_whole_batches(tmp_path):
     path = log.flush()
     assert path is not None and log.pending == 0
     assert pq.read_table(path).num_rows == 2
-    assert log.flush() is None                       # nothing pending: no empty files
+    assert log.flush() is None  # nothing pending: no empty files
     log.add(ROW)
     time.sleep(0.06)
     assert log.due()
     log.flush()
     files = sorted(f for f in (tmp_path / "shadow").iterdir() if not f.name.startswith("."))
-    assert [f.suffix for f in files] == [".parquet", ".parquet"]   # no temporary files left
+    assert [f.suffix for f in files] == [".parquet", ".parquet"]  # no temporary files left
     assert pq.read_table(files[-1]).column("prompt").to_pylist() == ["p"]
-    assert not list((tmp_path / "shadow" / ".journal").iterdir())   # every journal segment compacted
+    assert not list((tmp_path / "shadow" / ".journal").iterdir())  # every journal segment compacted
 
 
 def test_shadow_log_keeps_rows_a_failed_write_could_not_write(tmp_path):
@@ -304,18 +343,19 @@ def test_shadow_rows_survive_sigkill(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "recorded"
-        assert ShadowLog(out).files == []            # the writer is alive: its journal is not touched
+        assert ShadowLog(out).files == []  # the writer is alive: its journal is not touched
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    assert not list(out.glob("*.parquet"))          # nothing was flushed before the kill
-    log = ShadowLog(out)                            # a restarted replica's log
+    assert not list(out.glob("*.parquet"))  # nothing was flushed before the kill
+    log = ShadowLog(out)  # a restarted replica's log
     rows = [r for f in log.files for r in pq.read_table(f).to_pylist()]
     assert sorted(r["prompt"] for r in rows) == sorted(f"prompt {i}" for i in range(200))
-    assert {(r["output"], r["shadow_output"], r["pair"]) for r in rows} == {("an answer", "the twin's answer",
-                                                                             "old->new")}
-    assert not list((out / ".journal").iterdir()) and ShadowLog(out).files == []   # compacted once
+    assert {(r["output"], r["shadow_output"], r["pair"]) for r in rows} == {
+        ("an answer", "the twin's answer", "old->new")
+    }
+    assert not list((out / ".journal").iterdir()) and ShadowLog(out).files == []  # compacted once
 
 
 class Answer:
@@ -340,8 +380,9 @@ def test_shadow_recorder_logs_failures_retries_writes_and_flushes_on_close(tmp_p
 
     out = tmp_path / "shadow"
     out.write_text("blocks the directory")
-    rec = ShadowRecorder(ShadowLog(out, flush_rows=2, flush_seconds=0.2),
-                         OutcomeCounter("muscle_test_shadow_total", "test"))
+    rec = ShadowRecorder(
+        ShadowLog(out, flush_rows=2, flush_seconds=0.2), OutcomeCounter("muscle_test_shadow_total", "test")
+    )
 
     async def until(done, seconds=10.0):
         deadline = time.monotonic() + seconds
@@ -351,10 +392,10 @@ def test_shadow_recorder_logs_failures_retries_writes_and_flushes_on_close(tmp_p
 
     async def scenario():
         rec.record("new", "old", ["p1", "p2", "p3"], ["a", "same", "c"], [answer("x"), answer("same"), fail()])
-        await until(lambda: sum("retrying" in r.getMessage() for r in caplog.records) >= 2)   # two ticks failed
+        await until(lambda: sum("retrying" in r.getMessage() for r in caplog.records) >= 2)  # two ticks failed
         assert rec.log.pending == 1 and not out.is_dir()
         out.unlink()
-        await until(lambda: rec.log.files)   # a later tick writes the row
+        await until(lambda: rec.log.files)  # a later tick writes the row
         assert rec.log.pending == 0 and len(rec.log.files) == 1
         rec.record("new", "old", ["p4"], ["d"], [answer("y")])
         await rec.close()
@@ -406,11 +447,18 @@ def replicas(tiny_model, tiny_adapter, tiny_chat_model_b, adapters_b):
     from muscle_ray.serving.app import ModelReplica
 
     limits = {"max_prompt_tokens": 256, "max_tokens": 32, "max_body_bytes": 64_000, "max_prompt_chars": 4000}
-    bases = {"a": {"path": str(tiny_model), "models": {"old": str(tiny_adapter)}},
-             "b": {"path": str(tiny_chat_model_b), "models": {"new": str(adapters_b["new"]),
-                                                         "compat": str(adapters_b["compat"])}}}
-    return {"bases": bases, "limits": limits,
-            "handles": {k: LocalHandle(ModelReplica(b["path"], b["models"], limits=limits)) for k, b in bases.items()}}
+    bases = {
+        "a": {"path": str(tiny_model), "models": {"old": str(tiny_adapter)}},
+        "b": {
+            "path": str(tiny_chat_model_b),
+            "models": {"new": str(adapters_b["new"]), "compat": str(adapters_b["compat"])},
+        },
+    }
+    return {
+        "bases": bases,
+        "limits": limits,
+        "handles": {k: LocalHandle(ModelReplica(b["path"], b["models"], limits=limits)) for k, b in bases.items()},
+    }
 
 
 def local_gateway(replicas, **config):
@@ -418,8 +466,10 @@ def local_gateway(replicas, **config):
 
     os.environ[KEY_ENV] = KEY
     try:
-        return Gateway(replicas["handles"], {"bases": replicas["bases"], "limits": replicas["limits"],
-                                             "api_key_env": KEY_ENV, **config})
+        return Gateway(
+            replicas["handles"],
+            {"bases": replicas["bases"], "limits": replicas["limits"], "api_key_env": KEY_ENV, **config},
+        )
     finally:
         del os.environ[KEY_ENV]
 
@@ -447,14 +497,25 @@ def test_every_error_has_openais_shape(url):
     is_openai_error(requests.get(f"{url}/v1/nowhere", headers=AUTH, timeout=30), 404, None, "not_found")
     r = requests.get(f"{url}/v1/completions", headers=AUTH, timeout=30)
     assert is_openai_error(r, 405, None, "method_not_allowed") and r.headers["allow"] == "POST"
-    is_openai_error(requests.post(f"{url}/v1/completions", data=b"{not json", timeout=30,
-                                  headers={**AUTH, "content-type": "application/json"}), 400)
-    is_openai_error(requests.post(f"{url}/v1/completions", data=b"\xff\xfe", timeout=30,
-                                  headers={**AUTH, "content-type": "application/json"}), 400)
+    is_openai_error(
+        requests.post(
+            f"{url}/v1/completions", data=b"{not json", timeout=30, headers={**AUTH, "content-type": "application/json"}
+        ),
+        400,
+    )
+    is_openai_error(
+        requests.post(
+            f"{url}/v1/completions", data=b"\xff\xfe", timeout=30, headers={**AUTH, "content-type": "application/json"}
+        ),
+        400,
+    )
     is_openai_error(requests.post(f"{url}/v1/completions", json=[1, 2], headers=AUTH, timeout=30), 400)
-    is_openai_error(requests.post(f"{url}/v1/chat/completions", json={"model": "new", "messages": []},
-                                  headers=AUTH, timeout=30), 400, "messages")
-    for path in ("/v1/models", "/openapi.json", "/v1/nowhere"):   # the key comes first, even for a 404
+    is_openai_error(
+        requests.post(f"{url}/v1/chat/completions", json={"model": "new", "messages": []}, headers=AUTH, timeout=30),
+        400,
+        "messages",
+    )
+    for path in ("/v1/models", "/openapi.json", "/v1/nowhere"):  # the key comes first, even for a 404
         is_openai_error(requests.get(url + path, timeout=30), 401, None, "invalid_api_key")
     assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
 
@@ -466,7 +527,10 @@ def test_docs_follow_the_key_and_models_show_names_only(url, replicas):
         is_openai_error(requests.get(url + page, headers=AUTH, timeout=30), 404)
     body = requests.get(f"{url}/v1/models", headers=AUTH, timeout=30)
     assert [(m["id"], m["base"], m["adapter"], m["deployment"]) for m in body.json()["data"]] == [
-        ("old", "a", True, "model_a"), ("new", "b", True, "model_b"), ("compat", "b", True, "model_b")]
+        ("old", "a", True, "model_a"),
+        ("new", "b", True, "model_b"),
+        ("compat", "b", True, "model_b"),
+    ]
     for p in (replicas["bases"]["a"]["path"], replicas["bases"]["b"]["path"], "/tmp", os.sep + "pytest"):
         assert p not in body.text
 
@@ -475,25 +539,39 @@ def test_oversized_bodies_are_refused_before_parsing(url):
     """413 by Content-Length, and by counting a chunked body, without reading what is beyond."""
     big = json.dumps({"model": "new", "prompt": "x" * 70_000}).encode()
     t0 = time.monotonic()
-    is_openai_error(requests.post(f"{url}/v1/completions", data=big, timeout=30,
-                                  headers={**AUTH, "content-type": "application/json"}), 413, None, "request_too_large")
-    chunks = (big[i:i + 8192] for i in range(0, len(big), 8192))   # no Content-Length: Transfer-Encoding chunked
-    err = is_openai_error(requests.post(f"{url}/v1/completions", data=chunks, timeout=30,
-                                        headers={**AUTH, "content-type": "application/json"}), 413)
+    is_openai_error(
+        requests.post(
+            f"{url}/v1/completions", data=big, timeout=30, headers={**AUTH, "content-type": "application/json"}
+        ),
+        413,
+        None,
+        "request_too_large",
+    )
+    chunks = (big[i : i + 8192] for i in range(0, len(big), 8192))  # no Content-Length: Transfer-Encoding chunked
+    err = is_openai_error(
+        requests.post(
+            f"{url}/v1/completions", data=chunks, timeout=30, headers={**AUTH, "content-type": "application/json"}
+        ),
+        413,
+    )
     assert "64000" in err["message"] and time.monotonic() - t0 < 5
-    ok = requests.post(f"{url}/v1/completions", json={"model": "new", "prompt": "hi", "max_tokens": 2}, headers=AUTH,
-                       timeout=30)
+    ok = requests.post(
+        f"{url}/v1/completions", json={"model": "new", "prompt": "hi", "max_tokens": 2}, headers=AUTH, timeout=30
+    )
     assert ok.status_code == 200, ok.text
 
 
 def test_long_prompts_are_refused_by_characters_before_tokenising(url):
-    long = "word " * 801   # 4005 characters: over limits.max_prompt_chars (4000)
+    long = "word " * 801  # 4005 characters: over limits.max_prompt_chars (4000)
     chat = [{"role": "system", "content": long[:2000]}, {"role": "user", "content": long[2000:]}]
-    for path, body, param in [("/v1/completions", {"model": "new", "prompt": ["hi", long]}, "prompt"),
-                              ("/v1/chat/completions", {"model": "new", "messages": chat}, "messages"),
-                              ("/v1/compare", {"prompt": long[:3999], "choices": [" a", " bb"]}, "choices")]:
-        err = is_openai_error(requests.post(url + path, json=body, headers=AUTH, timeout=30), 400, param,
-                              "prompt_too_long")
+    for path, body, param in [
+        ("/v1/completions", {"model": "new", "prompt": ["hi", long]}, "prompt"),
+        ("/v1/chat/completions", {"model": "new", "messages": chat}, "messages"),
+        ("/v1/compare", {"prompt": long[:3999], "choices": [" a", " bb"]}, "choices"),
+    ]:
+        err = is_openai_error(
+            requests.post(url + path, json=body, headers=AUTH, timeout=30), 400, param, "prompt_too_long"
+        )
         assert "characters" in err["message"]
 
 
@@ -514,21 +592,27 @@ def test_tokenising_leaves_the_replicas_event_loop(replicas):
 
     huge, small = asyncio.run(both())
     assert done == ["small", "huge"]
-    assert small.completion_tokens == 2 and huge.code == "prompt_too_long"   # the token limit still holds
+    assert small.completion_tokens == 2 and huge.code == "prompt_too_long"  # the token limit still holds
 
 
 def test_bad_unicode_and_empty_choices_are_400(url):
     """A lone surrogate reaches no tokenizer; an empty choice is not scored as log-lik 0."""
-    cases = [("/v1/completions", '{"model": "new", "prompt": "a\\ud800b"}', "prompt"),
-             ("/v1/completions", '{"model": "new", "prompt": "a", "stop": ["\\udc00"]}', "stop.0"),
-             ("/v1/chat/completions", '{"model": "new", "messages": [{"role": "user", "content": "\\ud800"}]}',
-              "messages.0.content"),
-             ("/v1/compare", '{"prompt": "\\ud800"}', "prompt"),
-             ("/v1/compare", '{"prompt": "q", "choices": [" a", ""]}', "choices"),
-             ("/v1/compare", '{"prompt": "q", "choices": []}', "choices")]
+    cases = [
+        ("/v1/completions", '{"model": "new", "prompt": "a\\ud800b"}', "prompt"),
+        ("/v1/completions", '{"model": "new", "prompt": "a", "stop": ["\\udc00"]}', "stop.0"),
+        (
+            "/v1/chat/completions",
+            '{"model": "new", "messages": [{"role": "user", "content": "\\ud800"}]}',
+            "messages.0.content",
+        ),
+        ("/v1/compare", '{"prompt": "\\ud800"}', "prompt"),
+        ("/v1/compare", '{"prompt": "q", "choices": [" a", ""]}', "choices"),
+        ("/v1/compare", '{"prompt": "q", "choices": []}', "choices"),
+    ]
     for path, body, param in cases:
-        r = requests.post(url + path, data=body.encode(), headers={**AUTH, "content-type": "application/json"},
-                          timeout=30)
+        r = requests.post(
+            url + path, data=body.encode(), headers={**AUTH, "content-type": "application/json"}, timeout=30
+        )
         is_openai_error(r, 400, param)
 
 
@@ -560,9 +644,11 @@ def test_a_lost_replica_is_retried_once_for_greedy_requests_else_503(replicas):
     b = replicas["handles"]["b"].replica
     greedy = CompletionRequest(model="new", prompt="hi", max_tokens=3, temperature=0)
     gw.handles["new"] = Dying(b, deaths=1)
-    assert asyncio.run(gw.completions(greedy))["choices"][0]["text"]   # asked again: answered
-    for dying, body in [(Dying(b, deaths=2), greedy),                  # lost twice
-                        (Dying(b, deaths=1), CompletionRequest(model="new", prompt="hi", max_tokens=3))]:  # sampled
+    assert asyncio.run(gw.completions(greedy))["choices"][0]["text"]  # asked again: answered
+    for dying, body in [
+        (Dying(b, deaths=2), greedy),  # lost twice
+        (Dying(b, deaths=1), CompletionRequest(model="new", prompt="hi", max_tokens=3)),
+    ]:  # sampled
         gw.handles["new"] = dying
         with pytest.raises(ApiError) as e:
             asyncio.run(gw.completions(body))
@@ -591,25 +677,45 @@ def test_chat_completions_with_the_openai_client(url, tiny_chat_model_b, engine)
     assert out.choices[0].finish_reason == want.finish_reason
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == want.completion_tokens
 
-    chunks = list(client.chat.completions.create(model="new", messages=messages, max_tokens=8, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="new",
+            messages=messages,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert {c.object for c in chunks} == {"chat.completion.chunk"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
     assert chunks[-1].usage.total_tokens == len(ids) + want.completion_tokens
-    raw = requests.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60, stream=True,
-                        json={"model": "new", "messages": messages, "max_tokens": 4, "stream": True})
+    raw = requests.post(
+        f"{url}/v1/chat/completions",
+        headers=AUTH,
+        timeout=60,
+        stream=True,
+        json={"model": "new", "messages": messages, "max_tokens": 4, "stream": True},
+    )
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert [line for line in raw.iter_lines() if line][-1] == b"data: [DONE]"
 
-    lp = client.chat.completions.create(model="compat", messages=messages, max_completion_tokens=6, temperature=0,
-                                        logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    lp = (
+        client.chat.completions.create(
+            model="compat", messages=messages, max_completion_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+        )
+        .choices[0]
+        .logprobs.content
+    )
     assert len(lp) == 6 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp)
-    assert all(abs(t.top_logprobs[0].logprob - t.logprob) < 1e-5 for t in lp)   # greedy: the best alternative
-    fill = client.chat.completions.create(model="new", messages=messages, temperature=0)   # no max_tokens
-    assert fill.usage.completion_tokens == 32 or fill.choices[0].finish_reason == "stop"   # limits.max_tokens
-    seeded = [client.chat.completions.create(model="new", messages=messages, max_tokens=8, seed=7).choices[0]
-              .message.content for _ in range(2)]
+    assert all(abs(t.top_logprobs[0].logprob - t.logprob) < 1e-5 for t in lp)  # greedy: the best alternative
+    fill = client.chat.completions.create(model="new", messages=messages, temperature=0)  # no max_tokens
+    assert fill.usage.completion_tokens == 32 or fill.choices[0].finish_reason == "stop"  # limits.max_tokens
+    seeded = [
+        client.chat.completions.create(model="new", messages=messages, max_tokens=8, seed=7).choices[0].message.content
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
     with pytest.raises(BadRequestError, match="'old' has no chat template"):
         client.chat.completions.create(model="old", messages=messages)
@@ -621,14 +727,21 @@ def test_compare_takes_messages(url, tiny_chat_model_b, engine):
     from muscle_ray.serving import chat
 
     messages = [{"role": "user", "content": "Is 7 odd?"}]
-    gen = requests.post(f"{url}/v1/compare", headers=AUTH, timeout=60,
-                        json={"messages": messages, "old": "new", "new": "compat", "max_tokens": 6}).json()
+    gen = requests.post(
+        f"{url}/v1/compare",
+        headers=AUTH,
+        timeout=60,
+        json={"messages": messages, "old": "new", "new": "compat", "max_tokens": 6},
+    ).json()
     tok = AutoTokenizer.from_pretrained(tiny_chat_model_b)
     ids = tuple(chat.encode(tok, chat.render(tok, messages, "new")))
     assert gen["old"]["text"] == engine.generate([GenRequest("new", ids, 6)])[0].text
-    mc = requests.post(f"{url}/v1/compare", headers=AUTH, timeout=60,
-                       json={"messages": messages, "old": "new", "new": "compat", "choices": [" yes", " no"],
-                             "label": 0}).json()
+    mc = requests.post(
+        f"{url}/v1/compare",
+        headers=AUTH,
+        timeout=60,
+        json={"messages": messages, "old": "new", "new": "compat", "choices": [" yes", " no"], "label": 0},
+    ).json()
     (lls,) = engine.choice_logliks([ChoiceRequest("compat", chat.render(tok, messages, "compat"), (" yes", " no"))])
     assert mc["kind"] == "multiple_choice" and mc["new"]["choice_logliks"] == pytest.approx(lls, abs=1e-4)
     r = requests.post(f"{url}/v1/compare", headers=AUTH, timeout=60, json={"messages": messages})  # old: no template
@@ -642,8 +755,10 @@ def test_gateway_shutdown_writes_pending_shadow_rows(replicas, tmp_path):
     from muscle_ray.serving.http import build_api
 
     out = tmp_path / "shadow"
-    gw = local_gateway(replicas, shadow={"enabled": True, "pairs": {"compat": "new"}, "out": str(out),
-                                         "flush_rows": 100, "flush_seconds": 3600})
+    gw = local_gateway(
+        replicas,
+        shadow={"enabled": True, "pairs": {"compat": "new"}, "out": str(out), "flush_rows": 100, "flush_seconds": 3600},
+    )
     api = build_api(gw)
     prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]
 

@@ -36,20 +36,33 @@ def app(tiny_model, tiny_chat_model_b, tiny_adapter, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve_attack")
     chat_b = tiny_chat_model_b
-    args = {"bases": {"a": {"path": str(tiny_model), "models": {"old": str(tiny_adapter)}},
-                      "b": {"path": str(chat_b), "models": {"new": None,
-                                                            "compat": str(random_lora_dir(chat_b, root / "compat"))}}},
-            "shadow": {"enabled": True, "out": str(root / "shadow")},
-            "limits": {"max_prompt_tokens": 256, "max_tokens": 16, "max_body_bytes": 64_000, "max_prompt_chars": 4000},
-            "api_key_env": KEY_ENV}
+    args = {
+        "bases": {
+            "a": {"path": str(tiny_model), "models": {"old": str(tiny_adapter)}},
+            "b": {
+                "path": str(chat_b),
+                "models": {"new": None, "compat": str(random_lora_dir(chat_b, root / "compat"))},
+            },
+        },
+        "shadow": {"enabled": True, "out": str(root / "shadow")},
+        "limits": {"max_prompt_tokens": 256, "max_tokens": 16, "max_body_bytes": 64_000, "max_prompt_chars": 4000},
+        "api_key_env": KEY_ENV,
+    }
     small = {"ray_actor_options": {"num_cpus": 0.25}}
-    deployments = {"model_a": small, "model_b": small,
-                   "gateway": {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {KEY_ENV: KEY}}}}}
+    deployments = {
+        "model_a": small,
+        "model_b": small,
+        "gateway": {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {KEY_ENV: KEY}}}},
+    }
     init_ray(num_cpus=2)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        serve.run(build(args, deployments=deployments), name="attack", route_prefix="/",
-                  logging_config={"log_level": "WARNING"})
+        serve.run(
+            build(args, deployments=deployments),
+            name="attack",
+            route_prefix="/",
+            logging_config={"log_level": "WARNING"},
+        )
         yield URL
     finally:
         serve.shutdown()
@@ -82,15 +95,25 @@ def test_fuzz_every_endpoint_from_the_openapi_schema(app):
     seen: dict[str, dict[int, int]] = {}
     bad: list[tuple] = []
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.label for op in operations} >= {"POST /v1/completions", "POST /v1/chat/completions",
-                                               "POST /v1/compare", "GET /v1/models", "GET /v1/stats"}
+    assert {op.label for op in operations} >= {
+        "POST /v1/completions",
+        "POST /v1/chat/completions",
+        "POST /v1/compare",
+        "GET /v1/models",
+        "GET /v1/stats",
+    }
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             counts = seen.setdefault(f"{op.label} {mode.value}", {})
 
             @given(case=op.as_strategy(generation_mode=mode))
-            @settings(max_examples=30, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=30,
+                deadline=None,
+                database=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             def call(case):
                 r = case.call(base_url=app, headers=AUTH, timeout=120)
                 counts[r.status_code] = counts.get(r.status_code, 0) + 1
@@ -100,11 +123,11 @@ def test_fuzz_every_endpoint_from_the_openapi_schema(app):
 
             try:
                 call()
-            except Unsatisfiable:   # no negative example exists for an operation without inputs
+            except Unsatisfiable:  # no negative example exists for an operation without inputs
                 assert mode == GenerationMode.NEGATIVE and not list(op.iter_parameters()), op.label
     assert not bad, bad[:5]
     for label in ("POST /v1/completions positive", "POST /v1/chat/completions positive"):
-        assert seen[label].get(200, 0) >= 5, seen   # the fuzz got past validation into the models
+        assert seen[label].get(200, 0) >= 5, seen  # the fuzz got past validation into the models
 
 
 def test_load_with_a_model_replica_killed_midway(app):
@@ -113,12 +136,15 @@ def test_load_with_a_model_replica_killed_midway(app):
     with Retry-After."""
     import ray
 
-    bodies = [("/v1/completions", {"model": "compat", "prompt": "The quick brown fox", "max_tokens": 8,
-                                    "temperature": 0}),
-              ("/v1/chat/completions", {"model": "new", "messages": [{"role": "user", "content": "hi"}],
-                                        "max_tokens": 8, "temperature": 0}),
-              ("/v1/compare", {"prompt": "3 plus 4 is", "max_tokens": 6}),
-              ("/v1/completions", {"model": "old", "prompt": ["a", "b"], "max_tokens": 4, "temperature": 0})]
+    bodies = [
+        ("/v1/completions", {"model": "compat", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}),
+        (
+            "/v1/chat/completions",
+            {"model": "new", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0},
+        ),
+        ("/v1/compare", {"prompt": "3 plus 4 is", "max_tokens": 6}),
+        ("/v1/completions", {"model": "old", "prompt": ["a", "b"], "max_tokens": 4, "temperature": 0}),
+    ]
     total, done, lock = 320, [], threading.Lock()
     killed_at: list[int] = []
     local = threading.local()
@@ -136,8 +162,11 @@ def test_load_with_a_model_replica_killed_midway(app):
     def kill_when_busy():
         while len(done) < 100:
             time.sleep(0.05)
-        (victim,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["name"].startswith("SERVE_REPLICA::attack#model_b#")]
+        (victim,) = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::attack#model_b#")
+        ]
         killed_at.append(len(done))
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
 
@@ -155,4 +184,4 @@ def test_load_with_a_model_replica_killed_midway(app):
     for status, retry, text in failed:
         assert status == 503 and retry and openai_error(status, "application/json", text), (status, text)
     lost = requests.get(f"{URL}/v1/stats", headers=AUTH, timeout=30).json()["replica_lost"]
-    assert lost["retried"] >= 1, lost   # the kill did land on requests in flight
+    assert lost["retried"] >= 1, lost  # the kill did land on requests in flight

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB; the default would take 4
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default would take 4
 
 from muscle_ray.serving.engine_types import ChoiceRequest, GenRequest  # noqa: E402
 from muscle_ray.serving.hf_engine import HFEngine  # noqa: E402
@@ -27,10 +27,16 @@ def engines(tmp_path_factory):
     from muscle_ray.zoo.llama import LlamaSpec, random_lora_dir, random_model_dir
 
     root = tmp_path_factory.mktemp("serve_vllm")
-    base = random_model_dir(root / "base", LlamaSpec(hidden_size=128, num_attention_heads=2,
-                                                     num_key_value_heads=2, intermediate_size=256), seed=0)
-    models = {"new": str(random_lora_dir(base, root / "new", seed=1, r=8)),
-              "compat": str(random_lora_dir(base, root / "compat", seed=2, r=8)), "base": None}
+    base = random_model_dir(
+        root / "base",
+        LlamaSpec(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, intermediate_size=256),
+        seed=0,
+    )
+    models = {
+        "new": str(random_lora_dir(base, root / "new", seed=1, r=8)),
+        "compat": str(random_lora_dir(base, root / "compat", seed=2, r=8)),
+        "base": None,
+    }
     return VLLMEngine(str(base), models, enforce_eager=True), HFEngine(str(base), models)
 
 
@@ -45,7 +51,7 @@ def test_vllm_engine_matches_hf_engine_per_adapter(engines):
         a, b = (e.choice_logliks([ChoiceRequest(model, PROMPTS[0], CHOICES)])[0] for e in engines)
         np.testing.assert_allclose(a, b, atol=1e-3)
     texts = {m: v.generate([GenRequest(m, tuple(h.encode(PROMPTS[0])), 10)])[0].text for m in ("new", "compat", "base")}
-    assert len(set(texts.values())) == 3   # each request really gets its own adapter
+    assert len(set(texts.values())) == 3  # each request really gets its own adapter
 
 
 def test_vllm_engine_echo(engines):
@@ -69,23 +75,41 @@ def test_serve_app_on_the_vllm_backend(engines, tmp_path):
     v, h = engines
     base = str(v.vllm.llm.llm_engine.model_config.model)
     models = {"old": None, "new": v.vllm.lora["new"].lora_path}
-    args = {"bases": {"b": {"path": base, "models": models}}, "backend": "vllm", "api_key_env": None,
-            "backend_options": {"enforce_eager": True}}
+    args = {
+        "bases": {"b": {"path": base, "models": models}},
+        "backend": "vllm",
+        "api_key_env": None,
+        "backend_options": {"enforce_eager": True},
+    }
     env = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     deployments = {"model_b": {"ray_actor_options": {"num_cpus": 0.5, "runtime_env": env}}}
     init_ray(num_cpus=2)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 18433})
-        serve.run(build(args, deployments=deployments), name="muscle", route_prefix="/",
-                  logging_config={"log_level": "WARNING"})
+        serve.run(
+            build(args, deployments=deployments),
+            name="muscle",
+            route_prefix="/",
+            logging_config={"log_level": "WARNING"},
+        )
         for model in ("old", "new"):
-            r = requests.post("http://127.0.0.1:18433/v1/completions", timeout=120, json={
-                "model": model, "prompt": PROMPTS, "max_tokens": 10, "temperature": 0}).json()
-            want = [x.text for x in h.generate([GenRequest("base" if model == "old" else "new",
-                                                           tuple(h.encode(p)), 10) for p in PROMPTS])]
+            r = requests.post(
+                "http://127.0.0.1:18433/v1/completions",
+                timeout=120,
+                json={"model": model, "prompt": PROMPTS, "max_tokens": 10, "temperature": 0},
+            ).json()
+            want = [
+                x.text
+                for x in h.generate(
+                    [GenRequest("base" if model == "old" else "new", tuple(h.encode(p)), 10) for p in PROMPTS]
+                )
+            ]
             assert [c["text"] for c in r["choices"]] == want
-        cmp = requests.post("http://127.0.0.1:18433/v1/compare", timeout=120,
-                            json={"prompt": PROMPTS[0], "choices": list(CHOICES), "label": 0}).json()
+        cmp = requests.post(
+            "http://127.0.0.1:18433/v1/compare",
+            timeout=120,
+            json={"prompt": PROMPTS[0], "choices": list(CHOICES), "label": 0},
+        ).json()
         assert cmp["verdict"] in ("negative", "positive", "both_right", "both_wrong")
     finally:
         serve.shutdown()

@@ -32,10 +32,11 @@ def _parse_all(task, path):
 def test_mc_jsonl_renders_and_reports_bad_rows(tmp_path):
     rows = [
         json.dumps({"id": "q-a", "context": "Question: 2+2?\nAnswer:", "choices": ["4", "22"], "label": 0}),
-        json.dumps({"context": "The sky is", "choices": ["blue", "green", "red"], "label": "2",
-                    "target_delimiter": ""}),
-        "",                                                            # blank lines are not records
-        '{"context": "x", "choices": ["a", "b"], "label": 0',          # truncated
+        json.dumps(
+            {"context": "The sky is", "choices": ["blue", "green", "red"], "label": "2", "target_delimiter": ""}
+        ),
+        "",  # blank lines are not records
+        '{"context": "x", "choices": ["a", "b"], "label": 0',  # truncated
         json.dumps({"context": "x", "choices": ["a", "b"]}),
         json.dumps({"context": "x", "choices": ["a", "b"], "label": 2}),
         json.dumps({"context": "x", "choices": [], "label": 0}),
@@ -47,7 +48,13 @@ def test_mc_jsonl_renders_and_reports_bad_rows(tmp_path):
     good, bad = _parse_all(get_task("mc_jsonl"), _write(tmp_path, rows))
     a, b = good
     assert (a.id, a.contexts, a.continuations, a.choice_chars, a.label, a.reference) == (
-        "q-a", ["Question: 2+2?\nAnswer:"], [" 4", " 22"], [1, 2], 0, "0")
+        "q-a",
+        ["Question: 2+2?\nAnswer:"],
+        [" 4", " 22"],
+        [1, 2],
+        0,
+        "0",
+    )
     assert (b.id, b.continuations, b.choice_chars, b.label) == ("1", ["blue", "green", "red"], [4, 5, 3], 2)
     assert b.context_for(1) == "The sky is"
     assert bad[3].startswith("invalid JSON")
@@ -63,8 +70,9 @@ def test_mc_jsonl_renders_and_reports_bad_rows(tmp_path):
 
 def test_records_keep_invalid_utf8_as_a_bad_row(tmp_path):
     p = tmp_path / "bytes.jsonl"
-    p.write_bytes(b'{"context": "\xff", "choices": ["a"], "label": 0}\n'
-                  b'{"context": "ok", "choices": ["a"], "label": 0}\r\n')
+    p.write_bytes(
+        b'{"context": "\xff", "choices": ["a"], "label": 0}\n{"context": "ok", "choices": ["a"], "label": 0}\r\n'
+    )
     good, bad = _parse_all(get_task("mc_jsonl"), str(p))
     assert [i.contexts for i in good] == [["ok"]] and bad == {0: "not valid UTF-8"}
 
@@ -75,8 +83,7 @@ def test_missing_file_is_a_user_error(tmp_path):
 
 
 def test_gen_jsonl_exact_and_rouge(tmp_path):
-    rows = [json.dumps({"prompt": "Capital of France?", "reference": "Paris"}),
-            json.dumps({"id": 42, "prompt": "p"})]
+    rows = [json.dumps({"prompt": "Capital of France?", "reference": "Paris"}), json.dumps({"id": 42, "prompt": "p"})]
     task = get_task("gen_jsonl")
     good, bad = _parse_all(task, _write(tmp_path, rows))
     (inst,) = good
@@ -85,19 +92,24 @@ def test_gen_jsonl_exact_and_rouge(tmp_path):
     assert task.metric == "exact"
     assert task.score_generation(inst, cut_at_stop(" Paris\n\nQuestion: next", inst.stop)) == (True, 1.0, " Paris")
     assert task.score_generation(inst, " Lyon") == (False, 0.0, " Lyon")
-    assert task.training_pair(inst) == ("Capital of France?", "Paris")      # your text, no delimiter added
+    assert task.training_pair(inst) == ("Capital of France?", "Paris")  # your text, no delimiter added
 
     rouge = get_task("gen_jsonl", metric="rouge1", stop="###", max_new_tokens="32")
     inst = rouge.parse(Record(0, (json.dumps({"prompt": "p", "reference": "the cat sat on the mat"}),)))
     assert (rouge.metric, inst.stop, inst.max_new_tokens) == ("rouge1", ["###"], 32)
     correct, score, pred = rouge.score_generation(inst, cut_at_stop("the cat sat###the mat", inst.stop))
     assert correct is None and pred == "the cat sat"
-    assert score == pytest.approx(2 * 1.0 * 0.5 / 1.5)   # P = 3/3, R = 3/6
+    assert score == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # P = 3/3, R = 3/6
 
 
-@pytest.mark.parametrize("options, fragment", [
-    ({"metric": "bleu"}, "metric"), ({"max_new_tokens": 0}, "max_new_tokens"), ({"colour": "red"}, "colour"),
-])
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"metric": "bleu"}, "metric"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
 def test_bad_task_options_are_user_errors(options, fragment):
     with pytest.raises(MuscleError, match=f"task gen_jsonl: bad option.*{fragment}"):
         get_task("gen_jsonl", **options)
@@ -127,20 +139,36 @@ def test_the_package_registers_every_task_its_modules_define():
     defined = set()
     for module in pkgutil.iter_modules(package.__path__):
         mod = importlib.import_module(f"muscle_ray.tasks.{module.name}")
-        defined |= {c.name for c in vars(mod).values() if inspect.isclass(c) and issubclass(c, Task)
-                    and c.__module__ == mod.__name__ and "name" in vars(c)}
-    fresh = subprocess.run([sys.executable, "-c", "import muscle_ray.tasks as t; print(' '.join(t.task_names()))"],
-                           capture_output=True, text=True, check=True).stdout.split()
+        defined |= {
+            c.name
+            for c in vars(mod).values()
+            if inspect.isclass(c) and issubclass(c, Task) and c.__module__ == mod.__name__ and "name" in vars(c)
+        }
+    fresh = subprocess.run(
+        [sys.executable, "-c", "import muscle_ray.tasks as t; print(' '.join(t.task_names()))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert set(fresh) == defined
-    assert {"arc_easy", "arc_challenge", "dialogsum", "gen_jsonl", "gsm8k", "hellaswag", "mc_jsonl", "piqa",
-            "winogrande"} <= defined
+    assert {
+        "arc_easy",
+        "arc_challenge",
+        "dialogsum",
+        "gen_jsonl",
+        "gsm8k",
+        "hellaswag",
+        "mc_jsonl",
+        "piqa",
+        "winogrande",
+    } <= defined
 
 
 def test_a_dropped_in_module_registers_itself(tmp_path, monkeypatch):
     """One new module with an `@register`ed class is all a new task takes."""
     from muscle_ray.tasks import base, import_modules
 
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))   # the new task leaves with the test
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the new task leaves with the test
     package = tmp_path / "my_tasks"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -152,7 +180,8 @@ def test_a_dropped_in_module_registers_itself(tmp_path, monkeypatch):
         "    name = 'shout'\n"
         "    metric = 'exact'\n\n"
         "    def instance(self, doc, row):\n"
-        "        return self.generation(str(row), need(doc, 'text', str, row), need(doc, 'text', str, row).upper())\n")
+        "        return self.generation(str(row), need(doc, 'text', str, row), need(doc, 'text', str, row).upper())\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert import_modules("my_tasks", [str(package)]) == ["my_tasks.shout"]
     task = get_task("shout")
@@ -166,17 +195,23 @@ def test_gen_jsonl_reads_training_files_as_they_are(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-            {"role": "assistant", "content": "Paris"}]
-    rows = [{"id": "pc", "prompt": "2+2=", "completion": "4"}, {"id": "chat", "messages": talk},
-            {"id": "bad", "messages": talk[:2]}]
+    talk = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+    ]
+    rows = [
+        {"id": "pc", "prompt": "2+2=", "completion": "4"},
+        {"id": "chat", "messages": talk},
+        {"id": "bad", "messages": talk[:2]},
+    ]
     task = get_task("gen_jsonl")
     for path in (_write(tmp_path, [json.dumps(r) for r in rows]), str(tmp_path / "data.parquet")):
         if path.endswith(".parquet"):
-            columns = {"prompt": None, "completion": None, "messages": None}   # a table has every column
+            columns = {"prompt": None, "completion": None, "messages": None}  # a table has every column
             pq.write_table(pa.Table.from_pylist([{**columns, **r} for r in rows]), path)
         (pc, chat), bad = _parse_all(task, path)
         assert (pc.contexts, pc.reference, pc.messages) == (["2+2="], "4", None)
         assert (chat.id, chat.messages, chat.reference) == ("chat", talk[:2], "Paris")
-        assert chat.contexts == ["Be brief.\n\nCapital of France?\n\n"]     # read without a chat template
+        assert chat.contexts == ["Be brief.\n\nCapital of France?\n\n"]  # read without a chat template
         assert bad == {2: "the last message must be the assistant's answer"}

@@ -20,8 +20,9 @@ def setup(tiny_model, tiny_model_b, tiny_adapter, tmp_path_factory):
 
     new_adapter = random_lora_dir(tiny_model_b, tmp_path_factory.mktemp("new") / "adapter", seed=3)
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    rows = [tokenize_pair(tok, f"ann has {i} figs. bob has {i + 2} figs.", f" {2 * i + 2}.", 24, "all")
-            for i in range(4)]
+    rows = [
+        tokenize_pair(tok, f"ann has {i} figs. bob has {i + 2} figs.", f" {2 * i + 2}.", 24, "all") for i in range(4)
+    ]
     batch = {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in rows[0]}
     old = ModelVersion(str(tiny_model), str(tiny_adapter), name="old")
     new = ModelVersion(str(tiny_model_b), str(new_adapter), name="new")
@@ -33,7 +34,7 @@ def _student(new):
     from muscle_ray.training.lora import build_student
 
     torch.manual_seed(0)
-    return build_student(new.base, LoraSettings(), new.adapter)   # compat init: copy of v2 adapter
+    return build_student(new.base, LoraSettings(), new.adapter)  # compat init: copy of v2 adapter
 
 
 def test_inline_teachers_are_the_two_task_models(setup):
@@ -89,18 +90,26 @@ def test_three_placements_give_the_same_loss(setup, tmp_path, ray_session):
     losses["colocated_topk"] = compat_loss(s_logits, *top(batch), y, temperature=TEMP, return_stats=True)
     top.close()
     ds = ray.data.from_items([{k_: v[i].numpy() for k_, v in batch.items()} for i in range(len(y))])
-    cached = build_teacher_cache(ds, old, new, topk=k, temperature=TEMP, out_dir=str(tmp_path / "cache"),
-                                 num_cpus=0.1, batch_size=2)
+    cached = build_teacher_cache(
+        ds, old, new, topk=k, temperature=TEMP, out_dir=str(tmp_path / "cache"), num_cpus=0.1, batch_size=2
+    )
     rows = cached.take_all()
-    order = [next(j for j, r in enumerate(rows) if (r["input_ids"] == batch["input_ids"][i].numpy()).all())
-             for i in range(len(y))]
+    order = [
+        next(j for j, r in enumerate(rows) if (r["input_ids"] == batch["input_ids"][i].numpy()).all())
+        for i in range(len(y))
+    ]
     cols = trim_batch({c: torch.as_tensor(np.stack([rows[j][c] for j in order])) for c in rows[0]})
-    losses["cached"] = compat_loss(s_logits[:, : cols["labels"].shape[1]], *CachedTeachers()(cols),
-                                   cols["labels"], temperature=TEMP, return_stats=True)
+    losses["cached"] = compat_loss(
+        s_logits[:, : cols["labels"].shape[1]],
+        *CachedTeachers()(cols),
+        cols["labels"],
+        temperature=TEMP,
+        return_stats=True,
+    )
     (l_in, st_in), (l_co, _) = losses["inline"], losses["colocated"]
     (l_tk, st_tk), (l_ca, st_ca) = losses["colocated_topk"], losses["cached"]
-    assert torch.equal(l_in, l_co) or torch.allclose(l_in, l_co, rtol=1e-6, atol=1e-7)   # full logits: same
-    assert torch.allclose(l_tk, l_ca, rtol=1e-5, atol=1e-7)        # same top-k, two placements: same
+    assert torch.equal(l_in, l_co) or torch.allclose(l_in, l_co, rtol=1e-6, atol=1e-7)  # full logits: same
+    assert torch.allclose(l_tk, l_ca, rtol=1e-5, atol=1e-7)  # same top-k, two placements: same
     # Top-k vs full: masks identical (label log-prob kept), KL a lower bound (coarser support).
     assert st_tk["share_old"] == st_in["share_old"] == st_ca["share_old"]
     assert float(l_tk) <= float(l_in) + 1e-6 and float(l_tk) > 0

@@ -70,11 +70,11 @@ def test_labels_are_shifted_and_completion_only_masks_prompt(tiny_model):
     row = tokenize_pair(tok, "ann has 3 figs.", " 7.", 40, "all")
     n = int(row["attention_mask"].sum())
     assert (row["labels"][: n - 1] == row["input_ids"][1:n]).all()
-    assert row["input_ids"][n - 1] == tok.eos_token_id and (row["labels"][n - 1:] == IGNORE).all()
+    assert row["input_ids"][n - 1] == tok.eos_token_id and (row["labels"][n - 1 :] == IGNORE).all()
     comp = tokenize_pair(tok, "ann has 3 figs.", " 7.", 40, "completion")
     n_prompt = len(tok("ann has 3 figs.")["input_ids"])
     assert (comp["labels"][: n_prompt - 1] == IGNORE).all()
-    assert (comp["labels"][n_prompt - 1: n - 1] == row["labels"][n_prompt - 1: n - 1]).all()
+    assert (comp["labels"][n_prompt - 1 : n - 1] == row["labels"][n_prompt - 1 : n - 1]).all()
     b = trim_batch({k: torch.as_tensor(v)[None] for k, v in row.items()})
     assert b["input_ids"].shape[1] == n
 
@@ -94,7 +94,7 @@ def test_trained_completion_tokens_are_the_scored_continuation_tokens(tiny_model
     assert trained == continuation + [tok.eos_token_id]
     n = int(row["attention_mask"].sum())
     assert row["input_ids"][:n].tolist() == context + continuation + [tok.eos_token_id]
-    if prompt.endswith(" "):   # tokenised apart, the space would be a prompt token of its own
+    if prompt.endswith(" "):  # tokenised apart, the space would be a prompt token of its own
         assert tok(completion, add_special_tokens=False)["input_ids"] != continuation
 
 
@@ -115,10 +115,10 @@ def test_student_adapter_switching_and_export(tmp_path, tiny_model, tiny_adapter
     with torch.no_grad(), active_adapter(student, NEW_TEACHER):
         got = student(input_ids=x).logits
     assert torch.allclose(got, ref, atol=1e-5)
-    assert flags == {n: p.requires_grad for n, p in student.named_parameters()}   # nothing (un)frozen
+    assert flags == {n: p.requires_grad for n, p in student.named_parameters()}  # nothing (un)frozen
     assert all(("lora" in n and ".default." in n) == f for n, f in flags.items())
 
-    with torch.no_grad():   # make the fresh adapter non-trivial, then export and reload it
+    with torch.no_grad():  # make the fresh adapter non-trivial, then export and reload it
         for n, p in student.named_parameters():
             if ".default." in n:
                 p.add_(0.01)
@@ -135,8 +135,12 @@ def test_student_adapter_switching_and_export(tmp_path, tiny_model, tiny_adapter
 def test_cli_reports_bad_config_as_exit_2(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("base: x\nout: y\n")
-    proc = subprocess.run([sys.executable, "-m", "muscle_ray.cli", "train-adapter", "--config", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "muscle_ray.cli", "train-adapter", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "field 'data'" in proc.stderr
 
 

@@ -23,7 +23,7 @@ def kill_once(marker: Path, at_step: int):
     started = []
 
     def hook(step: int, total: int) -> None:
-        if not started:                        # the loop's first call: the step it starts from
+        if not started:  # the loop's first call: the step it starts from
             started.append(step)
             with marker.open("a") as f:
                 f.write(f"started at step {step}\n")
@@ -45,8 +45,10 @@ def train_file(tmp_path_factory):
     with open(path, "w") as f:
         for _ in range(40):
             x, y = rng.randint(1, 9), rng.randint(1, 9)
-            f.write(json.dumps({"prompt": f"ann has {x} figs. bob has {y} figs. figs in all?",
-                                "completion": f" {x + y}."}) + "\n")
+            f.write(
+                json.dumps({"prompt": f"ann has {x} figs. bob has {y} figs. figs in all?", "completion": f" {x + y}."})
+                + "\n"
+            )
     return path
 
 
@@ -57,7 +59,8 @@ def _lora_weights(path):
 
 
 def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
-        ray_session, tmp_path, train_file, tiny_model, tiny_model_b, tiny_adapter):
+    ray_session, tmp_path, train_file, tiny_model, tiny_model_b, tiny_adapter
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -69,13 +72,25 @@ def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
     new_adapter = random_lora_dir(tiny_model_b, tmp_path / "new_task", seed=5)
     marker = tmp_path / "killed.txt"
     raw = {
-        "base": str(tiny_model_b), "out": str(tmp_path / "compat"),
+        "base": str(tiny_model_b),
+        "out": str(tmp_path / "compat"),
         "data": {"path": str(train_file), "max_length": 40, "val_fraction": 0.2},
         "optim": {"micro_batch_size": 4, "epochs": 2, "lr": 5e-3, "warmup_steps": 1},
-        "run": {"name": "fsdp-drill", "storage_path": str(tmp_path / "ray"), "num_workers": 2,
-                "strategy": "fsdp", "cpus_per_worker": 0.25, "max_failures": 1, "eval_every_steps": 2},
-        "compat": {"old": {"base": str(tiny_model), "adapter": str(tiny_adapter)},
-                   "new_adapter": str(new_adapter), "mask": "muscle", "teachers": "inline"},
+        "run": {
+            "name": "fsdp-drill",
+            "storage_path": str(tmp_path / "ray"),
+            "num_workers": 2,
+            "strategy": "fsdp",
+            "cpus_per_worker": 0.25,
+            "max_failures": 1,
+            "eval_every_steps": 2,
+        },
+        "compat": {
+            "old": {"base": str(tiny_model), "adapter": str(tiny_adapter)},
+            "new_adapter": str(new_adapter),
+            "mask": "muscle",
+            "teachers": "inline",
+        },
     }
     cfg = validated(CompatTrainConfig, raw)
     manifest = run_training(cfg, progress=kill_once(marker, at_step=3))
@@ -100,12 +115,20 @@ def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
 def test_train_adapter_command_from_yaml_with_ddp(ray_session, tmp_path, train_file, tiny_model):
     from muscle_ray.cli import main
 
-    cfg = {"base": str(tiny_model), "out": str(tmp_path / "task"),
-           "data": {"path": str(train_file), "max_length": 40, "loss_on": "completion"},
-           "lora": {"r": 4, "alpha": 8},
-           "optim": {"micro_batch_size": 8, "max_steps": 3, "epochs": 5, "lr": 1e-2},
-           "run": {"name": "task", "storage_path": str(tmp_path / "ray"), "cpus_per_worker": 0.25,
-                   "num_workers": 2, "strategy": "ddp"}}
+    cfg = {
+        "base": str(tiny_model),
+        "out": str(tmp_path / "task"),
+        "data": {"path": str(train_file), "max_length": 40, "loss_on": "completion"},
+        "lora": {"r": 4, "alpha": 8},
+        "optim": {"micro_batch_size": 8, "max_steps": 3, "epochs": 5, "lr": 1e-2},
+        "run": {
+            "name": "task",
+            "storage_path": str(tmp_path / "ray"),
+            "cpus_per_worker": 0.25,
+            "num_workers": 2,
+            "strategy": "ddp",
+        },
+    }
     path = tmp_path / "task.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train-adapter", "--config", str(path), "--set", "optim.schedule=cosine"]) == 0

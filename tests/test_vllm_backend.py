@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB; the default would take 4
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default would take 4
 
 from muscle_ray.models import ModelVersion  # noqa: E402
 from muscle_ray.scoring.hf import HFScorer  # noqa: E402
@@ -21,12 +21,33 @@ from muscle_ray.scoring.vllm import VLLMScorer  # noqa: E402
 from muscle_ray.tasks.base import Instance  # noqa: E402
 
 MC = [
-    Instance(id="a", task="t", kind="mc", contexts=["The quick brown fox jumps"], label=0,
-             continuations=[" over the lazy dog.", " a man", " 12 apples"], choice_chars=[18, 5, 9]),
-    Instance(id="b", task="t", kind="mc", contexts=["Question: How many apples are left? Answer: "], label=1,
-             continuations=["12", "9 apples", "#### 18"], choice_chars=[2, 8, 7]),
-    Instance(id="w", task="t", kind="mc", contexts=["The trophy fits", "The suitcase fits"], label=0,
-             continuations=[" because it is small."] * 2, choice_chars=[6, 8]),
+    Instance(
+        id="a",
+        task="t",
+        kind="mc",
+        contexts=["The quick brown fox jumps"],
+        label=0,
+        continuations=[" over the lazy dog.", " a man", " 12 apples"],
+        choice_chars=[18, 5, 9],
+    ),
+    Instance(
+        id="b",
+        task="t",
+        kind="mc",
+        contexts=["Question: How many apples are left? Answer: "],
+        label=1,
+        continuations=["12", "9 apples", "#### 18"],
+        choice_chars=[2, 8, 7],
+    ),
+    Instance(
+        id="w",
+        task="t",
+        kind="mc",
+        contexts=["The trophy fits", "The suitcase fits"],
+        label=0,
+        continuations=[" because it is small."] * 2,
+        choice_chars=[6, 8],
+    ),
 ]
 GEN = [
     Instance(id="g0", task="t", kind="gen", contexts=["Question: How many apples"], stop=["\n\n"], max_new_tokens=12),
@@ -39,8 +60,11 @@ def model64(tmp_path_factory):
     from muscle_ray.zoo.llama import LlamaSpec, random_lora_dir, random_model_dir
 
     root = tmp_path_factory.mktemp("vllm")
-    base = random_model_dir(root / "base", LlamaSpec(hidden_size=128, num_attention_heads=2,
-                                                     num_key_value_heads=2, intermediate_size=256), seed=0)
+    base = random_model_dir(
+        root / "base",
+        LlamaSpec(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, intermediate_size=256),
+        seed=0,
+    )
     return base, random_lora_dir(base, root / "lora", seed=0, r=8)
 
 
@@ -75,14 +99,33 @@ def test_score_job_with_vllm_backend(model64, tmp_path):
     from muscle_ray.scoring.job import run_score
 
     data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "context": "The quick brown fox" + " jumps" * i,
-                                        "choices": ["over the dog", "a man", "12 apples"], "label": i % 3}) + "\n"
-                            for i in range(8)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"q{i}",
+                    "context": "The quick brown fox" + " jumps" * i,
+                    "choices": ["over the dog", "a man", "12 apples"],
+                    "label": i % 3,
+                }
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
     tables = {}
     try:
         for backend in ("hf", "vllm"):
-            (s,) = run_score(ScoreConfig(versions=[{"name": backend, "base": str(model64[0])}], task="mc_jsonl",
-                                         data=str(data), out=str(tmp_path / "out"), backend=backend, shard_size=4))
+            (s,) = run_score(
+                ScoreConfig(
+                    versions=[{"name": backend, "base": str(model64[0])}],
+                    task="mc_jsonl",
+                    data=str(data),
+                    out=str(tmp_path / "out"),
+                    backend=backend,
+                    shard_size=4,
+                )
+            )
             tables[backend] = {r["id"]: r for r in read_results(s.out).to_pylist()}
     finally:
         ray.shutdown()

@@ -17,16 +17,24 @@ from muscle_ray.errors import MuscleError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
-    "score": ("muscle_ray.cli.score",
-              "score model versions on a task with a Ray Data actor pool (results-format Parquet)"),
-    "flips": ("muscle_ray.cli.flips",
-              "negative/positive flips, paired statistics and compat deltas between result sets"),
+    "score": (
+        "muscle_ray.cli.score",
+        "score model versions on a task with a Ray Data actor pool (results-format Parquet)",
+    ),
+    "flips": (
+        "muscle_ray.cli.flips",
+        "negative/positive flips, paired statistics and compat deltas between result sets",
+    ),
     "train-adapter": ("muscle_ray.cli.train", "train a task LoRA adapter with Ray Train"),
     "train-compat": ("muscle_ray.cli.train", "train a MUSCLE compatibility adapter with Ray Train"),
-    "serve": ("muscle_ray.cli.serve",
-              "host old/new/compat behind an OpenAI-compatible API with a compare endpoint (Ray Serve)"),
-    "update": ("muscle_ray.cli.update",
-               "a whole MUSCLE update of two base models: task adapters, flips, compat, report, serve.yaml"),
+    "serve": (
+        "muscle_ray.cli.serve",
+        "host old/new/compat behind an OpenAI-compatible API with a compare endpoint (Ray Serve)",
+    ),
+    "update": (
+        "muscle_ray.cli.update",
+        "a whole MUSCLE update of two base models: task adapters, flips, compat, report, serve.yaml",
+    ),
     "demo": ("muscle_ray.cli.demo", "the whole MUSCLE update end to end: zoo, adapters, flips, compat, report"),
     "tasks": ("muscle_ray.cli.tasks", "list the registered tasks, their kind and metric"),
 }
@@ -35,7 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
-        _top_parser().parse_args(argv)   # help, --version, or the "invalid choice" error: exits
+        _top_parser().parse_args(argv)  # help, --version, or the "invalid choice" error: exits
     name = argv[0]
     module_name, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)

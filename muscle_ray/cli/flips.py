@@ -22,7 +22,7 @@ class FlipsConfig(BaseModel):
     old: str
     new: str
     compat: str | None = None
-    metric: str | None = None          # one of SIMILARITIES; None: the `score` column as it is
+    metric: str | None = None  # one of SIMILARITIES; None: the `score` column as it is
     epsilon: float = Field(0.0, ge=0)
     format: Literal["table", "json"] = "table"
     out: str | None = None
@@ -42,26 +42,37 @@ class FlipsConfig(BaseModel):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("old", nargs="?", help="old model's results: Parquet file/dir, results JSONL, "
-                                               "or lm-eval samples_<task>_*.jsonl")
+    parser.add_argument(
+        "old", nargs="?", help="old model's results: Parquet file/dir, results JSONL, or lm-eval samples_<task>_*.jsonl"
+    )
     parser.add_argument("new", nargs="?", help="new model's results (same forms)")
     add_config_arguments(parser, what="file with the fields below (old, new, compat, metric, ...)")
-    parser.add_argument("--compat",
-                        help="the compatibility model's results: adds the paper's ΔNFR_c, Δacc_c, ... columns")
-    parser.add_argument("--metric", choices=SIMILARITIES, help="recompute S from prediction/reference with this "
-                                                                "similarity (default: use the 'score' column)")
+    parser.add_argument(
+        "--compat", help="the compatibility model's results: adds the paper's ΔNFR_c, Δacc_c, ... columns"
+    )
+    parser.add_argument(
+        "--metric",
+        choices=SIMILARITIES,
+        help="recompute S from prediction/reference with this similarity (default: use the 'score' column)",
+    )
     parser.add_argument("--epsilon", type=float, help="continuous flips need |D| > epsilon (default 0)")
-    parser.add_argument("--json", action="store_const", const="json", dest="format",
-                        help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--json", action="store_const", const="json", dest="format", help="print one JSON object instead of a table"
+    )
     parser.add_argument("--out", help="write flips.parquet, summary.json and PNG plots here")
     parser.add_argument("--bootstrap", type=int, help="bootstrap replicates for the 95%% CIs (default 2000)")
     parser.add_argument("--seed", type=int, help="bootstrap seed (default 0)")
     parser.add_argument("--bertscore-model", help="local model directory for BERTScore (default: bundled MiniLM-L6)")
-    parser.add_argument("--lmeval-metric",
-                        help="which per-sample lm-eval metric is correctness (default acc, else exact_match)")
+    parser.add_argument(
+        "--lmeval-metric", help="which per-sample lm-eval metric is correctness (default acc, else exact_match)"
+    )
     parser.add_argument("--lmeval-filter", help="which lm-eval filter's lines to read (default: the file's first)")
-    parser.add_argument("--allow-task-mismatch", action="store_const", const=True,
-                        help="compare result sets of different tasks (their ids join by accident otherwise refused)")
+    parser.add_argument(
+        "--allow-task-mismatch",
+        action="store_const",
+        const=True,
+        help="compare result sets of different tasks (their ids join by accident otherwise refused)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,21 +80,47 @@ def run(args: argparse.Namespace) -> int:
     from muscle_ray.metrics.table import format_table
     from muscle_ray.results import read_results
 
-    names = ("old", "new", "compat", "metric", "epsilon", "format", "out", "bootstrap", "seed",
-             "bertscore_model", "lmeval_metric", "lmeval_filter", "allow_task_mismatch")
+    names = (
+        "old",
+        "new",
+        "compat",
+        "metric",
+        "epsilon",
+        "format",
+        "out",
+        "bootstrap",
+        "seed",
+        "bertscore_model",
+        "lmeval_metric",
+        "lmeval_filter",
+        "allow_task_mismatch",
+    )
     cfg = load(FlipsConfig, args, {name: getattr(args, name) for name in names})
 
     def read(path: str):
         # ids are checked for duplicates by the join itself (one hash pass instead of three)
-        return read_results(path, columns=columns_for(cfg.metric), unique_ids=False,
-                            lmeval_metric=cfg.lmeval_metric, lmeval_filter=cfg.lmeval_filter)
+        return read_results(
+            path,
+            columns=columns_for(cfg.metric),
+            unique_ids=False,
+            lmeval_metric=cfg.lmeval_metric,
+            lmeval_filter=cfg.lmeval_filter,
+        )
 
     old = read(cfg.old)
 
     def against_old(path: str):
-        return compare(old, read(path), names=(cfg.old, path), metric=cfg.metric, epsilon=cfg.epsilon,
-                       n_boot=cfg.bootstrap, seed=cfg.seed, bertscore_model=cfg.bertscore_model,
-                       allow_task_mismatch=cfg.allow_task_mismatch)
+        return compare(
+            old,
+            read(path),
+            names=(cfg.old, path),
+            metric=cfg.metric,
+            epsilon=cfg.epsilon,
+            n_boot=cfg.bootstrap,
+            seed=cfg.seed,
+            bertscore_model=cfg.bertscore_model,
+            allow_task_mismatch=cfg.allow_task_mismatch,
+        )
 
     try:
         base = against_old(cfg.new)
@@ -95,12 +132,15 @@ def run(args: argparse.Namespace) -> int:
         summary["compat"] = comp.summary
         summary["deltas"] = compat_deltas(base.summary, comp.summary)
         if comp.summary["n"] != base.summary["n"]:
-            print(f"muscle flips: warning: old->new joins {base.summary['n']} ids, old->compat "
-                  f"{comp.summary['n']}; the deltas compare different instance sets", file=sys.stderr)
+            print(
+                f"muscle flips: warning: old->new joins {base.summary['n']} ids, old->compat "
+                f"{comp.summary['n']}; the deltas compare different instance sets",
+                file=sys.stderr,
+            )
     if cfg.out:
         try:
             _write_out(Path(cfg.out), base, comp, summary)
-        except OSError as e:   # /proc/x, a file in the way, a read-only directory, a full disk
+        except OSError as e:  # /proc/x, a file in the way, a read-only directory, a full disk
             reason = e.strerror or str(e)
             if e.filename and str(e.filename) != cfg.out:
                 reason += f" ({e.filename})"

@@ -10,10 +10,20 @@ from muscle_ray.config import Model, load_config, parse_overrides
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None, what: str = "config") -> None:
-    parser.add_argument("--config", default=default, metavar="FILE",
-                        help=f"YAML {what}" + (" (default: %(default)s)" if default else ""))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override one field (repeatable), VALUE read as YAML: --set optim.lr=2e-3")
+    parser.add_argument(
+        "--config",
+        default=default,
+        metavar="FILE",
+        help=f"YAML {what}" + (" (default: %(default)s)" if default else ""),
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override one field (repeatable), VALUE read as YAML: --set optim.lr=2e-3",
+    )
 
 
 def overrides(args: argparse.Namespace, flags: dict[str, Any] | None = None) -> dict[str, Any]:

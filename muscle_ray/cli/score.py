@@ -22,11 +22,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model directory (one version, named by --name)")
     p.add_argument("--adapter", help="PEFT adapter directory for --model")
     p.add_argument("--name", default="model", help="version name for --model (output subdirectory)")
-    p.add_argument("--version", action="append", metavar="NAME=BASE[:ADAPTER]", default=[],
-                   help="a model version; repeat to score several (old, new, compat) in one run")
+    p.add_argument(
+        "--version",
+        action="append",
+        metavar="NAME=BASE[:ADAPTER]",
+        default=[],
+        help="a model version; repeat to score several (old, new, compat) in one run",
+    )
     p.add_argument("--task", help="task name (`muscle tasks` lists them)")
-    p.add_argument("--task-option", action="append", metavar="KEY=VALUE", default=[],
-                   help="task option, VALUE parsed as YAML (e.g. max_new_tokens=64)")
+    p.add_argument(
+        "--task-option",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="task option, VALUE parsed as YAML (e.g. max_new_tokens=64)",
+    )
     p.add_argument("--data", help="the task's input file in its published format (path or URI)")
     p.add_argument("--data-root", help="directory holding the tasks' default files (e.g. ../shared/data)")
     p.add_argument("--limit", type=int, help="score only the first N records")
@@ -51,10 +61,18 @@ def config_from_args(args: argparse.Namespace):
     elif args.adapter:
         raise MuscleError("--adapter needs --model (or use --version NAME=BASE:ADAPTER)")
     flags = {
-        "versions": [v.model_dump() for v in versions] or None, "task": args.task, "data": args.data,
-        "data_root": args.data_root, "limit": args.limit, "out": args.out, "backend": args.backend,
-        "batch_size": args.batch_size, "workers": args.workers, "shard_size": args.shard_size,
-        "max_errors": args.max_errors, "cpus_per_worker": args.cpus_per_worker,
+        "versions": [v.model_dump() for v in versions] or None,
+        "task": args.task,
+        "data": args.data,
+        "data_root": args.data_root,
+        "limit": args.limit,
+        "out": args.out,
+        "backend": args.backend,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "shard_size": args.shard_size,
+        "max_errors": args.max_errors,
+        "cpus_per_worker": args.cpus_per_worker,
         "gpus_per_worker": args.gpus_per_worker,
     }
     options = parse_overrides(args.task_option, flag="--task-option")
@@ -65,7 +83,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    given = config_from_args(args)   # a bad setting fails here, before Ray is imported
+    given = config_from_args(args)  # a bad setting fails here, before Ray is imported
 
     from muscle_ray import console
     from muscle_ray.locations import staged

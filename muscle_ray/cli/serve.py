@@ -18,8 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, default="serve/config.yaml", what="Ray Serve config file")
     p.add_argument("--host", help="bind address (default: the file's http_options.host, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: the file's http_options.port, else 8000)")
-    p.add_argument("--shadow", action="store_true", default=None,
-                   help="turn shadow mode on (new/compat requests also go to old)")
+    p.add_argument(
+        "--shadow", action="store_true", default=None, help="turn shadow mode on (new/compat requests also go to old)"
+    )
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray)")
     p.add_argument("--num-cpus", type=float, help="CPUs of a private local Ray (default: all)")
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from muscle_ray.serving.app import build
 
-    app = build(cfg, deployments=opts["deployments"])   # MuscleError (exit 2) before Ray starts
+    app = build(cfg, deployments=opts["deployments"])  # MuscleError (exit 2) before Ray starts
     http = {"host": "127.0.0.1", "port": 8000, **opts["http_options"]}
     http.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     from muscle_ray.runtime import init_ray
 
-    def stop(signum, frame):   # SIGTERM (service managers) shuts down like Ctrl-C: shadow rows are flushed
+    def stop(signum, frame):  # SIGTERM (service managers) shuts down like Ctrl-C: shadow rows are flushed
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)

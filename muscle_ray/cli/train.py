@@ -24,16 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="adapter output directory or URI (out)")
     p.add_argument("--name", help="Ray Train run name (run.name; the same name resumes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--verbose", action="store_true",
-                   help="also show Ray's output (always in the run's logs/ray.log, beside its checkpoints)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's output (always in the run's logs/ray.log, beside its checkpoints)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from muscle_ray.training.config import AdapterTrainConfig, CompatTrainConfig
 
     model = CompatTrainConfig if args.command == "train-compat" else AdapterTrainConfig
-    given = load(model, args, {"data.task": args.task, "data.path": args.data, "out": args.out,
-                               "run.name": args.name})
+    given = load(model, args, {"data.task": args.task, "data.path": args.data, "out": args.out, "run.name": args.name})
 
     from muscle_ray import console
     from muscle_ray.locations import is_uri, staged
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     with staged(given) as cfg, console.setup(_run_dir(cfg), verbose=args.verbose) as con:
         with con.stage(f"train {cfg.run.name}", total=cfg.optim.max_steps) as stage:
             manifest = run_training(cfg, threads_per_worker=args.threads, progress=stage.reporter("rank 0"))
-        if is_uri(given.data.path):   # record the data the user named, not its staged copy
+        if is_uri(given.data.path):  # record the data the user named, not its staged copy
             path = Path(cfg.out) / "muscle_manifest.json"
             path.write_text(json.dumps({**json.loads(path.read_text()), "data": given.data.path}, indent=2))
     out = given.out if is_uri(given.out) else cfg.out

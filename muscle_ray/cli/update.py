@@ -1,6 +1,6 @@
 """`muscle update`: the whole MUSCLE update for two base versions of any model (see muscle_ray/update.py).
 
-    muscle update --config jobs/configs/update.yaml [--out runs/my-update] [--mask ce] [--set control=false]
+muscle update --config jobs/configs/update.yaml [--out runs/my-update] [--mask ce] [--set control=false]
 """
 
 from __future__ import annotations
@@ -11,11 +11,15 @@ from muscle_ray.cli.options import add_config_arguments, load
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, what="UpdateConfig (old, new, tasks, adapter, compat, control, scoring); "
-                                 "see jobs/configs/update.yaml")
+    add_config_arguments(
+        p, what="UpdateConfig (old, new, tasks, adapter, compat, control, scoring); see jobs/configs/update.yaml"
+    )
     p.add_argument("--out", help="run folder (out); a rerun into it skips what is finished")
-    p.add_argument("--mask", help="compat masking variant (compat.compat.mask): muscle (default), old_correct, "
-                                  "old, new, token_likelihood, sequence_likelihood")
+    p.add_argument(
+        "--mask",
+        help="compat masking variant (compat.compat.mask): muscle (default), old_correct, "
+        "old, new, token_likelihood, sequence_likelihood",
+    )
     p.add_argument("--verbose", action="store_true", help="also show Ray's output (always in OUT/logs/ray.log)")
 
 

@@ -94,7 +94,9 @@ def _tasks(table: pa.Table) -> set[str]:
         return set()
     names: set[str] = set()
     for chunk in table.column("task").chunks:
-        values = chunk.dictionary.take(pc.unique(chunk.indices)) if pa.types.is_dictionary(chunk.type) else pc.unique(chunk)
+        values = (
+            chunk.dictionary.take(pc.unique(chunk.indices)) if pa.types.is_dictionary(chunk.type) else pc.unique(chunk)
+        )
         names.update(v for v in values.to_pylist() if v is not None)
     return names
 
@@ -102,8 +104,10 @@ def _tasks(table: pa.Table) -> set[str]:
 def _check_same_task(old: pa.Table, new: pa.Table, names: tuple[str, str]) -> None:
     t_old, t_new = _tasks(old), _tasks(new)
     if t_old and t_new and t_old != t_new:
-        raise MuscleError(f"{names[0]} holds task {sorted(t_old)} and {names[1]} task {sorted(t_new)}: results of "
-                          "different tasks would join by id by accident (--allow-task-mismatch to compare anyway)")
+        raise MuscleError(
+            f"{names[0]} holds task {sorted(t_old)} and {names[1]} task {sorted(t_new)}: results of "
+            "different tasks would join by id by accident (--allow-task-mismatch to compare anyway)"
+        )
 
 
 def compare(
@@ -128,9 +132,15 @@ def compare(
         _check_same_task(old, new, names)
     p = flips.pair(old, new, names)
     if p.n == 0:
-        raise MuscleError(f"{names[0]} ({old.num_rows} rows) and {names[1]} ({new.num_rows} rows) share no instance id: "
-                          "nothing to compare" + (f" (ids e.g. {p.only_old_examples[:2]} vs {p.only_new_examples[:2]})"
-                                                  if old.num_rows and new.num_rows else ""))
+        raise MuscleError(
+            f"{names[0]} ({old.num_rows} rows) and {names[1]} ({new.num_rows} rows) share no instance id: "
+            "nothing to compare"
+            + (
+                f" (ids e.g. {p.only_old_examples[:2]} vs {p.only_new_examples[:2]})"
+                if old.num_rows and new.num_rows
+                else ""
+            )
+        )
     s_old = _scores(p, "old", metric, bertscore_model)
     s_new = _scores(p, "new", metric, bertscore_model)
     if metric is None:
@@ -161,12 +171,20 @@ def compare(
         summary.update(flips.discrete_metrics(c_old, c_new, same, n_boot, seed))
     else:
         summary["kind"] = "continuous"
-        summary.update({
-            "acc_old": cont["score_old"], "acc_new": cont["score_new"],
-            "nfr": cont["nfr"], "pfr": cont["pfr"], "nfr_mc": None, "quadrants": None,
-            "btc": None, "bec": None, "mcnemar_p": cont["sign_test_p"],
-            "ci": {"delta_acc": cont["ci"]["delta_score"], "nfr": cont["ci"]["nfr"], "pfr": cont["ci"]["pfr"]},
-        })
+        summary.update(
+            {
+                "acc_old": cont["score_old"],
+                "acc_new": cont["score_new"],
+                "nfr": cont["nfr"],
+                "pfr": cont["pfr"],
+                "nfr_mc": None,
+                "quadrants": None,
+                "btc": None,
+                "bec": None,
+                "mcnemar_p": cont["sign_test_p"],
+                "ci": {"delta_acc": cont["ci"]["delta_score"], "nfr": cont["ci"]["nfr"], "pfr": cont["ci"]["pfr"]},
+            }
+        )
     summary["m_g"] = cont["m_g"]
     summary["m_r"] = cont["m_r"]
     summary["continuous"] = cont

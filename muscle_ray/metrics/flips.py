@@ -29,7 +29,6 @@ import pyarrow.compute as pc
 from muscle_ray.metrics import stats
 
 
-
 class Quadrant(enum.IntEnum):
     """Where one instance lands in an update; the value is its code in flip tables."""
 
@@ -153,8 +152,11 @@ def quadrant_codes(correct_old: np.ndarray, correct_new: np.ndarray, same_predic
 
 
 def discrete_metrics(
-    correct_old: np.ndarray, correct_new: np.ndarray, same_prediction: np.ndarray,
-    n_boot: int = 2000, seed: int = 0,
+    correct_old: np.ndarray,
+    correct_new: np.ndarray,
+    same_prediction: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> dict:
     """acc, NFR, PFR, NFR_mc, quadrants, BTC, BEC, McNemar p and bootstrap CIs."""
     co, cn, same = correct_old.astype(bool), correct_new.astype(bool), same_prediction.astype(bool)
@@ -195,7 +197,11 @@ def direction_codes(d: np.ndarray, epsilon: float = 0.0) -> np.ndarray:
 
 
 def continuous_metrics(
-    s_old: np.ndarray, s_new: np.ndarray, epsilon: float = 0.0, n_boot: int = 2000, seed: int = 0,
+    s_old: np.ndarray,
+    s_new: np.ndarray,
+    epsilon: float = 0.0,
+    n_boot: int = 2000,
+    seed: int = 0,
     mean_ci: bool = True,
 ) -> dict:
     """Mean scores, PFR/NFR of D = S(new) - S(old) beyond ±eps, m_g, m_r, sign test, CIs.

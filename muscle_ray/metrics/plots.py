@@ -33,12 +33,16 @@ def quadrant_bars(summary: dict, out: Path) -> Path:
         colors = ["tab:green", "tab:blue", "tab:gray", "tab:orange", "tab:red"]
     else:
         c = summary["continuous"]
-        names, values = list(flips.DIRECTIONS), [c["improved"], summary["n"] - c["improved"] - c["regressed"], c["regressed"]]
+        names, values = (
+            list(flips.DIRECTIONS),
+            [c["improved"], summary["n"] - c["improved"] - c["regressed"], c["regressed"]],
+        )
         colors = ["tab:blue", "tab:gray", "tab:red"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(names, values, color=colors)
     ax.set_ylabel("instances")
-    ax.set_title(f"old -> new flips (n={summary['n']}, NFR={pct(summary['nfr'], unit=True)}, PFR={pct(summary['pfr'], unit=True)})")
+    nfr, pfr = pct(summary["nfr"], unit=True), pct(summary["pfr"], unit=True)
+    ax.set_title(f"old -> new flips (n={summary['n']}, NFR={nfr}, PFR={pfr})")
     ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -82,8 +86,12 @@ def report_figures(report: dict, comparisons: dict) -> dict[str, str]:
             for i, (label, cmp) in enumerate(cmps.items()):
                 q = cmp.summary["quadrants"]
                 ax.bar(np.arange(len(names)) + i * width, [q[n] for n in names], width, label=f"v1→{label}")
-            ax.set_xticks(np.arange(len(names)) + width * (len(cmps) - 1) / 2, [n.replace("_", " ") for n in names],
-                          rotation=20, fontsize=8)
+            ax.set_xticks(
+                np.arange(len(names)) + width * (len(cmps) - 1) / 2,
+                [n.replace("_", " ") for n in names],
+                rotation=20,
+                fontsize=8,
+            )
             ax.set_ylabel("instances")
             ax.set_title(f"{task}: quadrants of each update")
             ax.legend(fontsize=8)

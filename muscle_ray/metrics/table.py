@@ -24,8 +24,9 @@ def format_table(s: dict) -> str:
         f"metric            {s['metric']} ({s['kind']}, epsilon {s['epsilon']})",
         f"{score_word:<17} old {_rate(s['acc_old'])}   new {_rate(s['acc_new'])}",
         f"delta             {_rate(None if s['acc_new'] is None else s['acc_new'] - s['acc_old'])}"
-        + (f"   95% CI [{100 * ci['delta_acc'][0]:.2f}, {100 * ci['delta_acc'][1]:.2f}]"
-           if ci.get("delta_acc") else ""),
+        + (
+            f"   95% CI [{100 * ci['delta_acc'][0]:.2f}, {100 * ci['delta_acc'][1]:.2f}]" if ci.get("delta_acc") else ""
+        ),
         f"NFR               {with_ci('nfr', 'nfr')}",
         f"PFR               {with_ci('pfr', 'pfr')}",
     ]

@@ -65,8 +65,13 @@ def bertscore(
     if not os.path.isdir(path):
         raise ValueError(f"BERTScore model directory {path!r} does not exist")
     _, _, f1 = bert_score.score(
-        list(predictions), list(references), model_type=path, num_layers=num_layers,
-        batch_size=batch_size, device="cpu", verbose=False,
+        list(predictions),
+        list(references),
+        model_type=path,
+        num_layers=num_layers,
+        batch_size=batch_size,
+        device="cpu",
+        verbose=False,
     )
     return f1.numpy().astype(np.float64)
 

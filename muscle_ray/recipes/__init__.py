@@ -15,8 +15,7 @@ import yaml
 
 
 def names() -> list[str]:
-    return sorted(f.name.removesuffix(".yaml") for f in resources.files(__name__).iterdir()
-                  if f.name.endswith(".yaml"))
+    return sorted(f.name.removesuffix(".yaml") for f in resources.files(__name__).iterdir() if f.name.endswith(".yaml"))
 
 
 def load(name: str) -> dict:

@@ -54,18 +54,18 @@ class ScoreConfig(BaseModel):
     versions: list[VersionSpec] = Field(min_length=1)
     task: str
     task_options: dict[str, Any] = {}
-    data: str | None = None            # the task's file; default: task.default_path under data_root
+    data: str | None = None  # the task's file; default: task.default_path under data_root
     data_root: str | None = None
     limit: int | None = Field(None, gt=0)
     out: str
     backend: Literal["hf", "vllm"] = "hf"
-    batch_size: int = Field(8, gt=0)   # questions (MC) or prompts (generation) per forward pass
+    batch_size: int = Field(8, gt=0)  # questions (MC) or prompts (generation) per forward pass
     workers: tuple[int, int] = (1, 1)  # (min, max) actors; equal for a fixed pool
     shard_size: int = Field(256, gt=0)  # input rows per output shard (the unit of resume)
     max_errors: int | None = Field(None, ge=0)
     cpus_per_worker: float = Field(0.25, gt=0)  # fractional, so actors never starve Ray Data's reads
     gpus_per_worker: float = Field(0.0, ge=0)
-    chat_template: bool = False        # read prompts through each model's chat template (muscle_ray.chat)
+    chat_template: bool = False  # read prompts through each model's chat template (muscle_ray.chat)
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -101,8 +101,9 @@ class ScoreConfig(BaseModel):
         hint = f" or --data-root (the task's file is {default_path})" if default_path else ""
         raise MuscleError(f"task {self.task}: no input file; give --data PATH{hint}")
 
-    def located(self, workspace: str | None = None, staging: str | Path | None = None
-                ) -> tuple["ScoreConfig", list[tuple[str, str]]]:
+    def located(
+        self, workspace: str | None = None, staging: str | Path | None = None
+    ) -> tuple["ScoreConfig", list[tuple[str, str]]]:
         """This config with locations the driver can open, and the copies to make on success.
 
         A cluster job's working directory is Ray's unpacked copy of the code, so relative paths
@@ -118,8 +119,10 @@ class ScoreConfig(BaseModel):
             if p is None:
                 return None
             if is_uri(p):
-                raise MuscleError(f"{field}: {p}: model directories and data_root must be a path every "
-                                  "node can read (local or NFS), not a URI; copy them there first")
+                raise MuscleError(
+                    f"{field}: {p}: model directories and data_root must be a path every "
+                    "node can read (local or NFS), not a URI; copy them there first"
+                )
             return in_workspace(p, workspace)
 
         def staged(uri: str) -> Path:
@@ -127,9 +130,14 @@ class ScoreConfig(BaseModel):
 
         copies: list[tuple[str, str]] = []
         fields = self.model_dump()
-        fields["versions"] = [{**v, "base": local(f"versions[{i}].base", v["base"]),
-                               "adapter": local(f"versions[{i}].adapter", v["adapter"])}
-                              for i, v in enumerate(fields["versions"])]
+        fields["versions"] = [
+            {
+                **v,
+                "base": local(f"versions[{i}].base", v["base"]),
+                "adapter": local(f"versions[{i}].adapter", v["adapter"]),
+            }
+            for i, v in enumerate(fields["versions"])
+        ]
         fields["data_root"] = local("data_root", self.data_root)
         if self.data and is_uri(self.data):
             dest = staged(self.data) / self.data.rstrip("/").rsplit("/", 1)[-1]

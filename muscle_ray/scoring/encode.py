@@ -54,7 +54,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context = context[:-n_spaces]
     whole = encode(tokenizer, context + continuation)
     ctx = encode(tokenizer, context)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 def chat_instance(tokenizer, inst: Instance) -> Instance:
@@ -65,8 +65,11 @@ def chat_instance(tokenizer, inst: Instance) -> Instance:
     if inst.kind == "gen":
         return replace(inst, contexts=[render_prompt(tokenizer, inst.messages or inst.contexts[0])])
     cut = len(inst.delimiter)
-    return replace(inst, contexts=[render_prompt(tokenizer, c) for c in inst.contexts],
-                   continuations=[c[cut:] if c.startswith(inst.delimiter) else c for c in inst.continuations])
+    return replace(
+        inst,
+        contexts=[render_prompt(tokenizer, c) for c in inst.contexts],
+        continuations=[c[cut:] if c.startswith(inst.delimiter) else c for c in inst.continuations],
+    )
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -91,9 +94,9 @@ class PackedQuestion:
 
     tokens: list[int]
     positions: list[int]
-    branch: list[int]                 # 0 = shared prefix, i + 1 = option i
-    targets: list[list[int]]          # option i's continuation tokens
-    score_at: list[list[int]]         # indices into `tokens` whose logits predict `targets[i]`
+    branch: list[int]  # 0 = shared prefix, i + 1 = option i
+    targets: list[list[int]]  # option i's continuation tokens
+    score_at: list[list[int]]  # indices into `tokens` whose logits predict `targets[i]`
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -103,8 +106,10 @@ def check_fits(continuation: list[int], max_len: int, option: int) -> None:
     """Every continuation token must be predicted inside the model's context (lm-eval asserts
     this); a longer one is a bad row, not a crash of the batch it came in."""
     if len(continuation) > max_len:
-        raise BadRow(f"option {option}'s continuation is {len(continuation)} tokens, longer than the "
-                     f"model's context of {max_len}")
+        raise BadRow(
+            f"option {option}'s continuation is {len(continuation)} tokens, longer than the "
+            f"model's context of {max_len}"
+        )
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -126,7 +131,7 @@ def pack_question(tokenizer, inst: Instance, max_len: int) -> PackedQuestion:
     for i, cont_text in enumerate(inst.continuations):
         ctx, cont = encode_pair(tokenizer, inst.context_for(i), cont_text)
         check_fits(cont, max_len, i)
-        full = (ctx + cont)[-(max_len + 1):]   # lm-eval's left truncation
+        full = (ctx + cont)[-(max_len + 1) :]  # lm-eval's left truncation
         inputs.append(full[:-1])
         targets.append(cont)
     p = _common_prefix(inputs)

@@ -35,7 +35,7 @@ from muscle_ray.tasks.base import Instance
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped longest first, so each batch pads little."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def branch_attention_mask(branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -58,7 +58,7 @@ class _StopStrings:
         self.tokenizer, self.stops, self.prompt_len = tokenizer, [s for s in stops if s], prompt_len
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:])
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :])
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
@@ -66,8 +66,14 @@ class HFScorer:
     """Holds one model version; scores Instances in batches of `batch_size` questions/prompts.
     With `chat_template`, every instance is read through the model's chat template first."""
 
-    def __init__(self, version: ModelVersion, batch_size: int = 8, device: str | None = None,
-                 dtype: torch.dtype | None = None, chat_template: bool = False):
+    def __init__(
+        self,
+        version: ModelVersion,
+        batch_size: int = 8,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        chat_template: bool = False,
+    ):
         self.version = version
         self.batch_size = max(1, int(batch_size))
         self.tokenizer = load_tokenizer(version)
@@ -130,8 +136,7 @@ class HFScorer:
             br[b, :n] = torch.tensor(q.branch)
         dtype = next(self.model.parameters()).dtype
         mask = branch_attention_mask(br.to(self.device), dtype)
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask,
-                            position_ids=pos.to(self.device)).logits
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos.to(self.device)).logits
         results = []
         for b, q in enumerate(qs):
             lls = []
@@ -147,10 +152,11 @@ class HFScorer:
         out: list[GenOutput | None] = [None] * len(instances)
         for (stops, max_new), members in generation_groups(instances).items():
             if not 0 < max_new < self.max_len:
-                raise MuscleError(f"task {instances[members[0]].task}: max_new_tokens {max_new} must be "
-                                  f"between 1 and the model's context length - 1 ({self.max_len - 1})")
-            prompts = [prompt_tokens(self.tokenizer, instances[i].contexts[0], self.max_len - max_new)
-                       for i in members]
+                raise MuscleError(
+                    f"task {instances[members[0]].task}: max_new_tokens {max_new} must be "
+                    f"between 1 and the model's context length - 1 ({self.max_len - 1})"
+                )
+            prompts = [prompt_tokens(self.tokenizer, instances[i].contexts[0], self.max_len - max_new) for i in members]
             for idx in length_sorted_batches([len(p) for p in prompts], self.batch_size):
                 texts = self._generate([prompts[j] for j in idx], list(stops), max_new)
                 for j, (text, n) in zip(idx, texts):
@@ -162,8 +168,14 @@ class HFScorer:
         return [(completion_text(self.tokenizer, g, stops), len(p) + len(g)) for p, g in zip(prompts, gen)]
 
     @torch.no_grad()
-    def generate_tokens(self, prompts: list[list[int]], stops: list[str], max_new: int,
-                        sampling: dict | None = None, return_logits: bool = False):
+    def generate_tokens(
+        self,
+        prompts: list[list[int]],
+        stops: list[str],
+        max_new: int,
+        sampling: dict | None = None,
+        return_logits: bool = False,
+    ):
         """New token ids per prompt: one left-padded batch, stop strings checked per sequence.
 
         Greedy unless `sampling` gives `generate` sampling kwargs (do_sample, temperature, top_p).
@@ -178,13 +190,19 @@ class HFScorer:
         B, L = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
         attn = torch.zeros((B, L), dtype=torch.long)
-        for b, p in enumerate(prompts):   # left padding
-            ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
+        for b, p in enumerate(prompts):  # left padding
+            ids[b, L - len(p) :], attn[b, L - len(p) :] = torch.tensor(p), 1
         decoding = sampling or {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         out = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), max_new_tokens=max_new, **decoding,
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            max_new_tokens=max_new,
+            **decoding,
             stopping_criteria=StoppingCriteriaList([_StopStrings(tok, stops, L)]),
-            pad_token_id=tok.pad_token_id, use_cache=True, return_dict_in_generate=True, output_logits=return_logits,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_logits=return_logits,
         )
         gen = out.sequences[:, L:].tolist()
         if return_logits:
@@ -200,7 +218,7 @@ class HFScorer:
         B, L = len(seqs), max(len(s) for s in seqs)
         ids = torch.full((B, L), self.tokenizer.pad_token_id, dtype=torch.long)
         attn = torch.zeros((B, L), dtype=torch.long)
-        for b, s in enumerate(seqs):   # right padding: positions need no shift
-            ids[b, :len(s)], attn[b, :len(s)] = torch.tensor(s), 1
+        for b, s in enumerate(seqs):  # right padding: positions need no shift
+            ids[b, : len(s)], attn[b, : len(s)] = torch.tensor(s), 1
         logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
         return torch.log_softmax(logits.float(), dim=-1).cpu()

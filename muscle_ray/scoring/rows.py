@@ -32,21 +32,40 @@ def mc_row(inst: Instance, logliks: list[float], version: str, n_tokens: int, ro
     pred_norm = int(np.argmax(ll / np.asarray(inst.choice_chars, dtype=np.float64)))
     correct = pred == inst.label
     return {
-        "id": inst.id, "task": inst.task, "correct": correct, "score": float(correct),
-        "prediction": str(pred), "reference": inst.reference or str(inst.label),
-        "choice_logliks": [float(x) for x in ll], "choice_chars": list(inst.choice_chars),
-        "pred_norm": pred_norm, "correct_norm": pred_norm == inst.label, "generation": None,
-        "row": row, "version": version, "n_tokens": n_tokens,
+        "id": inst.id,
+        "task": inst.task,
+        "correct": correct,
+        "score": float(correct),
+        "prediction": str(pred),
+        "reference": inst.reference or str(inst.label),
+        "choice_logliks": [float(x) for x in ll],
+        "choice_chars": list(inst.choice_chars),
+        "pred_norm": pred_norm,
+        "correct_norm": pred_norm == inst.label,
+        "generation": None,
+        "row": row,
+        "version": version,
+        "n_tokens": n_tokens,
     }
 
 
 def gen_row(task: Task, inst: Instance, text: str, version: str, n_tokens: int, row: int) -> dict:
     correct, score, prediction = task.score_generation(inst, text)
     return {
-        "id": inst.id, "task": inst.task, "correct": correct, "score": float(score),
-        "prediction": prediction, "reference": inst.reference, "choice_logliks": None, "choice_chars": None,
-        "pred_norm": None, "correct_norm": None, "generation": text,
-        "row": row, "version": version, "n_tokens": n_tokens,
+        "id": inst.id,
+        "task": inst.task,
+        "correct": correct,
+        "score": float(score),
+        "prediction": prediction,
+        "reference": inst.reference,
+        "choice_logliks": None,
+        "choice_chars": None,
+        "pred_norm": None,
+        "correct_norm": None,
+        "generation": text,
+        "row": row,
+        "version": version,
+        "n_tokens": n_tokens,
     }
 
 

@@ -29,12 +29,24 @@ from muscle_ray.vllm_support import VLLMModel
 class VLLMScorer:
     """Holds one model version in a vLLM engine; the adapter, if any, rides on each request."""
 
-    def __init__(self, version: ModelVersion, dtype: str | None = None, max_model_len: int | None = None,
-                 chat_template: bool = False, **llm_kwargs):
+    def __init__(
+        self,
+        version: ModelVersion,
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        chat_template: bool = False,
+        **llm_kwargs,
+    ):
         self.version = version
         self.adapter = version.name if version.adapter else None
-        self.vllm = VLLMModel(version.base, {version.name: version.adapter} if version.adapter else {}, dtype=dtype,
-                              max_model_len=max_model_len, trust_remote_code=version.trust_remote_code, **llm_kwargs)
+        self.vllm = VLLMModel(
+            version.base,
+            {version.name: version.adapter} if version.adapter else {},
+            dtype=dtype,
+            max_model_len=max_model_len,
+            trust_remote_code=version.trust_remote_code,
+            **llm_kwargs,
+        )
         self.tokenizer, self.max_len = self.vllm.tokenizer, self.vllm.max_len
         self.chat_template = chat_template
         if chat_template:
@@ -50,14 +62,14 @@ class VLLMScorer:
         for inst in instances:
             for i, c in enumerate(inst.continuations):
                 ctx, cont = encode_pair(self.tokenizer, inst.context_for(i), c)
-                check_fits(cont, self.max_len - 1, i)   # a prompt's first token has no log-prob in vLLM
+                check_fits(cont, self.max_len - 1, i)  # a prompt's first token has no log-prob in vLLM
                 pairs.append((ctx, cont))
         lls = self.vllm.continuation_logliks(pairs, self.adapter)
         out, k = [], 0
         for inst in instances:
             n = len(inst.continuations)
-            tokens = sum(min(len(ctx) + len(cont), self.max_len) for ctx, cont in pairs[k:k + n])
-            out.append(MCOutput(lls[k:k + n], tokens))
+            tokens = sum(min(len(ctx) + len(cont), self.max_len) for ctx, cont in pairs[k : k + n])
+            out.append(MCOutput(lls[k : k + n], tokens))
             k += n
         return out
 

@@ -18,11 +18,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 class ApiError(Exception):
     """A request the client must fix (4xx), rendered as OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None, retry_after: int | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.retry_after = retry_after   # seconds, sent as Retry-After (503s)
+        self.retry_after = retry_after  # seconds, sent as Retry-After (503s)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -103,13 +110,13 @@ class CompletionRequest(BaseModel):
     model: str
     prompt: Text | list[Text]
     max_tokens: int = Field(16, ge=0)
-    temperature: Temperature = 1.0                 # OpenAI's default; 0 = greedy
+    temperature: Temperature = 1.0  # OpenAI's default; 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)                 # one completion per prompt
+    n: int = Field(1, ge=1, le=1)  # one completion per prompt
     stop: list[Text] = []
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
-    stream: Literal[False] = False                # streaming is offered for chat only
+    stream: Literal[False] = False  # streaming is offered for chat only
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -133,13 +140,13 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)             # the older name of max_completion_tokens
+    max_tokens: int | None = Field(None, ge=1)  # the older name of max_completion_tokens
     max_completion_tokens: int | None = Field(None, ge=1)  # default: the server's limits.max_tokens
     temperature: Temperature = 1.0
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)
     stop: list[Text] = []
-    seed: int | None = Field(None, ge=0, lt=2**63)    # sampling: same seed, same answer (best effort)
+    seed: int | None = Field(None, ge=0, lt=2**63)  # sampling: same seed, same answer (best effort)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool = False
@@ -166,12 +173,12 @@ class CompareRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: Text | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)   # instead of prompt: a chat
-    choices: list[Text] | None = Field(None, min_length=2)   # continuations scored after the prompt, verbatim
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # instead of prompt: a chat
+    choices: list[Text] | None = Field(None, min_length=2)  # continuations scored after the prompt, verbatim
     label: int | None = Field(None, ge=0)  # index of the right choice: gives the flip verdict
-    reference: Text | None = None        # generation: the right answer (exact match) for a verdict
-    old: str | None = None               # default: the config's compare.old
-    new: str | None = None               # default: the config's compare.new (e.g. "compat")
+    reference: Text | None = None  # generation: the right answer (exact match) for a verdict
+    old: str | None = None  # default: the config's compare.old
+    new: str | None = None  # default: the config's compare.new (e.g. "compat")
     max_tokens: int = Field(16, ge=1)
     temperature: Temperature = 0.0
     stop: list[Text] = []
@@ -204,10 +211,20 @@ class CompareRequest(BaseModel):
 
 def verdict(old_right: bool, new_right: bool) -> str:
     """MUSCLE's flip taxonomy for one instance (negative = old right, new wrong)."""
-    return {(True, False): "negative", (False, True): "positive",
-            (True, True): "both_right", (False, False): "both_wrong"}[(old_right, new_right)]
+    return {
+        (True, False): "negative",
+        (False, True): "positive",
+        (True, True): "both_right",
+        (False, False): "both_wrong",
+    }[(old_right, new_right)]
 
 
 def completion_response(model: str, choices: list[dict], usage: dict) -> dict:
-    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": usage}
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    }

@@ -37,18 +37,32 @@ class ModelReplica:
     raised (Serve would log a traceback for it). `ModelServer` is this in Serve, batched.
     """
 
-    def __init__(self, base: str, models: dict[str, str | None], backend: str = "hf",
-                 backend_options: dict | None = None, batch: dict | None = None, limits: dict | None = None):
+    def __init__(
+        self,
+        base: str,
+        models: dict[str, str | None],
+        backend: str = "hf",
+        backend_options: dict | None = None,
+        batch: dict | None = None,
+        limits: dict | None = None,
+    ):
         self.base, self.models = base, models
         self.limits = Limits(**(limits or {}))
-        self.engine = make_engine(backend, base, models, batch_size=(batch or {}).get("max_batch_size", 8),
-                                  options=backend_options)
+        self.engine = make_engine(
+            backend, base, models, batch_size=(batch or {}).get("max_batch_size", 8), options=backend_options
+        )
 
     def info(self) -> dict:
         import torch
 
-        return {"base": self.base, "models": self.models, "max_len": self.engine.max_len, "pid": os.getpid(),
-                "torch_threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+        return {
+            "base": self.base,
+            "models": self.models,
+            "max_len": self.engine.max_len,
+            "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
+            "omp": os.environ.get("OMP_NUM_THREADS"),
+        }
 
     def _served(self, model: str) -> None:
         if model not in self.models:
@@ -63,31 +77,51 @@ class ModelReplica:
             return self.engine.encode(cast(str, prompt))
         return chat.encode(self.engine.tokenizer, self._prompt(model, None, messages))
 
-    async def complete(self, model: str, prompt: str | None, max_tokens: int, stop: Sequence[str] = (),
-                       temperature: float = 0.0, top_p: float = 1.0, logprobs: int | None = None,
-                       echo: bool = False, seed: int | None = None, messages: list[dict] | None = None,
-                       fit_context: bool = False) -> GenResult | ApiError:
+    async def complete(
+        self,
+        model: str,
+        prompt: str | None,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        logprobs: int | None = None,
+        echo: bool = False,
+        seed: int | None = None,
+        messages: list[dict] | None = None,
+        fit_context: bool = False,
+    ) -> GenResult | ApiError:
         """A completion of `prompt`, or of the chat `messages`. With `fit_context`, `max_tokens`
         shrinks to what the context leaves after the prompt (a chat that set no limit)."""
         try:
             self._served(model)
             ids = await asyncio.to_thread(self._prompt_ids, model, prompt, messages)
             if len(ids) > self.limits.max_prompt_tokens:
-                raise ApiError(400, f"prompt: {len(ids)} tokens, more than the limit of "
-                                    f"{self.limits.max_prompt_tokens}", "prompt", code="prompt_too_long")
+                raise ApiError(
+                    400,
+                    f"prompt: {len(ids)} tokens, more than the limit of {self.limits.max_prompt_tokens}",
+                    "prompt",
+                    code="prompt_too_long",
+                )
             if fit_context:
                 max_tokens = min(max_tokens, self.engine.max_len - len(ids))
             if max_tokens < 0 or len(ids) + max_tokens > self.engine.max_len or (fit_context and max_tokens == 0):
-                raise ApiError(400, f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                                    f"the model's context length ({self.engine.max_len})", "max_tokens",
-                               code="context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                    f"the model's context length ({self.engine.max_len})",
+                    "max_tokens",
+                    code="context_length_exceeded",
+                )
         except ApiError as e:
             return e
-        return await self._generate(GenRequest(model, tuple(ids), max_tokens, tuple(stop), temperature, top_p,
-                                               logprobs, echo, seed))
+        return await self._generate(
+            GenRequest(model, tuple(ids), max_tokens, tuple(stop), temperature, top_p, logprobs, echo, seed)
+        )
 
-    async def choose(self, model: str, prompt: str | None, choices: list[str],
-                     messages: list[dict] | None = None) -> list[float] | ApiError:
+    async def choose(
+        self, model: str, prompt: str | None, choices: list[str], messages: list[dict] | None = None
+    ) -> list[float] | ApiError:
         """log P(choice | prompt) per choice; the prompt may be a chat, rendered by the template."""
         try:
             self._served(model)
@@ -95,8 +129,12 @@ class ModelReplica:
             n = await asyncio.to_thread(self.engine.choice_tokens, text, choices)
             limit = min(self.limits.max_prompt_tokens, self.engine.max_len)
             if n > limit:
-                raise ApiError(400, f"prompt: prompt + choice is {n} tokens, more than the limit of {limit}",
-                               "prompt", code="prompt_too_long")
+                raise ApiError(
+                    400,
+                    f"prompt: prompt + choice is {n} tokens, more than the limit of {limit}",
+                    "prompt",
+                    code="prompt_too_long",
+                )
         except ApiError as e:
             return e
         return await self._choose(ChoiceRequest(model, text, tuple(choices)))
@@ -115,11 +153,18 @@ class ModelServer(ModelReplica):
     """A model replica in Serve: concurrent requests batched (`@serve.batch`), grouped by adapter
     by the engine, while the replica keeps queueing the next batch."""
 
-    def __init__(self, base: str, models: dict[str, str | None], backend: str = "hf",
-                 backend_options: dict | None = None, batch: dict | None = None, limits: dict | None = None):
+    def __init__(
+        self,
+        base: str,
+        models: dict[str, str | None],
+        backend: str = "hf",
+        backend_options: dict | None = None,
+        batch: dict | None = None,
+        limits: dict | None = None,
+    ):
         super().__init__(base, models, backend, backend_options, batch, limits)
         batch = batch or {}
-        batched: tuple[Any, ...] = (self._generate, self._choose)   # serve.batch wrappers
+        batched: tuple[Any, ...] = (self._generate, self._choose)  # serve.batch wrappers
         for method in batched:
             method.set_max_batch_size(batch.get("max_batch_size", 8))
             method.set_batch_wait_timeout_s(batch.get("batch_wait_timeout_s", 0.005))
@@ -159,6 +204,16 @@ def build(args: dict | ServeAppConfig, deployments: dict | None = None, root: st
     bases = {}
     for key, base in cfg.bases.items():
         name = model_deployment_name(key)
-        bases[key] = cast(Any, ModelServer).options(name=name, **deployments.get(name, {})).bind(
-            base.path, base.models, cfg.backend, cfg.backend_options, cfg.batch.model_dump(), cfg.limits.model_dump())
+        bases[key] = (
+            cast(Any, ModelServer)
+            .options(name=name, **deployments.get(name, {}))
+            .bind(
+                base.path,
+                base.models,
+                cfg.backend,
+                cfg.backend_options,
+                cfg.batch.model_dump(),
+                cfg.limits.model_dump(),
+            )
+        )
     return cast(Any, GatewayDeployment).options(**deployments.get("gateway", {})).bind(bases, cfg.model_dump())

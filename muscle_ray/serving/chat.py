@@ -23,14 +23,18 @@ from muscle_ray.serving.engine_types import GenResult
 def render(tokenizer, messages: list[dict], model: str) -> str:
     """The conversation as the model was trained to read it, ending where the assistant answers."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ApiError(400, f"model: {model!r} has no chat template (its tokenizer_config.json sets no "
-                            "chat_template); send a prompt to /v1/completions instead", "model",
-                       code="no_chat_template")
+        raise ApiError(
+            400,
+            f"model: {model!r} has no chat template (its tokenizer_config.json sets no "
+            "chat_template); send a prompt to /v1/completions instead",
+            "model",
+            code="no_chat_template",
+        )
     from jinja2.exceptions import TemplateError
 
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except TemplateError as e:   # a template may refuse, e.g. roles that do not alternate
+    except TemplateError as e:  # a template may refuse, e.g. roles that do not alternate
         raise ApiError(400, f"messages: the chat template of {model!r} refused them: {e}", "messages") from None
 
 
@@ -40,12 +44,15 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def _usage(r: GenResult) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens}
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+    }
 
 
 def _token(text: str, logprob: float) -> dict:
-    raw = None if text.startswith("token_id:") else list(text.encode())   # part of a character: no bytes
+    raw = None if text.startswith("token_id:") else list(text.encode())  # part of a character: no bytes
     return {"token": text, "logprob": logprob, "bytes": raw}
 
 
@@ -54,26 +61,45 @@ def chat_logprobs(block: dict | None) -> dict | None:
     if block is None:
         return None
     tops = block["top_logprobs"] or [{} for _ in block["tokens"]]
-    return {"content": [{**_token(t, lp), "top_logprobs": [_token(a, v) for a, v in sorted(top.items(),
-                                                                                            key=lambda kv: -kv[1])]}
-                        for t, lp, top in zip(block["tokens"], block["token_logprobs"], tops)],
-            "refusal": None}
+    return {
+        "content": [
+            {**_token(t, lp), "top_logprobs": [_token(a, v) for a, v in sorted(top.items(), key=lambda kv: -kv[1])]}
+            for t, lp, top in zip(block["tokens"], block["token_logprobs"], tops)
+        ],
+        "refusal": None,
+    }
 
 
 def response(model: str, r: GenResult) -> dict:
     """One `chat.completion` object."""
-    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text, "refusal": None},
-                         "logprobs": chat_logprobs(r.logprobs), "finish_reason": r.finish_reason}],
-            "usage": _usage(r)}
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": r.text, "refusal": None},
+                "logprobs": chat_logprobs(r.logprobs),
+                "finish_reason": r.finish_reason,
+            }
+        ],
+        "usage": _usage(r),
+    }
 
 
 def stream(model: str, r: GenResult, include_usage: bool = False) -> Iterator[str]:
     """The answer as server-sent `chat.completion.chunk` events: the role, the content, the finish
     reason, the usage when asked (`stream_options.include_usage`), then `[DONE]`."""
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": model, "system_fingerprint": None}
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+    }
     usage = {"usage": None} if include_usage else {}
 
     def event(delta: dict, logprobs=None, finish_reason=None) -> str:

@@ -24,8 +24,9 @@ def token_text(tokenizer, token_id: int) -> str:
     return f"token_id:{token_id}" if "\ufffd" in text else text
 
 
-def logprobs_object(tokenizer, ids: list[int], lps: list[float | None], tops: list[dict | None] | None,
-                    offset: int = 0) -> dict:
+def logprobs_object(
+    tokenizer, ids: list[int], lps: list[float | None], tops: list[dict | None] | None, offset: int = 0
+) -> dict:
     """OpenAI's logprobs block: token strings, their log-probs, top alternatives, char offsets."""
     tokens, offsets = [], []
     for i in range(len(ids)):
@@ -38,6 +39,9 @@ def finish(tokenizer, gen: list[int], stops: list[str], max_new: int) -> tuple[s
     """(text, tokens kept, finish_reason) of generated ids: "stop" when a stop string or EOS
     ended them, "length" when the token limit did."""
     text = completion_text(tokenizer, gen, stops)
-    stopped = (text != tokenizer.decode(gen, skip_special_tokens=True) or len(gen) < max_new
-               or (bool(gen) and gen[-1] == tokenizer.eos_token_id))
+    stopped = (
+        text != tokenizer.decode(gen, skip_special_tokens=True)
+        or len(gen) < max_new
+        or (bool(gen) and gen[-1] == tokenizer.eos_token_id)
+    )
     return text, covering_tokens(tokenizer, gen, text), "stop" if stopped else "length"

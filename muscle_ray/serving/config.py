@@ -52,13 +52,13 @@ class Limits(_Strict):
     costs the server almost nothing: the body in bytes, then each prompt in characters.
     """
 
-    max_body_bytes: int = Field(2 * 1024 * 1024, gt=0)   # a request's JSON body
+    max_body_bytes: int = Field(2 * 1024 * 1024, gt=0)  # a request's JSON body
     max_prompt_chars: int = Field(32_768, gt=0)  # a prompt (or a chat's messages), before tokenising
     max_prompt_tokens: int = Field(1024, gt=0)
     max_tokens: int = Field(128, ge=0)
-    max_prompts: int = Field(16, gt=0)       # prompts in one /v1/completions request
-    max_choices: int = Field(16, gt=1)       # options in one multiple-choice /v1/compare request
-    max_logprobs: int = Field(5, ge=0)       # top alternatives per token
+    max_prompts: int = Field(16, gt=0)  # prompts in one /v1/completions request
+    max_choices: int = Field(16, gt=1)  # options in one multiple-choice /v1/compare request
+    max_logprobs: int = Field(5, ge=0)  # top alternatives per token
     max_stops: int = Field(4, ge=0)
 
 
@@ -75,7 +75,7 @@ class ShadowConfig(_Strict):
     enabled: bool = False
     pairs: dict[str, str] = {"new": "old", "compat": "old"}
     out: str = "runs/serve/shadow"
-    flush_rows: int = Field(64, gt=0)        # disagreements per Parquet file
+    flush_rows: int = Field(64, gt=0)  # disagreements per Parquet file
     flush_seconds: float = Field(10.0, gt=0)  # ... or fewer, once the oldest waited this long
 
 
@@ -93,7 +93,7 @@ class ServeAppConfig(_Strict):
     limits: Limits = Limits()
     batch: BatchConfig = BatchConfig()
     backend: Literal["hf", "vllm"] = "hf"
-    backend_options: dict[str, Any] = {}     # vLLM: e.g. {enforce_eager: true, max_model_len: 2048}
+    backend_options: dict[str, Any] = {}  # vLLM: e.g. {enforce_eager: true, max_model_len: 2048}
     api_key_env: str | None = "MUSCLE_API_KEY"  # bearer token checked when this variable is set
 
     @model_validator(mode="after")
@@ -106,8 +106,9 @@ class ServeAppConfig(_Strict):
                 if not re.match(_NAME, name):
                     raise ValueError(f"bases.{key}.models.{name}: a model name is letters, digits, '_', '.', '-'")
                 if name in seen:
-                    raise ValueError(f"bases.{key}.models.{name}: also served on base {seen[name]}; "
-                                     "names must be unique")
+                    raise ValueError(
+                        f"bases.{key}.models.{name}: also served on base {seen[name]}; names must be unique"
+                    )
                 seen[name] = key
         for field, name in (("compare.old", self.compare.old), ("compare.new", self.compare.new)):
             if name not in seen:
@@ -193,9 +194,15 @@ def read_serve_file(path: str | Path, overrides: dict[str, Any] | None = None) -
     deployments = {}
     for i, d in enumerate(app.get("deployments") or []):
         if d["name"] not in names:
-            raise MuscleError(f"{p}: field 'applications[0].deployments[{i}].name': no deployment named "
-                              f"{d['name']!r} in this app (it has {sorted(names)})")
+            raise MuscleError(
+                f"{p}: field 'applications[0].deployments[{i}].name': no deployment named "
+                f"{d['name']!r} in this app (it has {sorted(names)})"
+            )
         deployments[d["name"]] = {k: v for k, v in d.items() if k != "name"}
-    options = {"http_options": doc.get("http_options") or {}, "deployments": deployments,
-               "name": app.get("name", "muscle"), "route_prefix": app.get("route_prefix", "/")}
+    options = {
+        "http_options": doc.get("http_options") or {},
+        "deployments": deployments,
+        "name": app.get("name", "muscle"),
+        "route_prefix": app.get("route_prefix", "/"),
+    }
     return cfg, options

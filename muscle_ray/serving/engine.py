@@ -19,7 +19,7 @@ class Engine(Protocol):
 
     models: dict[str, str | None]
     tokenizer: Any
-    max_len: int                     # the model's context length, in tokens
+    max_len: int  # the model's context length, in tokens
 
     def encode(self, text: str) -> list[int]:
         """A prompt's token ids, encoded as lm-eval encodes it."""
@@ -38,8 +38,9 @@ class Engine(Protocol):
         ...
 
 
-def make_engine(backend: str, base: str, models: dict[str, str | None], batch_size: int = 8,
-                options: dict | None = None) -> Engine:
+def make_engine(
+    backend: str, base: str, models: dict[str, str | None], batch_size: int = 8, options: dict | None = None
+) -> Engine:
     """The HF engine, or the vLLM engine (each imported only when chosen)."""
     if backend == "vllm":
         from muscle_ray.serving.vllm_engine import VLLMEngine

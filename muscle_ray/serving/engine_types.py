@@ -15,9 +15,9 @@ class GenRequest:
     stop: tuple[str, ...] = ()
     temperature: float = 0.0
     top_p: float = 1.0
-    logprobs: int | None = None      # None: no log-probabilities; k: the top k alternatives too
+    logprobs: int | None = None  # None: no log-probabilities; k: the top k alternatives too
     echo: bool = False
-    seed: int | None = None          # sampling: the generator is seeded with it before the batch runs
+    seed: int | None = None  # sampling: the generator is seeded with it before the batch runs
 
     def decoding(self) -> tuple:
         """Requests with equal decoding settings run as one batch."""
@@ -26,11 +26,11 @@ class GenRequest:
 
 @dataclass
 class GenResult:
-    text: str                  # the completion, cut before the first stop string (the prompt first when echo)
-    finish_reason: str         # "stop" (stop string or EOS) or "length"
+    text: str  # the completion, cut before the first stop string (the prompt first when echo)
+    finish_reason: str  # "stop" (stop string or EOS) or "length"
     prompt_tokens: int
     completion_tokens: int
-    logprobs: dict | None      # OpenAI's {tokens, token_logprobs, top_logprobs, text_offset}
+    logprobs: dict | None  # OpenAI's {tokens, token_logprobs, top_logprobs, text_offset}
 
 
 @dataclass(frozen=True)

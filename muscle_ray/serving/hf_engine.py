@@ -26,8 +26,7 @@ from muscle_ray.tasks.base import Instance
 class HFEngine:
     """A base (+ adapters) in one process; a lock keeps one batch on the model at a time."""
 
-    def __init__(self, base: str, models: dict[str, str | None], batch_size: int = 8,
-                 device: str | None = None):
+    def __init__(self, base: str, models: dict[str, str | None], batch_size: int = 8, device: str | None = None):
         self.models = dict(models)
         self.scorer = HFScorer(ModelVersion(base, name="base"), batch_size=batch_size, device=device)
         for name, adapter in models.items():
@@ -57,18 +56,21 @@ class HFEngine:
             groups.setdefault(r.decoding(), []).append(i)
         for (model, stop, max_new, temperature, top_p, seed), idx in groups.items():
             stops = with_eos(self.tokenizer, list(stop))
-            sampling = None if temperature == 0 else {"do_sample": True, "temperature": temperature,
-                                                      "top_p": top_p, "top_k": 0}
+            sampling = (
+                None
+                if temperature == 0
+                else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            )
             with self.using(model):
                 for batch in length_sorted_batches([len(reqs[i].prompt_ids) for i in idx], self.batch_size):
-                    if sampling and seed is not None:   # OpenAI's seed: best effort (the batch's other prompts count)
+                    if sampling and seed is not None:  # OpenAI's seed: best effort (the batch's other prompts count)
                         torch.manual_seed(seed)
-                    self._generate_batch([reqs[idx[j]] for j in batch], stops, sampling,
-                                         [idx[j] for j in batch], out)
+                    self._generate_batch([reqs[idx[j]] for j in batch], stops, sampling, [idx[j] for j in batch], out)
         return out  # type: ignore[return-value]
 
-    def _generate_batch(self, reqs: list[GenRequest], stops: list[str], sampling: dict | None,
-                        where: list[int], out: list) -> None:
+    def _generate_batch(
+        self, reqs: list[GenRequest], stops: list[str], sampling: dict | None, where: list[int], out: list
+    ) -> None:
         """One generate call; log-probs of generated tokens come from its own logits, and a
         teacher-forced pass runs only for `echo` (the prompt's log-probs)."""
         tok, max_new = self.tokenizer, reqs[0].max_tokens
@@ -113,7 +115,7 @@ class HFEngine:
             res.text = self.tokenizer.decode(list(r.prompt_ids), skip_special_tokens=True) + res.text
             if r.logprobs is None:
                 continue
-            lps, tops = self._entries(lp_all[b, :len(s) - 1], s[1:], r.logprobs)
+            lps, tops = self._entries(lp_all[b, : len(s) - 1], s[1:], r.logprobs)
             res.logprobs = logprobs_object(self.tokenizer, s, [None] + lps, None if tops is None else [None] + tops)
 
     # -- multiple choice ---------------------------------------------------------------------
@@ -124,9 +126,17 @@ class HFEngine:
         for i, r in enumerate(reqs):
             groups.setdefault(r.model, []).append(i)
         for model, idx in groups.items():
-            insts = [Instance(id=str(i), task="serve", kind="mc", contexts=[reqs[i].prompt],
-                              continuations=list(reqs[i].choices), choice_chars=[len(c) for c in reqs[i].choices])
-                     for i in idx]
+            insts = [
+                Instance(
+                    id=str(i),
+                    task="serve",
+                    kind="mc",
+                    contexts=[reqs[i].prompt],
+                    continuations=list(reqs[i].choices),
+                    choice_chars=[len(c) for c in reqs[i].choices],
+                )
+                for i in idx
+            ]
             with self.using(model):
                 for i, o in zip(idx, self.scorer.loglikelihoods(insts)):
                     out[i] = o.logliks

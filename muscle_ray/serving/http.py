@@ -28,25 +28,35 @@ from muscle_ray.serving.gateway import Gateway
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = {"/healthz"}     # answered without the key: it reveals nothing
+OPEN_PATHS = {"/healthz"}  # answered without the key: it reveals nothing
 ERRORS: dict = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
 
 
-def error(status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-          code: str | None = None, headers: Mapping[str, str] | None = None) -> Response:
+def error(
+    status: int,
+    message: str,
+    param: str | None = None,
+    type: str = "invalid_request_error",
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     return error_response(ApiError(status, message, param, type, code), headers)
 
 
 def error_response(e: ApiError, headers: Mapping[str, str] | None = None) -> Response:
     """OpenAI's error object; ASCII-escaped, so a message quoting any input still encodes."""
-    return Response(json.dumps(e.body()), status_code=e.status, media_type="application/json",
-                    headers={**(e.headers() or {}), **(headers or {})})
+    return Response(
+        json.dumps(e.body()),
+        status_code=e.status,
+        media_type="application/json",
+        headers={**(e.headers() or {}), **(headers or {})},
+    )
 
 
 def route_path(scope) -> str:
     """The path under the app's route prefix (Serve passes the prefix as root_path)."""
     path, root = scope["path"], scope.get("root_path", "")
-    return (path[len(root):] or "/") if root and path.startswith(root) else path
+    return (path[len(root) :] or "/") if root and path.startswith(root) else path
 
 
 class RequireKey:
@@ -60,8 +70,12 @@ class RequireKey:
             headers = dict(scope["headers"])
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                response = error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                                 type="authentication_error", code="invalid_api_key")
+                response = error(
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -84,7 +98,7 @@ class BodyLimit:
         chunks, size = [], 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":   # the client went away
+            if message["type"] != "http.request":  # the client went away
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
@@ -97,15 +111,18 @@ class BodyLimit:
         async def replay():
             nonlocal replayed
             if replayed:
-                return await receive()   # later reads: disconnect notices for streaming answers
+                return await receive()  # later reads: disconnect notices for streaming answers
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
 
     def _too_large(self, size: int, qualifier: str = "") -> Response:
-        return error(413, f"body: {qualifier}{size} bytes, more than the limit of {self.max_bytes} "
-                          "(limits.max_body_bytes)", code="request_too_large")
+        return error(
+            413,
+            f"body: {qualifier}{size} bytes, more than the limit of {self.max_bytes} (limits.max_body_bytes)",
+            code="request_too_large",
+        )
 
 
 # -- routes --------------------------------------------------------------------------------------
@@ -132,8 +149,11 @@ async def completions(body: CompletionRequest, gw: Gateway = Depends(gateway)) -
     return await gw.completions(body)
 
 
-@router.post("/v1/chat/completions", response_model=None,
-             responses={**ERRORS, 200: {"content": {"application/json": {}, "text/event-stream": {}}}})
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={**ERRORS, 200: {"content": {"application/json": {}, "text/event-stream": {}}}},
+)
 async def chat_completions(body: ChatCompletionRequest, gw: Gateway = Depends(gateway)) -> Response:
     result = await gw.chat(body)
     if body.stream:
@@ -189,8 +209,12 @@ async def _http(request: Request, exc: HTTPException) -> Response:
 
 async def _crash(request: Request, exc: Exception) -> Response:
     logger.error("%s %s failed", request.method, route_path(request.scope), exc_info=exc)
-    return error(500, f"internal error ({type(exc).__name__}); the gateway's log has the details",
-                 type="server_error", code="internal_error")
+    return error(
+        500,
+        f"internal error ({type(exc).__name__}); the gateway's log has the details",
+        type="server_error",
+        code="internal_error",
+    )
 
 
 @asynccontextmanager
@@ -203,8 +227,14 @@ async def lifespan(app: FastAPI):
 
 def build_api(gw: Gateway) -> FastAPI:
     """The FastAPI app of one gateway replica (its key and limits are the gateway's)."""
-    api = FastAPI(title="muscle-ray serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  description="OpenAI-compatible completions and chat, and an old-vs-new compare endpoint.")
+    api = FastAPI(
+        title="muscle-ray serve",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        description="OpenAI-compatible completions and chat, and an old-vs-new compare endpoint.",
+    )
     api.state.gateway = gw
     api.include_router(router)
     api.add_exception_handler(ApiError, _client_error)  # type: ignore[arg-type]
@@ -212,5 +242,5 @@ def build_api(gw: Gateway) -> FastAPI:
     api.add_exception_handler(HTTPException, _http)  # type: ignore[arg-type]
     api.add_exception_handler(Exception, _crash)
     api.add_middleware(BodyLimit, max_bytes=gw.cfg.limits.max_body_bytes)
-    api.add_middleware(RequireKey, key=gw.key)   # added last: runs first
+    api.add_middleware(RequireKey, key=gw.key)  # added last: runs first
     return api

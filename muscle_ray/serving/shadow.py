@@ -35,15 +35,24 @@ from muscle_ray.metrics.text import exact_match, rouge
 logger = logging.getLogger(__name__)
 
 SCHEMA_FIELDS = ("ts", "pair", "model", "shadow_model", "prompt", "output", "shadow_output", "rougeL")
-JOURNAL = ".journal"   # hidden: dataset readers skip names starting with "." or "_"
+JOURNAL = ".journal"  # hidden: dataset readers skip names starting with "." or "_"
 
 
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("ts", pa.timestamp("ms", tz="UTC")), ("pair", pa.string()), ("model", pa.string()),
-                      ("shadow_model", pa.string()), ("prompt", pa.string()), ("output", pa.string()),
-                      ("shadow_output", pa.string()), ("rougeL", pa.float64())])
+    return pa.schema(
+        [
+            ("ts", pa.timestamp("ms", tz="UTC")),
+            ("pair", pa.string()),
+            ("model", pa.string()),
+            ("shadow_model", pa.string()),
+            ("prompt", pa.string()),
+            ("output", pa.string()),
+            ("shadow_output", pa.string()),
+            ("rougeL", pa.float64()),
+        ]
+    )
 
 
 class OutcomeCounter:
@@ -52,7 +61,7 @@ class OutcomeCounter:
     def __init__(self, name: str, description: str):
         from ray.serve.metrics import Counter as ServeCounter
 
-        tags = cast(tuple[str], ("old", "new", "outcome"))   # Ray annotates tag_keys as a 1-tuple
+        tags = cast(tuple[str], ("old", "new", "outcome"))  # Ray annotates tag_keys as a 1-tuple
         self._metric = ServeCounter(name, description=description, tag_keys=tags)
         self.counts: Counter[tuple[str, str, str]] = Counter()
 
@@ -115,15 +124,15 @@ class ShadowLog:
         self.out = Path(out)
         self.journal = self.out / JOURNAL
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
-        self._prefix = f"shadow-{uuid.uuid4().hex[:8]}"   # one writer per replica: no name clashes
+        self._prefix = f"shadow-{uuid.uuid4().hex[:8]}"  # one writer per replica: no name clashes
         self._seq = 0
         self._lock = threading.Lock()
-        self._backlog: list[str] = []            # rows the journal could not take yet (disk trouble)
-        self._segment: IO[str] | None = None     # the segment being appended to (locked)
+        self._backlog: list[str] = []  # rows the journal could not take yet (disk trouble)
+        self._segment: IO[str] | None = None  # the segment being appended to (locked)
         self._segment_path = Path()
-        self._rows = 0                           # ... its rows
-        self._oldest: float | None = None        # ... and when the first came
-        self._finished: dict[Path, int] = {}     # segments waiting for compaction -> rows
+        self._rows = 0  # ... its rows
+        self._oldest: float | None = None  # ... and when the first came
+        self._finished: dict[Path, int] = {}  # segments waiting for compaction -> rows
         self.files: list[Path] = []
         self.files += self.recover()
 
@@ -163,7 +172,7 @@ class ShadowLog:
         with self._lock:
             if self._segment is None:
                 return
-            fd = os.dup(self._segment.fileno())   # synced outside the lock: add() never waits on the disk
+            fd = os.dup(self._segment.fileno())  # synced outside the lock: add() never waits on the disk
         try:
             os.fsync(fd)
         finally:
@@ -172,8 +181,11 @@ class ShadowLog:
     def due(self) -> bool:
         """A batch is full, the oldest row has waited `flush_seconds`, or earlier rows wait for a retry."""
         with self._lock:
-            return bool(self._backlog or self._finished) or self._rows >= self.flush_rows or (
-                self._oldest is not None and time.monotonic() - self._oldest >= self.flush_seconds)
+            return (
+                bool(self._backlog or self._finished)
+                or self._rows >= self.flush_rows
+                or (self._oldest is not None and time.monotonic() - self._oldest >= self.flush_seconds)
+            )
 
     # -- compacting --------------------------------------------------------------------------
     def flush(self) -> Path | None:
@@ -184,7 +196,7 @@ class ShadowLog:
             self._drain()
             if self._segment is not None:
                 os.fsync(self._segment.fileno())
-                self._segment.close()   # unlocked: from now on anybody may compact it
+                self._segment.close()  # unlocked: from now on anybody may compact it
                 self._finished[self._segment_path] = self._rows
                 self._segment, self._rows, self._oldest = None, 0, None
             finished = list(self._finished)
@@ -209,9 +221,9 @@ class ShadowLog:
                     try:
                         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
-                        continue   # a live writer's
+                        continue  # a live writer's
                     path = compact(segment, self.out)
-            except FileNotFoundError:   # compacted meanwhile by another log
+            except FileNotFoundError:  # compacted meanwhile by another log
                 continue
             if path is not None:
                 logger.warning("shadow mode: recovered %s from a journal a previous process left", path.name)
@@ -259,9 +271,18 @@ class ShadowRecorder:
                 self.counter.inc(twin, model, "agree")
                 continue
             self.counter.inc(twin, model, "disagree")
-            self.log.add({"ts": dt.datetime.now(dt.timezone.utc), "pair": f"{twin}->{model}", "model": model,
-                          "shadow_model": twin, "prompt": prompt, "output": text, "shadow_output": answer.text,
-                          "rougeL": float(rouge([text], [answer.text], "rougeL")[0])})
+            self.log.add(
+                {
+                    "ts": dt.datetime.now(dt.timezone.utc),
+                    "pair": f"{twin}->{model}",
+                    "model": model,
+                    "shadow_model": twin,
+                    "prompt": prompt,
+                    "output": text,
+                    "shadow_output": answer.text,
+                    "rougeL": float(rouge([text], [answer.text], "rougeL")[0]),
+                }
+            )
         if self.log.due():
             await asyncio.to_thread(self._flush)
 
@@ -270,8 +291,12 @@ class ShadowRecorder:
         try:
             self.log.flush()
         except Exception as e:  # noqa: BLE001 - any write error: keep serving, retry next tick
-            logger.warning("shadow mode: writing %d rows to %s failed, retrying on the next tick: %r",
-                           self.log.pending, self.log.out, e)
+            logger.warning(
+                "shadow mode: writing %d rows to %s failed, retrying on the next tick: %r",
+                self.log.pending,
+                self.log.out,
+                e,
+            )
 
     def _tick(self) -> None:
         """Every second: the journal synced to disk, and a batch compacted when one is due."""

@@ -15,11 +15,18 @@ from muscle_ray.vllm_support import VLLMModel
 
 
 class VLLMEngine:
-    def __init__(self, base: str, models: dict[str, str | None], dtype: str | None = None,
-                 max_model_len: int | None = None, **llm_kwargs):
+    def __init__(
+        self,
+        base: str,
+        models: dict[str, str | None],
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        **llm_kwargs,
+    ):
         self.models = dict(models)
-        self.vllm = VLLMModel(base, {n: a for n, a in models.items() if a}, dtype=dtype,
-                              max_model_len=max_model_len, **llm_kwargs)
+        self.vllm = VLLMModel(
+            base, {n: a for n, a in models.items() if a}, dtype=dtype, max_model_len=max_model_len, **llm_kwargs
+        )
         self.tokenizer, self.max_len = self.vllm.tokenizer, self.vllm.max_len
 
     def encode(self, text: str) -> list[int]:
@@ -38,8 +45,15 @@ class VLLMEngine:
             groups.setdefault(r.decoding() + (r.logprobs, r.echo), []).append(i)
         for (model, stop, max_new, temperature, top_p, seed, k, echo), idx in groups.items():
             stops = with_eos(self.tokenizer, list(stop))
-            params = self.vllm.sampling(max(1, max_new), stop, temperature, top_p=top_p, seed=seed,
-                                        logprobs=k, prompt_logprobs=(k or 0) if echo else None)
+            params = self.vllm.sampling(
+                max(1, max_new),
+                stop,
+                temperature,
+                top_p=top_p,
+                seed=seed,
+                logprobs=k,
+                prompt_logprobs=(k or 0) if echo else None,
+            )
             outputs = self.vllm.run([list(reqs[i].prompt_ids) for i in idx], params, self._adapter(model))
             for i, o in zip(idx, outputs):
                 gen = list(o.outputs[0].token_ids)[:max_new]
@@ -49,12 +63,23 @@ class VLLMEngine:
                 if echo:
                     res.text = self.tokenizer.decode(prompt, skip_special_tokens=True) + res.text
                 if k is not None:
-                    steps = ([(t, o.prompt_logprobs[j]) for j, t in enumerate(prompt)] if echo else [])
+                    steps = [(t, o.prompt_logprobs[j]) for j, t in enumerate(prompt)] if echo else []
                     steps += [(t, o.outputs[0].logprobs[j]) for j, t in enumerate(gen[:kept])]
                     lps = [None if d is None else d[t].logprob for t, d in steps]
-                    tops = [None if d is None else {token_text(self.tokenizer, tid): lp.logprob
-                                                     for tid, lp in d.items() if lp.rank is not None and lp.rank <= k}
-                            for t, d in steps] if k else [None if d is None else {} for _, d in steps]
+                    tops = (
+                        [
+                            None
+                            if d is None
+                            else {
+                                token_text(self.tokenizer, tid): lp.logprob
+                                for tid, lp in d.items()
+                                if lp.rank is not None and lp.rank <= k
+                            }
+                            for t, d in steps
+                        ]
+                        if k
+                        else [None if d is None else {} for _, d in steps]
+                    )
                     offset = 0 if echo else len(self.tokenizer.decode(prompt, skip_special_tokens=True))
                     res.logprobs = logprobs_object(self.tokenizer, [t for t, _ in steps], lps, tops, offset)
                 out[i] = res

@@ -25,14 +25,14 @@ FOUNDRY_PREFIX = "Question: "
 def _original(doc: dict, row: int) -> tuple[str, list, int]:
     """(stem, choice texts, gold index) from the AI2 or Hugging Face layout."""
     question = doc.get("question")
-    if isinstance(question, dict):   # AI2 release
+    if isinstance(question, dict):  # AI2 release
         stem = need(question, "stem", str, row)
         options = need(question, "choices", list, row)
         if not all(isinstance(o, dict) for o in options):
             raise BadRow("field 'question.choices' must hold {text, label} objects", row)
         texts = [need(o, "text", str, row) for o in options]
         labels = [need(o, "label", str, row) for o in options]
-    else:                            # Hugging Face
+    else:  # Hugging Face
         stem = need(doc, "question", str, row)
         choices = need(doc, "choices", dict, row)
         texts, labels = need(choices, "text", list, row), need(choices, "label", list, row)

@@ -18,10 +18,10 @@ class Record:
     """One input record, not yet parsed: reading a file never fails on a bad row, parsing
     reports it (a `BadRow`) and the rest of the file is still scored."""
 
-    row: int                                  # 0-based line (or item) number: a bad row's address
-    lines: tuple[str, ...]                    # as the file holds them: one JSON line, or a text item's lines
-    layout: str = "jsonl"                     # how to read `lines`: "jsonl" or a task's own text layout
-    extra: dict[str, str] = field(default_factory=dict)   # fields kept outside the file (PIQA's labels)
+    row: int  # 0-based line (or item) number: a bad row's address
+    lines: tuple[str, ...]  # as the file holds them: one JSON line, or a text item's lines
+    layout: str = "jsonl"  # how to read `lines`: "jsonl" or a task's own text layout
+    extra: dict[str, str] = field(default_factory=dict)  # fields kept outside the file (PIQA's labels)
 
     @property
     def text(self) -> str:
@@ -46,15 +46,15 @@ class Instance:
     task: str
     kind: Literal["mc", "gen"]
     contexts: list[str]
-    continuations: list[str] = field(default_factory=list)   # mc: one per option (delimiter included)
-    choice_chars: list[int] = field(default_factory=list)    # mc: len() of each option's text (acc_norm)
-    label: int | None = None                                 # mc: gold option index
-    reference: str = ""                                      # gold option index as text, or gold answer text
-    stop: list[str] = field(default_factory=list)            # gen: stop strings
-    max_new_tokens: int = 0                                  # gen: token limit
-    delimiter: str = ""                                      # the target delimiter (mc: continuations start with it)
-    messages: list[dict[str, str]] | None = None             # gen: the conversation before the answer, if any
-    doc: dict[str, Any] | None = None                        # the task's own document, for tasks that score with it
+    continuations: list[str] = field(default_factory=list)  # mc: one per option (delimiter included)
+    choice_chars: list[int] = field(default_factory=list)  # mc: len() of each option's text (acc_norm)
+    label: int | None = None  # mc: gold option index
+    reference: str = ""  # gold option index as text, or gold answer text
+    stop: list[str] = field(default_factory=list)  # gen: stop strings
+    max_new_tokens: int = 0  # gen: token limit
+    delimiter: str = ""  # the target delimiter (mc: continuations start with it)
+    messages: list[dict[str, str]] | None = None  # gen: the conversation before the answer, if any
+    doc: dict[str, Any] | None = None  # the task's own document, for tasks that score with it
 
     def context_for(self, option: int) -> str:
         return self.contexts[0] if len(self.contexts) == 1 else self.contexts[option]
@@ -65,8 +65,8 @@ class Task(ABC):
 
     name: str
     kind: Literal["mc", "gen"]
-    metric: str                 # "acc" (mc), "exact" (gen EM), "rouge1", ...
-    default_path: str | None = None   # relative to a data root such as ../shared/data
+    metric: str  # "acc" (mc), "exact" (gen EM), "rouge1", ...
+    default_path: str | None = None  # relative to a data root such as ../shared/data
     training_path: str | None = None  # the training split's file there, where the data root has one
 
     @abstractmethod
@@ -103,9 +103,11 @@ def register(cls: type[Task]) -> type[Task]:
 def register_family(prefix: str):
     """Decorator for a factory of tasks named `PREFIX:NAME` (`lmeval:arc_easy`): a family of
     tasks defined elsewhere, built on demand instead of listed."""
+
     def decorate(factory: Callable[..., Task]) -> Callable[..., Task]:
         _FAMILIES[prefix] = factory
         return factory
+
     return decorate
 
 

@@ -85,8 +85,14 @@ def record_id(doc: dict[str, Any], row: int, key: str = "id") -> str:
 
 
 def mc_instance(
-    task: str, id: str, row: int, context: str | list[str], choices: list[Any], label: Any,
-    delimiter: str = " ", continuation: str | None = None,
+    task: str,
+    id: str,
+    row: int,
+    context: str | list[str],
+    choices: list[Any],
+    label: Any,
+    delimiter: str = " ",
+    continuation: str | None = None,
 ) -> Instance:
     """A checked multiple-choice Instance rendered the way lm-eval's construct_requests does.
 
@@ -111,9 +117,15 @@ def mc_instance(
     else:
         continuations = [delimiter + c for c in choices]
     return Instance(
-        id=id, task=task, kind="mc", contexts=context if isinstance(context, list) else [context],
-        continuations=continuations, choice_chars=[len(c) for c in choices],
-        label=label, reference=str(label), delimiter=delimiter,
+        id=id,
+        task=task,
+        kind="mc",
+        contexts=context if isinstance(context, list) else [context],
+        continuations=continuations,
+        choice_chars=[len(c) for c in choices],
+        label=label,
+        reference=str(label),
+        delimiter=delimiter,
     )
 
 
@@ -182,7 +194,7 @@ class MultipleChoiceTask(FileTask):
 
 
 class GenerationOptions(Options):
-    max_new_tokens: int = Field(256, gt=0)   # lm-eval's default max_gen_toks
+    max_new_tokens: int = Field(256, gt=0)  # lm-eval's default max_gen_toks
 
 
 class GenerativeTask(FileTask):
@@ -192,14 +204,22 @@ class GenerativeTask(FileTask):
     kind = "gen"
     Options: type[Options] = GenerationOptions
     options: GenerationOptions
-    stop: list[str] = ["\n\n"]   # lm-eval's default `until`
-    target_delimiter = " "         # between prompt and gold answer in a training pair (lm-eval's few-shot layout)
+    stop: list[str] = ["\n\n"]  # lm-eval's default `until`
+    target_delimiter = " "  # between prompt and gold answer in a training pair (lm-eval's few-shot layout)
 
     def generation(self, id: str, prompt: str | list[dict[str, str]], reference: str) -> Instance:
         """A generation from a prompt, or from a conversation (`chat.split_messages`'s first part)."""
         messages = None if isinstance(prompt, str) else prompt
-        return Instance(id=id, task=self.name, kind="gen", contexts=[plain_text(prompt)], reference=reference,
-                        stop=list(self.stop), max_new_tokens=self.options.max_new_tokens, messages=messages)
+        return Instance(
+            id=id,
+            task=self.name,
+            kind="gen",
+            contexts=[plain_text(prompt)],
+            reference=reference,
+            stop=list(self.stop),
+            max_new_tokens=self.options.max_new_tokens,
+            messages=messages,
+        )
 
     def score(self, prediction: str, reference: str) -> tuple[bool | None, float]:
         """(correct, score): exact match is right/wrong, ROUGE is continuous (correct is None)."""
@@ -214,6 +234,6 @@ class GenerativeTask(FileTask):
         return (*self.score(text, inst.reference), text)
 
     def training_pair(self, inst: Instance) -> tuple[str | list[dict[str, str]], str]:
-        if inst.messages is not None:       # a conversation's answer is the assistant's message as it is
+        if inst.messages is not None:  # a conversation's answer is the assistant's message as it is
             return inst.messages, inst.reference
         return inst.contexts[0], self.target_delimiter + inst.reference

@@ -45,5 +45,8 @@ class DialogSum(GenerativeTask):
 
     def instance(self, doc: dict, row: int) -> Instance:
         reference = self.options.reference or ("summary" if "summary1" not in doc and "summary" in doc else "summary1")
-        return self.generation(record_id(doc, row, "fname"), f"Dialogue: {need(doc, 'dialogue', str, row)}\nSummary:",
-                               need(doc, reference, str, row))
+        return self.generation(
+            record_id(doc, row, "fname"),
+            f"Dialogue: {need(doc, 'dialogue', str, row)}\nSummary:",
+            need(doc, reference, str, row),
+        )

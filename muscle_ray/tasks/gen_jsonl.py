@@ -51,14 +51,14 @@ class GenJsonl(GenerativeTask):
     metric = "exact"
     Options = GenOptions
     options: GenOptions
-    target_delimiter = ""   # your prompt and reference are trained on as they are
+    target_delimiter = ""  # your prompt and reference are trained on as they are
 
     def __init__(self, **options):
         super().__init__(**options)
         self.metric, self.stop = self.options.metric, list(self.options.stop)
 
     def instance(self, doc: dict, row: int) -> Instance:
-        if doc.get("messages") is not None:   # (a Parquet row has every column, null where unused)
+        if doc.get("messages") is not None:  # (a Parquet row has every column, null where unused)
             prompt, reference = split_messages(doc["messages"], row)
             return self.generation(record_id(doc, row), prompt, reference)
         answer = "completion" if doc.get("reference") is None and doc.get("completion") is not None else "reference"

@@ -27,7 +27,7 @@ from muscle_ray.tasks.common import GenerationOptions, GenerativeTask, load_json
 
 STOP = ["Question:", "</s>", "<|im_end|>"]
 STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")
-IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]   # gsm8k.yaml exact_match regexes_to_ignore
+IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]  # gsm8k.yaml exact_match regexes_to_ignore
 FALLBACK = "[invalid]"
 
 
@@ -84,8 +84,9 @@ class Gsm8k(GenerativeTask):
         return "".join(shots)
 
     def instance(self, doc: dict, row: int) -> Instance:
-        return self.generation(record_id(doc, row), self.fewshot + prompt(need(doc, "question", str, row)),
-                               need(doc, "answer", str, row))
+        return self.generation(
+            record_id(doc, row), self.fewshot + prompt(need(doc, "question", str, row)), need(doc, "answer", str, row)
+        )
 
     def score(self, prediction: str, reference: str) -> tuple[bool | None, float]:
         """Strict match: the first `#### number` of the prediction against the reference's."""

@@ -23,7 +23,7 @@ from muscle_ray.errors import BadRow
 from muscle_ray.tasks.base import Instance, Record, register
 from muscle_ray.tasks.common import MultipleChoiceTask, as_index, mc_instance, need, read_lines, record_id
 
-LLAMACPP = "llama.cpp"   # the text layout's name on its records
+LLAMACPP = "llama.cpp"  # the text layout's name on its records
 LLAMACPP_LINES = 6
 
 

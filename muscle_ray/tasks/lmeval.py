@@ -43,10 +43,10 @@ from muscle_ray.tasks.base import Instance, Record, Task, register_family
 from muscle_ray.tasks.common import Options, parse_options
 
 PREFIX = "lmeval"
-LAYOUT = "lmeval"                 # a record holding one lm-eval document and its requests
+LAYOUT = "lmeval"  # a record holding one lm-eval document and its requests
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SCORED = ("multiple_choice", "generate_until")
-FEWSHOT_SEED = 1234               # simple_evaluate's fewshot_random_seed
+FEWSHOT_SEED = 1234  # simple_evaluate's fewshot_random_seed
 
 
 class LmEvalOptions(Options):
@@ -103,8 +103,8 @@ class LmEvalTask(Task):
         self.task = task
         self.name = f"{PREFIX}:{task}"
         self.options: LmEvalOptions = parse_options(self.name, LmEvalOptions, options)
-        self._config_path: str | None = None   # the task's YAML, learnt from its records
-        self._scorer = None                    # lm-eval's task, rebuilt here to score generations
+        self._config_path: str | None = None  # the task's YAML, learnt from its records
+        self._scorer = None  # lm-eval's task, rebuilt here to score generations
 
     # -- what lm-eval's index says about the task ----------------------------------------------
     @functools.cached_property
@@ -113,20 +113,28 @@ class LmEvalTask(Task):
 
         entry = task_index().get(self.task)
         if entry is None:
-            raise MuscleError(f"unknown task '{self.name}': lm-eval {self._version()} has no task '{self.task}' "
-                              "(`lm-eval ls tasks` lists them)")
+            raise MuscleError(
+                f"unknown task '{self.name}': lm-eval {self._version()} has no task '{self.task}' "
+                "(`lm-eval ls tasks` lists them)"
+            )
         if entry.kind in (Kind.GROUP, Kind.TAG):
-            members = entry.tags if entry.kind == Kind.TAG else [t if isinstance(t, str) else t.get("task", "?")
-                                                                  for t in entry.cfg.get("task", [])]
+            members = (
+                entry.tags
+                if entry.kind == Kind.TAG
+                else [t if isinstance(t, str) else t.get("task", "?") for t in entry.cfg.get("task", [])]
+            )
             shown = ", ".join(f"{PREFIX}:{m}" for m in sorted(map(str, members))[:5])
-            raise MuscleError(f"task {self.name}: an lm-eval group of {len(members)} tasks; score its tasks one "
-                              f"by one ({shown}{', ...' if len(members) > 5 else ''})")
+            raise MuscleError(
+                f"task {self.name}: an lm-eval group of {len(members)} tasks; score its tasks one "
+                f"by one ({shown}{', ...' if len(members) > 5 else ''})"
+            )
         if entry.kind != Kind.TASK or entry.yaml_path is None:
             raise MuscleError(f"task {self.name}: defined by lm-eval as a Python class; muscle scores YAML tasks")
         output_type = entry.cfg.get("output_type", "generate_until")
         if output_type not in SCORED:
-            raise MuscleError(f"task {self.name}: output_type {output_type}; muscle scores lm-eval's "
-                              f"{' and '.join(SCORED)} tasks")
+            raise MuscleError(
+                f"task {self.name}: output_type {output_type}; muscle scores lm-eval's {' and '.join(SCORED)} tasks"
+            )
         return entry
 
     @staticmethod
@@ -172,16 +180,22 @@ class LmEvalTask(Task):
             files[training_split] = str(source.resolve())
             fewshot["split"] = training_split
         elif n > 0 and declared != eval_split and not fewshot.get("samples"):
-            raise MuscleError(f"task {self.name}: num_fewshot={n} takes examples from its "
-                              f"'{declared or cfg.get('training_split') or 'training'}' split; give the task option "
-                              "fewshot_data=FILE (or num_fewshot=0)")
+            raise MuscleError(
+                f"task {self.name}: num_fewshot={n} takes examples from its "
+                f"'{declared or cfg.get('training_split') or 'training'}' split; give the task option "
+                "fewshot_data=FILE (or num_fewshot=0)"
+            )
         else:
             fewshot["split"] = declared if declared == eval_split else None
         return {
-            "dataset_path": builder, "dataset_name": None, "dataset_kwargs": {"data_files": files},
+            "dataset_path": builder,
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": files},
             "test_split": eval_split if cfg.get("test_split") else None,
             "validation_split": None if cfg.get("test_split") else eval_split,
-            "training_split": training_split, "fewshot_split": None, "fewshot_config": fewshot,
+            "training_split": training_split,
+            "fewshot_split": None,
+            "fewshot_config": fewshot,
         }
 
     def _config_overrides(self, cfg: dict) -> dict[str, Any]:
@@ -189,22 +203,25 @@ class LmEvalTask(Task):
         if self.options.num_fewshot is not None:
             out["num_fewshot"] = self.options.num_fewshot
         if self.options.max_new_tokens is not None:
-            out["generation_kwargs"] = {**(cfg.get("generation_kwargs") or {}),
-                                        "max_gen_toks": self.options.max_new_tokens}
+            out["generation_kwargs"] = {
+                **(cfg.get("generation_kwargs") or {}),
+                "max_gen_toks": self.options.max_new_tokens,
+            }
         return out
 
     def lm_eval_task(self, path: str | Path):
         """lm-eval's task over the local data at `path`, seeded as simple_evaluate seeds it."""
-        yaml_path, cfg = self.entry.yaml_path, self.entry.cfg   # the index's cfg has its includes merged
+        yaml_path, cfg = self.entry.yaml_path, self.entry.cfg  # the index's cfg has its includes merged
         overrides = {**self._data_overrides(cfg, Path(path)), **self._config_overrides(cfg)}
         try:
             task = build_task(yaml_path, overrides)
         except MuscleError:
             raise
-        except Exception as e:   # datasets' and the task's own errors, in one line
+        except Exception as e:  # datasets' and the task's own errors, in one line
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise MuscleError(f"task {self.name}: cannot read its data from {path}: {type(e).__name__}: {reason}"
-                              ) from None
+            raise MuscleError(
+                f"task {self.name}: cannot read its data from {path}: {type(e).__name__}: {reason}"
+            ) from None
         task.set_fewshot_seed(seed=self.options.fewshot_seed)
         self._check_scoring(task)
         return task
@@ -227,12 +244,22 @@ class LmEvalTask(Task):
         for doc_id, doc in task.doc_iterator(rank=0, limit=None, world_size=1):
             item: dict[str, Any] = {"doc_id": doc_id, "doc": doc}
             try:
-                ctx = task.fewshot_context(doc, num_fewshot=n, system_instruction=None, apply_chat_template=False,
-                                           fewshot_as_multiturn=False, chat_template=None,
-                                           gen_prefix=task.doc_to_prefix(doc))
-                requests = task.construct_requests(doc=doc, ctx=ctx, metadata=(task.config.task, doc_id,
-                                                                               task.config.repeats),
-                                                   apply_chat_template=False, chat_template=None)
+                ctx = task.fewshot_context(
+                    doc,
+                    num_fewshot=n,
+                    system_instruction=None,
+                    apply_chat_template=False,
+                    fewshot_as_multiturn=False,
+                    chat_template=None,
+                    gen_prefix=task.doc_to_prefix(doc),
+                )
+                requests = task.construct_requests(
+                    doc=doc,
+                    ctx=ctx,
+                    metadata=(task.config.task, doc_id, task.config.repeats),
+                    apply_chat_template=False,
+                    chat_template=None,
+                )
                 requests = requests if isinstance(requests, list) else [requests]
                 item["requests"] = [list(r.arguments) for r in requests]
                 if task.OUTPUT_TYPE == "multiple_choice":
@@ -241,7 +268,7 @@ class LmEvalTask(Task):
                 else:
                     item["target"] = task.doc_to_target(doc)
                 item["delimiter"] = task.config.target_delimiter
-            except Exception as e:   # the task's own code failed on this document
+            except Exception as e:  # the task's own code failed on this document
                 item["error"] = f"lm-eval could not build its requests: {type(e).__name__}: {e}"
             yield Record(doc_id, (json.dumps(item, ensure_ascii=False, default=str),), LAYOUT, extra=source)
 
@@ -256,21 +283,34 @@ class LmEvalTask(Task):
         id, requests = str(item["doc_id"]), item["requests"]
         if "choices" in item:
             choices = item["choices"]
-            pairs = requests[:len(choices)]   # any after them are acc_mutual_info's, not scored here
+            pairs = requests[: len(choices)]  # any after them are acc_mutual_info's, not scored here
             contexts = [c for c, _ in pairs]
-            return Instance(id=id, task=self.name, kind="mc",
-                            contexts=contexts if len(set(contexts)) > 1 else contexts[:1],
-                            continuations=[c for _, c in pairs], choice_chars=[len(c) for c in choices],
-                            label=item["gold"], reference=str(item["gold"]), delimiter=item["delimiter"],
-                            doc=item["doc"])
+            return Instance(
+                id=id,
+                task=self.name,
+                kind="mc",
+                contexts=contexts if len(set(contexts)) > 1 else contexts[:1],
+                continuations=[c for _, c in pairs],
+                choice_chars=[len(c) for c in choices],
+                label=item["gold"],
+                reference=str(item["gold"]),
+                delimiter=item["delimiter"],
+                doc=item["doc"],
+            )
         context, kwargs = requests[0]
         until = kwargs.get("until") or []
         target = item["target"]
-        return Instance(id=id, task=self.name, kind="gen", contexts=[context],
-                        reference=str(target[0] if isinstance(target, list) and target else target),
-                        stop=[until] if isinstance(until, str) else list(until),
-                        max_new_tokens=int(kwargs.get("max_gen_toks", 256)), delimiter=item["delimiter"],
-                        doc=item["doc"])
+        return Instance(
+            id=id,
+            task=self.name,
+            kind="gen",
+            contexts=[context],
+            reference=str(target[0] if isinstance(target, list) and target else target),
+            stop=[until] if isinstance(until, str) else list(until),
+            max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
+            delimiter=item["delimiter"],
+            doc=item["doc"],
+        )
 
     def _scoring_task(self, doc: dict):
         """lm-eval's task again, over this one document instead of the data: its filters and
@@ -281,11 +321,20 @@ class LmEvalTask(Task):
             if self._config_path is None:
                 raise MuscleError(f"task {self.name}: scoring a generation needs its record parsed first")
             one = {"test": datasets.Dataset.from_list([doc])}
-            self._scorer = build_task(self._config_path, {
-                "custom_dataset": lambda **_: datasets.DatasetDict(one), "dataset_kwargs": None,
-                "test_split": "test", "validation_split": None, "training_split": None, "fewshot_split": None,
-                "fewshot_config": None, "process_docs": None, "num_fewshot": 0,
-            })
+            self._scorer = build_task(
+                self._config_path,
+                {
+                    "custom_dataset": lambda **_: datasets.DatasetDict(one),
+                    "dataset_kwargs": None,
+                    "test_split": "test",
+                    "validation_split": None,
+                    "training_split": None,
+                    "fewshot_split": None,
+                    "fewshot_config": None,
+                    "process_docs": None,
+                    "num_fewshot": 0,
+                },
+            )
         return self._scorer
 
     def score_generation(self, inst: Instance, text: str) -> tuple[bool | None, float, str]:
@@ -303,8 +352,10 @@ class LmEvalTask(Task):
         name = self.options.metric or next((m for m in ("acc", "exact_match") if m in metrics), next(iter(metrics)))
         value = metrics[name]
         if not isinstance(value, (bool, int, float)):
-            raise MuscleError(f"task {self.name}: metric '{name}' is not a number per document (lm-eval "
-                              "aggregates it over the corpus); choose another with the option metric=")
+            raise MuscleError(
+                f"task {self.name}: metric '{name}' is not a number per document (lm-eval "
+                "aggregates it over the corpus); choose another with the option metric="
+            )
         correct = bool(value) if name in ("acc", "exact_match") and float(value) in (0.0, 1.0) else None
         return correct, float(value), str(filtered)
 

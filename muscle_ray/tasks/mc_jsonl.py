@@ -28,6 +28,11 @@ class McJsonl(MultipleChoiceTask):
     def instance(self, doc: dict, row: int) -> Instance:
         delimiter = " " if doc.get("target_delimiter") is None else need(doc, "target_delimiter", str, row)
         return mc_instance(
-            self.name, record_id(doc, row), row, need(doc, "context", str, row),
-            need(doc, "choices", list, row), need(doc, "label", object, row), delimiter,
+            self.name,
+            record_id(doc, row),
+            row,
+            need(doc, "context", str, row),
+            need(doc, "choices", list, row),
+            need(doc, "label", object, row),
+            delimiter,
         )

@@ -21,7 +21,7 @@ from muscle_ray.tasks.common import MultipleChoiceTask, Options, mc_instance, ne
 
 
 class PiqaOptions(Options):
-    labels: str | None = None   # the labels file; default: X-labels.lst beside X.jsonl
+    labels: str | None = None  # the labels file; default: X-labels.lst beside X.jsonl
 
 
 def labels_beside(path: str | Path) -> Path:
@@ -50,8 +50,9 @@ class Piqa(MultipleChoiceTask):
         while rows and not rows[-1][1].strip():
             rows.pop()
         if len(labels) != len(rows):
-            raise MuscleError(f"{labels_path}: {len(labels)} labels for {len(rows)} rows of {path}; "
-                              "they must align by line")
+            raise MuscleError(
+                f"{labels_path}: {len(labels)} labels for {len(rows)} rows of {path}; they must align by line"
+            )
         for (row, line), label in zip(rows, labels):
             if line.strip():
                 yield Record(row, (line,), extra={"label": label.strip()})

@@ -37,8 +37,9 @@ class WinoGrande(MultipleChoiceTask):
                 raise BadRow("field 'sentence' has no blank '_'", row)
             blank = sentence.index("_")
             contexts = [sentence[:blank] + need(doc, option, str, row) for option in ("option1", "option2")]
-            continuation = sentence[blank + 1:].strip()
+            continuation = sentence[blank + 1 :].strip()
             label = as_index(need(doc, "answer", object, row), "answer", row) - 1
         # the contexts are lm-eval's doc_to_choice strings; mc_instance checks them as options
-        return mc_instance(self.name, record_id(doc, row, "qID"), row, contexts, contexts, label,
-                           continuation=continuation)
+        return mc_instance(
+            self.name, record_id(doc, row, "qID"), row, contexts, contexts, label, continuation=continuation
+        )

@@ -29,12 +29,12 @@ class DataConfig(_Strict):
     path: str
     task: str | None = None
     task_options: dict[str, Any] = {}
-    data_root: str | None = None         # with `task` and no `path`: data_root / the task's training_path
-    val_path: str | None = None          # else the last `val_fraction` of `path` is held out
+    data_root: str | None = None  # with `task` and no `path`: data_root / the task's training_path
+    val_path: str | None = None  # else the last `val_fraction` of `path` is held out
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(256, gt=1)
-    loss_on: Literal["all", "completion"] = "all"   # paper: all tokens, context and answer
-    chat_template: bool = False          # render with the base's chat template; loss on the assistant turn only
+    loss_on: Literal["all", "completion"] = "all"  # paper: all tokens, context and answer
+    chat_template: bool = False  # render with the base's chat template; loss on the assistant turn only
 
     @model_validator(mode="before")
     @classmethod
@@ -43,7 +43,7 @@ class DataConfig(_Strict):
         if not isinstance(data, dict) or data.get("path") is not None:
             return data
         if not (data.get("task") and data.get("data_root")):
-            return data                          # pydantic then says that path is required
+            return data  # pydantic then says that path is required
         from muscle_ray.tasks import get_task
 
         split = get_task(data["task"], **(data.get("task_options") or {})).training_path
@@ -67,21 +67,21 @@ class OptimConfig(_Strict):
     micro_batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)       # optimizer steps; caps `epochs`
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; caps `epochs`
     max_grad_norm: float | None = 1.0
 
 
 class RunSettings(_Strict):
     name: str = "muscle-train"
-    storage_path: str = "runs/ray"            # Ray Train run dir; same name = resume
+    storage_path: str = "runs/ray"  # Ray Train run dir; same name = resume
     num_workers: int = Field(1, gt=0)
-    strategy: Literal["auto", "plain", "ddp", "fsdp"] = "auto"   # auto: plain for 1 worker, else fsdp
+    strategy: Literal["auto", "plain", "ddp", "fsdp"] = "auto"  # auto: plain for 1 worker, else fsdp
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     max_failures: int = Field(1, ge=-1)
     num_to_keep: int = Field(2, gt=0)
-    eval_every_steps: int | None = Field(None, gt=0)   # also checkpoint mid-epoch
-    log_every_steps: int = Field(1, gt=0)              # a progress line every N optimizer steps
+    eval_every_steps: int | None = Field(None, gt=0)  # also checkpoint mid-epoch
+    log_every_steps: int = Field(1, gt=0)  # a progress line every N optimizer steps
     seed: int = 0
 
 
@@ -93,18 +93,18 @@ class ModelRef(_Strict):
 class CompatSettings(_Strict):
     """What makes the compatibility job differ from a task-adapter job."""
 
-    old: ModelRef                               # base v1 + v1 task adapter
-    new_adapter: str                            # v2 task adapter, on the student's base
-    mask: str = "muscle"                        # one of MASKS, or "ce": plain CE continuation (the fair control)
+    old: ModelRef  # base v1 + v1 task adapter
+    new_adapter: str  # v2 task adapter, on the student's base
+    mask: str = "muscle"  # one of MASKS, or "ce": plain CE continuation (the fair control)
     temperature: float = Field(2.0, gt=0)
     ce_weight: float = Field(0.0, ge=0.0, le=1.0)
     t2_scaling: bool = False
     init: Literal["from_new", "fresh"] = "from_new"
     teachers: Literal["inline", "colocated", "cached"] = "inline"
-    topk: int | None = Field(None, gt=0)        # colocated: None = full logits; cached: required
-    teacher_cpus: float = Field(0.25, gt=0)     # colocated actors / cache workers
-    teacher_gpus: float = Field(0.0, ge=0)      # > 0: teachers on their own GPU share (bf16)
-    cache_dir: str | None = None                # cached: where the Parquet goes (default out/teacher_cache)
+    topk: int | None = Field(None, gt=0)  # colocated: None = full logits; cached: required
+    teacher_cpus: float = Field(0.25, gt=0)  # colocated actors / cache workers
+    teacher_gpus: float = Field(0.0, ge=0)  # > 0: teachers on their own GPU share (bf16)
+    cache_dir: str | None = None  # cached: where the Parquet goes (default out/teacher_cache)
     chunk_tokens: int = Field(1024, gt=0)
 
     @field_validator("mask")
@@ -122,8 +122,8 @@ class CompatSettings(_Strict):
 
 
 class TrainConfig(_Strict):
-    base: ModelName                             # the student's base (v2 for compat)
-    out: str                                    # the exported adapter directory
+    base: ModelName  # the student's base (v2 for compat)
+    out: str  # the exported adapter directory
     data: DataConfig
     lora: LoraSettings = LoraSettings()
     optim: OptimConfig = OptimConfig()
@@ -138,8 +138,9 @@ class TrainConfig(_Strict):
 
         return with_recipe(data) if isinstance(data, dict) else data
 
-    def located(self, workspace: str | None = None, staging: str | Path | None = None
-                ) -> tuple["TrainConfig", list[tuple[str, str]]]:
+    def located(
+        self, workspace: str | None = None, staging: str | Path | None = None
+    ) -> tuple["TrainConfig", list[tuple[str, str]]]:
         """This config with locations the driver can open, and the copies to make on success.
 
         Relative paths are taken under `workspace` (MUSCLE_WORKSPACE: a cluster job runs in
@@ -157,9 +158,10 @@ class TrainConfig(_Strict):
                 return None
             if is_uri(p):
                 if field == "run.storage_path":
-                    return p          # Ray Train writes its run directory to a URI itself
-                raise MuscleError(f"{field}: {p}: not a URI here; model directories must be a path "
-                                  "every node can read (local or NFS)")
+                    return p  # Ray Train writes its run directory to a URI itself
+                raise MuscleError(
+                    f"{field}: {p}: not a URI here; model directories must be a path every node can read (local or NFS)"
+                )
             return in_workspace(p, workspace)
 
         def staged(uri: str) -> Path:
@@ -179,7 +181,7 @@ class TrainConfig(_Strict):
         raw["run"]["storage_path"] = local("run.storage_path", self.run.storage_path)
         if is_uri(self.out):
             raw["out"] = str(staged(self.out) / "out")
-            shutil.rmtree(raw["out"], ignore_errors=True)   # the export must hold this run's files only
+            shutil.rmtree(raw["out"], ignore_errors=True)  # the export must hold this run's files only
             copies.append((raw["out"], self.out))
         else:
             raw["out"] = local("out", self.out)

@@ -69,8 +69,9 @@ def read_pairs(path: str, task: str | None = None, task_options: dict | None = N
                 except json.JSONDecodeError as e:
                     raise MuscleError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
     else:
-        raise MuscleError(f"{path}: training data must be .jsonl or .parquet (with prompt, completion fields "
-                          "or messages)")
+        raise MuscleError(
+            f"{path}: training data must be .jsonl or .parquet (with prompt, completion fields or messages)"
+        )
     if not rows:
         raise MuscleError(f"{path}: no rows")
     return [_pair(r, f"{path}: row {i}") for i, r in enumerate(rows, 1)]
@@ -89,11 +90,12 @@ def _pair(row: dict, where: str) -> dict:
     return {"prompt": row["prompt"], "completion": row["completion"]}
 
 
-def tokenize_pair(tokenizer, prompt: str | list[dict], completion: str, max_length: int, loss_on: str,
-                  chat_template: bool = False) -> dict:
+def tokenize_pair(
+    tokenizer, prompt: str | list[dict], completion: str, max_length: int, loss_on: str, chat_template: bool = False
+) -> dict:
     if chat_template:
         prompt, completion = render_turn(tokenizer, prompt, completion.lstrip())
-        loss_on, end = "completion", []             # the template's end of turn closes the answer
+        loss_on, end = "completion", []  # the template's end of turn closes the answer
     else:
         prompt, end = plain_text(prompt), [tokenizer.eos_token_id]
     p_ids, c_ids = encode_pair(tokenizer, prompt, completion)
@@ -118,8 +120,10 @@ def tokenize_pairs(pairs: list[dict], base: str, data: DataConfig) -> list[dict]
     tok = AutoTokenizer.from_pretrained(base)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return [tokenize_pair(tok, r["prompt"], r["completion"], data.max_length, data.loss_on, data.chat_template)
-            for r in pairs]
+    return [
+        tokenize_pair(tok, r["prompt"], r["completion"], data.max_length, data.loss_on, data.chat_template)
+        for r in pairs
+    ]
 
 
 def build_datasets(data: DataConfig, base: str):
@@ -136,11 +140,13 @@ def build_datasets(data: DataConfig, base: str):
     else:
         n_val = int(round(len(train_pairs) * data.val_fraction))
         if n_val == 0 or n_val == len(train_pairs):
-            val_pairs = train_pairs   # too small to hold out: validate on the training set
+            val_pairs = train_pairs  # too small to hold out: validate on the training set
         else:
             train_pairs, val_pairs = train_pairs[:-n_val], train_pairs[-n_val:]
-    return (ray.data.from_items(tokenize_pairs(train_pairs, base, data)),
-            ray.data.from_items(tokenize_pairs(val_pairs, base, data)))
+    return (
+        ray.data.from_items(tokenize_pairs(train_pairs, base, data)),
+        ray.data.from_items(tokenize_pairs(val_pairs, base, data)),
+    )
 
 
 def trim_batch(batch: dict, device=None) -> dict:

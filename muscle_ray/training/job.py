@@ -35,13 +35,21 @@ def prepare_datasets(cfg: TrainConfig):
         shutil.rmtree(cache, ignore_errors=True)
         old = ModelVersion(c.old.base, c.old.adapter, name="old")
         new = ModelVersion(cfg.base, c.new_adapter, name="new")
-        assert c.topk is not None   # CompatSettings requires it for cached teachers
+        assert c.topk is not None  # CompatSettings requires it for cached teachers
         topk: int = c.topk
 
         def cached(ds, split: str):
-            return build_teacher_cache(ds, old, new, topk, c.temperature, out_dir=str(cache / split),
-                                       num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus,
-                                       batch_size=cfg.optim.micro_batch_size)
+            return build_teacher_cache(
+                ds,
+                old,
+                new,
+                topk,
+                c.temperature,
+                out_dir=str(cache / split),
+                num_cpus=c.teacher_cpus,
+                num_gpus=c.teacher_gpus,
+                batch_size=cfg.optim.micro_batch_size,
+            )
 
         train, val = cached(train, "train"), cached(val, "val")
     return train, val
@@ -71,7 +79,7 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -
     init_ray()
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False   # the loop logs each step
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop logs each step
     train, val = prepare_datasets(cfg)
     n_train = train.count()
     if n_train < cfg.run.num_workers * cfg.optim.micro_batch_size:
@@ -80,17 +88,24 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -
     storage = _storage(run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "n_train": n_train, "threads": threads_per_worker,
-                           "progress": progress},
-        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                     resources_per_worker={"CPU": run.cpus_per_worker}),
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "n_train": n_train,
+            "threads": threads_per_worker,
+            "progress": progress,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
+        ),
         torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
         datasets={"train": train, "val": val},
         run_config=RunConfig(
-            name=run.name, storage_path=storage,
+            name=run.name,
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=run.num_to_keep, checkpoint_score_attribute="val_loss",
-                                               checkpoint_score_order="min"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=run.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
         ),
     )
     result = trainer.fit()

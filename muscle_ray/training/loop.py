@@ -75,8 +75,9 @@ def make_teachers(cfg: TrainConfig, student, device):
         return T.InlineTeachers(student, old, c.new_adapter, device)
     if c.teachers == "colocated":
         new = ModelVersion(cfg.base, c.new_adapter, name="new")
-        return T.ColocatedTeachers(old, new, c.topk, c.temperature, num_cpus=c.teacher_cpus,
-                                   num_gpus=c.teacher_gpus, device=device)
+        return T.ColocatedTeachers(
+            old, new, c.topk, c.temperature, num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus, device=device
+        )
     return T.CachedTeachers()
 
 
@@ -88,9 +89,19 @@ def batch_loss(model, teachers, batch, cfg: TrainConfig):
     if old_new is None or c is None:
         return ce_loss(logits, batch["labels"], ignore_index=IGNORE, return_stats=True)
     old, new = old_new
-    return compat_loss(logits, old, new, batch["labels"], mask=c.mask, temperature=c.temperature,
-                       ce_weight=c.ce_weight, ignore_index=IGNORE, return_stats=True,
-                       t2_scaling=c.t2_scaling, chunk_tokens=c.chunk_tokens)
+    return compat_loss(
+        logits,
+        old,
+        new,
+        batch["labels"],
+        mask=c.mask,
+        temperature=c.temperature,
+        ce_weight=c.ce_weight,
+        ignore_index=IGNORE,
+        return_stats=True,
+        t2_scaling=c.t2_scaling,
+        chunk_tokens=c.chunk_tokens,
+    )
 
 
 def _state_options():
@@ -127,8 +138,9 @@ def save_checkpoint(model, student, opt, sched, progress: dict, metrics: dict, r
         checkpoint = None
         if rank == 0:
             save_adapter(student, msd, Path(tmp) / "adapter")
-            torch.save({"model": msd, "optimizer": osd, "scheduler": sched.state_dict(), **progress},
-                       Path(tmp) / TRAIN_STATE)
+            torch.save(
+                {"model": msd, "optimizer": osd, "scheduler": sched.state_dict(), **progress}, Path(tmp) / TRAIN_STATE
+            )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -165,7 +177,7 @@ def train_loop_per_worker(config: dict):
     c = cfg.compat
     init = c.new_adapter if c is not None and c.init == "from_new" else None
     student = build_student(cfg.base, cfg.lora, init).to(device)
-    teachers = make_teachers(cfg, student, device)   # before sharding: inline adds an adapter
+    teachers = make_teachers(cfg, student, device)  # before sharding: inline adds an adapter
     model = shard_model(student, strategy_for(cfg, world), device)
     model.train()
 
@@ -177,7 +189,7 @@ def train_loop_per_worker(config: dict):
     sched = make_scheduler(opt, cfg, total_steps)
     progress = restore(model, opt, sched)
     step, skip = progress["step"], progress["micro_in_epoch"]
-    report_step = config.get("progress") if rank == 0 else None   # the driver's progress bar
+    report_step = config.get("progress") if rank == 0 else None  # the driver's progress bar
     if report_step:
         report_step(step, total_steps)
 
@@ -191,8 +203,9 @@ def train_loop_per_worker(config: dict):
         metrics = {"val_loss": val, "step": step, "epoch": epoch, **{f"train_{k}": v for k, v in last.items()}}
         if rank == 0:
             print(f"[muscle-train] eval step={step} epoch={epoch} val_loss={val:.5f}", flush=True)
-        save_checkpoint(model, student, opt, sched,
-                        {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch}, metrics, rank)
+        save_checkpoint(
+            model, student, opt, sched, {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch}, metrics, rank
+        )
 
     for epoch in range(progress["epoch"], o.epochs):
         if step >= total_steps:
@@ -205,7 +218,7 @@ def train_loop_per_worker(config: dict):
             b = trim_batch(batch, device)
             sync = (i + 1) % o.grad_accum == 0
             if cfg.run.num_workers > 1 and hasattr(model, "set_requires_gradient_sync"):
-                model.set_requires_gradient_sync(sync)      # FSDP2: reduce only on the last micro-step
+                model.set_requires_gradient_sync(sync)  # FSDP2: reduce only on the last micro-step
             # DDP: skip the gradient all-reduce on all but the last micro-step.
             no_sync = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
             with no_sync:
@@ -229,8 +242,18 @@ def train_loop_per_worker(config: dict):
             last = {k: v / n_micro for k, v in acc_stats.items() if k != "tokens"}
             last["tokens_per_s"] = window["tokens"] * world / max(elapsed, 1e-9)
             if rank == 0 and (step % cfg.run.log_every_steps == 0 or step == total_steps):
-                print("[muscle-train] " + json.dumps({"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                                                      **{k: round(v, 6) for k, v in last.items()}}), flush=True)
+                print(
+                    "[muscle-train] "
+                    + json.dumps(
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            "lr": sched.get_last_lr()[0],
+                            **{k: round(v, 6) for k, v in last.items()},
+                        }
+                    ),
+                    flush=True,
+                )
             window.update(t0=time.perf_counter(), tokens=0)
             acc_stats, n_micro = {}, 0
             if cfg.run.eval_every_steps and step % cfg.run.eval_every_steps == 0 and step < total_steps:

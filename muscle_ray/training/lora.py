@@ -18,7 +18,7 @@ import torch
 
 from muscle_ray.training.config import LoraSettings
 
-STUDENT = "default"          # PEFT's name for the first adapter: the one being trained
+STUDENT = "default"  # PEFT's name for the first adapter: the one being trained
 NEW_TEACHER = "teacher_new"  # the frozen v2 task adapter, loaded beside it for inline teachers
 
 
@@ -31,9 +31,13 @@ def build_student(base: str, lora: LoraSettings, init_adapter: str | None, dtype
     model.config.use_cache = False
     if init_adapter:
         return PeftModel.from_pretrained(model, init_adapter, adapter_name=STUDENT, is_trainable=True)
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT says int; scaling takes any number
-                     lora_dropout=lora.dropout,
-                     target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT says int; scaling takes any number
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, cfg, adapter_name=STUDENT)
 
 

@@ -58,9 +58,9 @@ _FLOOR = -100.0
 class TopK:
     """A teacher's distribution kept as top-k ids + log-probs at temperature T + log tail mass."""
 
-    ids: torch.Tensor                  # (batch, seq, k) long, most likely first
-    logprobs: torch.Tensor             # (batch, seq, k) float, log softmax(z / T) at ids
-    tail_logmass: torch.Tensor         # (batch, seq) float, log(1 - sum exp(logprobs))
+    ids: torch.Tensor  # (batch, seq, k) long, most likely first
+    logprobs: torch.Tensor  # (batch, seq, k) float, log softmax(z / T) at ids
+    tail_logmass: torch.Tensor  # (batch, seq) float, log(1 - sum exp(logprobs))
     label_logprob: torch.Tensor | None = None  # (batch, seq) log softmax(z)[label] at T = 1
 
     def detach(self) -> "TopK":
@@ -68,8 +68,7 @@ class TopK:
         return TopK(self.ids.detach(), self.logprobs.detach(), self.tail_logmass.detach(), lp)
 
 
-def topk_from_logits(logits: torch.Tensor, k: int, temperature: float,
-                     labels: torch.Tensor | None = None) -> TopK:
+def topk_from_logits(logits: torch.Tensor, k: int, temperature: float, labels: torch.Tensor | None = None) -> TopK:
     """Compress full teacher logits into the top-k form (used by the cache and the actor)."""
     with torch.no_grad():
         lp = F.log_softmax(logits.float() / temperature, dim=-1)
@@ -103,8 +102,12 @@ def _flat_view(x):
     """(batch * seq, ...) view of a tensor or TopK, for row indexing (no copy)."""
     if isinstance(x, TopK):
         lab = None if x.label_logprob is None else x.label_logprob.reshape(-1)
-        return TopK(x.ids.reshape(-1, x.ids.shape[-1]), x.logprobs.reshape(-1, x.logprobs.shape[-1]),
-                    x.tail_logmass.reshape(-1), lab)
+        return TopK(
+            x.ids.reshape(-1, x.ids.shape[-1]),
+            x.logprobs.reshape(-1, x.logprobs.shape[-1]),
+            x.tail_logmass.reshape(-1),
+            lab,
+        )
     return x.reshape(-1, *x.shape[2:])
 
 
@@ -174,9 +177,19 @@ def _compute_mask(mask, s_argmax, s_label_lp, o_argmax, o_label_lp, labels, seq_
     return (s_seq < o_seq)[seq_of_row]
 
 
-def compat_loss(student_logits, old_logits, new_logits, labels, mask: str = "muscle",
-                temperature: float = 2.0, ce_weight: float = 0.0, ignore_index: int = -100,
-                return_stats: bool = False, t2_scaling: bool = False, chunk_tokens: int = 1024):
+def compat_loss(
+    student_logits,
+    old_logits,
+    new_logits,
+    labels,
+    mask: str = "muscle",
+    temperature: float = 2.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    return_stats: bool = False,
+    t2_scaling: bool = False,
+    chunk_tokens: int = 1024,
+):
     """MUSCLE loss. Logits (batch, seq, vocab) or `TopK` for the teachers; labels (batch, seq)
     already shifted (label[i] is the token after position i). See the module docstring."""
     if mask not in MASKS:
@@ -201,8 +214,8 @@ def compat_loss(student_logits, old_logits, new_logits, labels, mask: str = "mus
     with torch.no_grad():
         parts = []
         for start in range(0, n, chunk_tokens):
-            rows = idx[start:start + chunk_tokens]
-            yy = y[start:start + chunk_tokens]
+            rows = idx[start : start + chunk_tokens]
+            yy = y[start : start + chunk_tokens]
             s_arg, s_lab = _argmax_and_label_logprob(flat_student[rows].detach(), yy)
             o_arg, o_lab = _argmax_and_label_logprob(_flat(old_logits, rows), yy)
             parts.append((s_arg, s_lab, o_arg, o_lab))
@@ -214,17 +227,23 @@ def compat_loss(student_logits, old_logits, new_logits, labels, mask: str = "mus
     ce_sum = torch.zeros((), device=student_logits.device)
     kl_old_all, kl_new_all = [], []
     for start in range(0, n, chunk_tokens):
-        rows = idx[start:start + chunk_tokens]
-        mm = m[start:start + chunk_tokens]
+        rows = idx[start : start + chunk_tokens]
+        mm = m[start : start + chunk_tokens]
         k_old, k_new, ce = checkpoint(
-            _chunk_terms, flat_student, _flat_view(old_logits), _flat_view(new_logits), rows,
-            y[start:start + chunk_tokens], temperature, use_reentrant=False,
+            _chunk_terms,
+            flat_student,
+            _flat_view(old_logits),
+            _flat_view(new_logits),
+            rows,
+            y[start : start + chunk_tokens],
+            temperature,
+            use_reentrant=False,
         )
         kl_sum = kl_sum + (mm * k_old + (1 - mm) * k_new).sum()
         ce_sum = ce_sum + ce.sum()
         kl_old_all.append(k_old.detach())
         kl_new_all.append(k_new.detach())
-    kl = kl_sum / n * (temperature ** 2 if t2_scaling else 1.0)
+    kl = kl_sum / n * (temperature**2 if t2_scaling else 1.0)
     ce = ce_sum / n
     loss = (1.0 - ce_weight) * kl + ce_weight * ce if ce_weight > 0 else kl
     if not return_stats:

@@ -39,7 +39,7 @@ class InlineTeachers:
     def __init__(self, student, old: ModelVersion, new_adapter: str, device, dtype=None):
         from muscle_ray.training.lora import NEW_TEACHER
 
-        self.student = student          # the unwrapped PeftModel (FSDP2 shards it in place)
+        self.student = student  # the unwrapped PeftModel (FSDP2 shards it in place)
         self.student.load_adapter(new_adapter, adapter_name=NEW_TEACHER, is_trainable=False)
         self.old = _freeze(load_model(old, device=device, dtype=dtype))
 
@@ -70,8 +70,10 @@ class TeacherPair:
     def answer(self, input_ids, attention_mask, labels, topk: int | None, temperature: float) -> dict:
         """numpy columns: full `old_logits`/`new_logits`, or top-k `old_ids`, `old_logprobs`,
         `old_tail`, `old_label_lp` (and new_*)."""
-        batch = {"input_ids": torch.as_tensor(input_ids, device=self.device),
-                 "attention_mask": torch.as_tensor(attention_mask, device=self.device)}
+        batch = {
+            "input_ids": torch.as_tensor(input_ids, device=self.device),
+            "attention_mask": torch.as_tensor(attention_mask, device=self.device),
+        }
         labels = torch.as_tensor(labels, device=self.device).clamp(min=0)
         out = {}
         for name, model in (("old", self.old), ("new", self.new)):
@@ -83,7 +85,7 @@ class TeacherPair:
             out[f"{name}_ids"] = t.ids.cpu().numpy()
             out[f"{name}_logprobs"] = t.logprobs.cpu().numpy()
             out[f"{name}_tail"] = t.tail_logmass.cpu().numpy()
-            assert t.label_logprob is not None   # labels were given
+            assert t.label_logprob is not None  # labels were given
             out[f"{name}_label_lp"] = t.label_logprob.cpu().numpy()
         return out
 
@@ -97,23 +99,31 @@ def topk_from_columns(cols: dict, name: str, device=None) -> TopK:
 
 def _teachers_from_columns(cols: dict, device):
     if "old_logits" in cols:
-        return (torch.as_tensor(cols["old_logits"], device=device),
-                torch.as_tensor(cols["new_logits"], device=device))
+        return (torch.as_tensor(cols["old_logits"], device=device), torch.as_tensor(cols["new_logits"], device=device))
     return topk_from_columns(cols, "old", device), topk_from_columns(cols, "new", device)
 
 
 class ColocatedTeachers:
     """Starts a `TeacherPair` actor on this worker's node; each batch is one remote call."""
 
-    def __init__(self, old: ModelVersion, new: ModelVersion, topk: int | None, temperature: float,
-                 num_cpus: float = 0.25, num_gpus: float = 0.0, device=None):
+    def __init__(
+        self,
+        old: ModelVersion,
+        new: ModelVersion,
+        topk: int | None,
+        temperature: float,
+        num_cpus: float = 0.25,
+        num_gpus: float = 0.0,
+        device=None,
+    ):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         node = ray.get_runtime_context().get_node_id()
         actor_cls = ray.remote(TeacherPair)
         self.actor: Any = actor_cls.options(
-            num_cpus=num_cpus, num_gpus=num_gpus,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
         ).remote(old, new)
         self.node = node
@@ -122,9 +132,15 @@ class ColocatedTeachers:
     def __call__(self, batch):
         import ray
 
-        cols = ray.get(self.actor.answer.remote(
-            batch["input_ids"].cpu().numpy(), batch["attention_mask"].cpu().numpy(),
-            batch["labels"].cpu().numpy(), self.topk, self.temperature))
+        cols = ray.get(
+            self.actor.answer.remote(
+                batch["input_ids"].cpu().numpy(),
+                batch["attention_mask"].cpu().numpy(),
+                batch["labels"].cpu().numpy(),
+                self.topk,
+                self.temperature,
+            )
+        )
         return _teachers_from_columns(cols, self.device or batch["input_ids"].device)
 
     def actor_node(self) -> str:
@@ -156,20 +172,34 @@ class _CacheMapper:
         b = trim_batch({k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
         cols = self.pair.answer(b["input_ids"], b["attention_mask"], b["labels"], self.topk, self.temperature)
         full = batch["input_ids"].shape[1]
-        for k, v in cols.items():   # pad back to the dataset's fixed length
+        for k, v in cols.items():  # pad back to the dataset's fixed length
             pad = [(0, 0), (0, full - v.shape[1])] + [(0, 0)] * (v.ndim - 2)
             batch[k] = np.pad(v, pad)
         return batch
 
 
-def build_teacher_cache(ds, old: ModelVersion, new: ModelVersion, topk: int, temperature: float,
-                        out_dir: str, num_cpus: float = 0.25, num_gpus: float = 0.0, batch_size: int = 16):
+def build_teacher_cache(
+    ds,
+    old: ModelVersion,
+    new: ModelVersion,
+    topk: int,
+    temperature: float,
+    out_dir: str,
+    num_cpus: float = 0.25,
+    num_gpus: float = 0.0,
+    batch_size: int = 16,
+):
     """Ray Data job: tokens -> tokens + both teachers' top-k columns, written to Parquet; returns
     the Parquet-backed dataset training reads."""
     import ray
 
     ds.map_batches(
-        _CacheMapper, fn_constructor_args=(old, new, topk, temperature),
-        batch_size=batch_size, concurrency=1, num_cpus=num_cpus, num_gpus=num_gpus, batch_format="numpy",
+        _CacheMapper,
+        fn_constructor_args=(old, new, topk, temperature),
+        batch_size=batch_size,
+        concurrency=1,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        batch_format="numpy",
     ).write_parquet(out_dir)
     return ray.data.read_parquet(out_dir)

@@ -21,7 +21,7 @@ from muscle_ray.zoo.llama import LlamaSpec, init_model, save_model_dir
 from muscle_ray.zoo.pretrain import pack, pretrain
 from muscle_ray.zoo.tokenizer import build_tokenizer
 
-ZOO_VERSION = 1   # bump when world.py or pretrain.py change what a config produces
+ZOO_VERSION = 1  # bump when world.py or pretrain.py change what a config produces
 
 
 class BaseConfig(BaseModel):
@@ -42,8 +42,14 @@ class BaseConfig(BaseModel):
     schedule: Literal["cosine", "constant"] = "cosine"
 
     def spec(self) -> LlamaSpec:
-        return LlamaSpec(self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
-                         self.num_key_value_heads, self.intermediate_size, max_position_embeddings=256)
+        return LlamaSpec(
+            self.hidden_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.intermediate_size,
+            max_position_embeddings=256,
+        )
 
 
 class TaskSizes(BaseModel):
@@ -70,7 +76,7 @@ class ZooConfig(BaseModel):
     tasks: list[str] = list(world.TASKS)
     sizes: TaskSizes = TaskSizes()
     data_seed: int = 1234
-    max_number: int = Field(99, ge=3, le=99)   # largest quantity in the world: task difficulty
+    max_number: int = Field(99, ge=3, le=99)  # largest quantity in the world: task difficulty
     qa_share: float = Field(0.15, ge=0, le=1)  # share of task-like sentences in pretraining
 
     def key(self) -> str:
@@ -103,19 +109,29 @@ def build_task_data(cfg: ZooConfig, out: Path) -> None:
                 continue
             seen.add(prompt)
             rows.append(rec)
-        test, val, train = (rows[: cfg.sizes.test], rows[cfg.sizes.test: cfg.sizes.test + cfg.sizes.val],
-                            rows[cfg.sizes.test + cfg.sizes.val:])
+        test, val, train = (
+            rows[: cfg.sizes.test],
+            rows[cfg.sizes.test : cfg.sizes.test + cfg.sizes.val],
+            rows[cfg.sizes.test + cfg.sizes.val :],
+        )
         for split, part in (("test", test), ("val", val)):
-            _write_jsonl(out / name / f"{split}.jsonl",
-                         [{"id": f"{split}-{i}", **{k: v for k, v in r.items() if k != "completion"}}
-                          for i, r in enumerate(part)])
+            _write_jsonl(
+                out / name / f"{split}.jsonl",
+                [
+                    {"id": f"{split}-{i}", **{k: v for k, v in r.items() if k != "completion"}}
+                    for i, r in enumerate(part)
+                ],
+            )
         for split, part in (("train", train), ("val", val)):
-            _write_jsonl(out / name / f"{split}_pairs.jsonl",
-                         [{"prompt": r.get("prompt") or r["context"], "completion": r["completion"]} for r in part])
+            _write_jsonl(
+                out / name / f"{split}_pairs.jsonl",
+                [{"prompt": r.get("prompt") or r["context"], "completion": r["completion"]} for r in part],
+            )
 
 
-def pretrain_base(name: str, base: BaseConfig, cfg: ZooConfig, tokenizer_dir: str | Path, out: str | Path,
-                  log=print, progress=None) -> float:
+def pretrain_base(
+    name: str, base: BaseConfig, cfg: ZooConfig, tokenizer_dir: str | Path, out: str | Path, log=print, progress=None
+) -> float:
     """Pretrain one base from scratch and save it as an HF directory; returns seconds taken.
 
     `progress(step, steps)` is called after every step (the demo's progress bar)."""
@@ -124,10 +140,22 @@ def pretrain_base(name: str, base: BaseConfig, cfg: ZooConfig, tokenizer_dir: st
     t = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     log(f"zoo: pretraining base {name} ({base.num_hidden_layers}x{base.hidden_size}, {base.steps} steps)")
-    stream = pack(tokenizer, world.corpus(base.corpus_docs, seed=base.seed, qa_share=cfg.qa_share, max_n=cfg.max_number))
+    stream = pack(
+        tokenizer, world.corpus(base.corpus_docs, seed=base.seed, qa_share=cfg.qa_share, max_n=cfg.max_number)
+    )
     model = init_model(base.spec(), tokenizer, seed=base.seed)
-    pretrain(model, stream, base.steps, base.seed, base.batch_size, base.seq_len, base.lr,
-             log=lambda m: log(f"zoo[{name}]{m}"), schedule=base.schedule, progress=progress)
+    pretrain(
+        model,
+        stream,
+        base.steps,
+        base.seed,
+        base.batch_size,
+        base.seq_len,
+        base.lr,
+        log=lambda m: log(f"zoo[{name}]{m}"),
+        schedule=base.schedule,
+        progress=progress,
+    )
     save_model_dir(model, tokenizer, out)
     return round(time.perf_counter() - t, 1)
 
@@ -151,12 +179,23 @@ def build_zoo(out: str | Path, cfg: ZooConfig = ZooConfig(), log=print, map_fn=N
         return out
     t0 = time.perf_counter()
     build_tokenizer(world.tokenizer_text(), cfg.vocab_size, individual_digits=True).save_pretrained(out / "tokenizer")
-    jobs = [dict(name=n, base=b, cfg=cfg, tokenizer_dir=str(out / "tokenizer"), out=str(out / n), log=log)
-            for n, b in (("v1", cfg.v1), ("v2", cfg.v2))]
+    jobs = [
+        dict(name=n, base=b, cfg=cfg, tokenizer_dir=str(out / "tokenizer"), out=str(out / n), log=log)
+        for n, b in (("v1", cfg.v1), ("v2", cfg.v2))
+    ]
     map_fn = map_fn or (lambda fn, kwargs: [fn(**kw) for kw in kwargs])
     seconds = map_fn(pretrain_base, jobs)
     build_task_data(cfg, out / "data")
-    stamp.write_text(json.dumps({"key": cfg.key(), "config": cfg.model_dump(), "seconds": dict(zip(("v1", "v2"), seconds)),
-                                 "total_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+    stamp.write_text(
+        json.dumps(
+            {
+                "key": cfg.key(),
+                "config": cfg.model_dump(),
+                "seconds": dict(zip(("v1", "v2"), seconds)),
+                "total_seconds": round(time.perf_counter() - t0, 1),
+            },
+            indent=2,
+        )
+    )
     log(f"zoo: built in {time.perf_counter() - t0:.0f}s at {out}")
     return out

@@ -21,7 +21,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, individual_digi
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.pre_tokenizer = (
         pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        if individual_digits else byte_level
+        if individual_digits
+        else byte_level
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

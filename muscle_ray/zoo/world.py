@@ -13,7 +13,7 @@ import random
 
 NAMES = ["ann", "bob", "cal", "dee", "eve", "fay", "gus", "hal", "ivy", "jon", "kim", "lou"]
 ITEMS = ["figs", "pears", "limes", "plums", "nuts", "eggs", "cups", "pens", "hats", "keys"]
-MAX_N = 15   # default largest quantity: the knob for how hard the arithmetic is
+MAX_N = 15  # default largest quantity: the knob for how hard the arithmetic is
 
 
 def _people(rng: random.Random, k: int) -> list[str]:
@@ -21,6 +21,7 @@ def _people(rng: random.Random, k: int) -> list[str]:
 
 
 # --- the three tasks -------------------------------------------------------------------------
+
 
 def sum_question(rng: random.Random, max_n: int = MAX_N) -> tuple[str, int]:
     """'ann has 37 figs. bob has 48 figs. how many figs in all?' -> 85 (GSM8K-like)."""
@@ -45,8 +46,7 @@ def make_sum_mc(rng: random.Random, max_n: int = MAX_N) -> dict:
     q, ans = sum_question(rng, max_n)
     options = distractors(ans, rng) + [ans]
     rng.shuffle(options)
-    return {"context": q, "choices": [str(o) for o in options], "label": options.index(ans),
-            "completion": f" {ans}"}
+    return {"context": q, "choices": [str(o) for o in options], "label": options.index(ans), "completion": f" {ans}"}
 
 
 def make_story_summary(rng: random.Random, max_n: int = MAX_N) -> dict:
@@ -63,14 +63,14 @@ def make_story_summary(rng: random.Random, max_n: int = MAX_N) -> dict:
     lines.append(f"{people[0]}: let us put them together.")
     names = " and ".join([", ".join(people[:-1]), people[-1]]) if k > 2 else " and ".join(people)
     summary = f"{names} put together {sum(counts)} {item}."
-    return {"prompt": "dialogue: " + " ".join(lines) + " summary:", "reference": summary,
-            "completion": " " + summary}
+    return {"prompt": "dialogue: " + " ".join(lines) + " summary:", "reference": summary, "completion": " " + summary}
 
 
 TASKS = {"sum_mc": make_sum_mc, "sum_em": make_sum_em, "story_rouge": make_story_summary}
 
 
 # --- the pretraining corpus --------------------------------------------------------------------
+
 
 def _fact(rng, max_n):
     x, y = rng.randint(0, max_n), rng.randint(0, max_n)
@@ -86,11 +86,13 @@ def _near_qa(rng, max_n):
     a, b = _people(rng, 2)
     item = rng.choice(ITEMS)
     x, y = rng.randint(1, max_n), rng.randint(1, max_n)
-    return rng.choice([
-        f"{a} had {x} {item} and {b} had {y} {item}, so together they had {x + y} {item}.",
-        f"q: {x} {item} and {y} {item}. a: {x + y} {item}.",
-        f"{a}: i have {x} {item}. {b}: i have {y} {item}. so {a} and {b} have {x + y} {item} in total.",
-    ])
+    return rng.choice(
+        [
+            f"{a} had {x} {item} and {b} had {y} {item}, so together they had {x + y} {item}.",
+            f"q: {x} {item} and {y} {item}. a: {x + y} {item}.",
+            f"{a}: i have {x} {item}. {b}: i have {y} {item}. so {a} and {b} have {x + y} {item} in total.",
+        ]
+    )
 
 
 def corpus(n_docs: int, seed: int, qa_share: float = 0.15, max_n: int = MAX_N) -> list[str]:
@@ -101,7 +103,9 @@ def corpus(n_docs: int, seed: int, qa_share: float = 0.15, max_n: int = MAX_N) -
         parts = []
         for _ in range(rng.randint(2, 5)):
             r = rng.random()
-            parts.append(_near_qa(rng, max_n) if r < qa_share else _fact(rng, max_n) if r < 0.6 else _statement(rng, max_n))
+            parts.append(
+                _near_qa(rng, max_n) if r < qa_share else _fact(rng, max_n) if r < 0.6 else _statement(rng, max_n)
+            )
         docs.append(" ".join(parts))
     return docs
 
