@@ -44,8 +44,8 @@ from muscle_ray.model_sources import ModelName
 from muscle_ray.recipes import merge
 
 RECIPES = {"adapter": "task_adapter", "compat": "compat"}
-VERSIONS = {"v1": "old", "v2": "new", "compat": "compat", "control": "control"}   # folder -> served name
-INPUTS = "_inputs.json"   # beside a version's results: what they scored
+VERSIONS = {"v1": "old", "v2": "new", "compat": "compat", "control": "control"}  # folder -> served name
+INPUTS = "_inputs.json"  # beside a version's results: what they scored
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -56,18 +56,18 @@ class _Strict(BaseModel):
 class TaskSpec(_Strict):
     """One task of the update: the data it is scored on, the data its adapters learn from."""
 
-    task: str                               # a registered task: arc_easy, mc_jsonl, gen_jsonl, lmeval:<task>, ...
-    name: str = ""                          # its folder and report label (default: the task, ':' -> '_')
-    data: str | None = None                 # the eval split (default: the task's file under data_root)
+    task: str  # a registered task: arc_easy, mc_jsonl, gen_jsonl, lmeval:<task>, ...
+    name: str = ""  # its folder and report label (default: the task, ':' -> '_')
+    data: str | None = None  # the eval split (default: the task's file under data_root)
     data_root: str | None = None
     task_options: dict[str, Any] = {}
-    chat_template: bool = False             # scoring and training read prompts through each model's template
+    chat_template: bool = False  # scoring and training read prompts through each model's template
     # FILE: rows in the task's own format (their gold answers are the targets); or training-data
     # fields: {path, val_path} of prompt/completion or chat-messages rows, or {data_root: ROOT}
     # for the task's own training split there.
     train: str | dict[str, Any]
-    old_adapter: str | None = None          # an existing v1 task adapter, used instead of training one
-    new_adapter: str | None = None          # likewise on v2 (compat starts as a copy of it)
+    old_adapter: str | None = None  # an existing v1 task adapter, used instead of training one
+    new_adapter: str | None = None  # likewise on v2 (compat starts as a copy of it)
 
     @model_validator(mode="after")
     def _check(self):
@@ -78,8 +78,10 @@ class TaskSpec(_Strict):
         except (MuscleError, TypeError, ValueError) as e:
             raise ValueError(str(e)) from None
         if not self.data and not (self.data_root and task.default_path):
-            raise ValueError(f"task {self.task}: give data (its eval file)"
-                             + (f" or data_root (holding {task.default_path})" if task.default_path else ""))
+            raise ValueError(
+                f"task {self.task}: give data (its eval file)"
+                + (f" or data_root (holding {task.default_path})" if task.default_path else "")
+            )
         self.name = self.name or re.sub(r"[^A-Za-z0-9_.-]", "_", self.task)
         if not _LABEL.match(self.name):
             raise ValueError(f"name {self.name!r}: letters, digits, '_', '.', '-' (it names folders and models)")
@@ -97,8 +99,8 @@ class TaskSpec(_Strict):
 
 class ScoringSettings(_Strict):
     batch_size: int = Field(16, gt=0)
-    workers: tuple[int, int] = (1, 1)       # N, or MIN,MAX: the actor pool autoscales
-    limit: int | None = Field(None, gt=0)   # the first N eval rows of each task
+    workers: tuple[int, int] = (1, 1)  # N, or MIN,MAX: the actor pool autoscales
+    limit: int | None = Field(None, gt=0)  # the first N eval rows of each task
     backend: Literal["hf", "vllm"] = "hf"
     cpus_per_worker: float = Field(0.25, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
@@ -109,9 +111,12 @@ class ScoringSettings(_Strict):
         """N, MIN,MAX or a pair, as `muscle score --workers` reads them."""
         from muscle_ray.scoring.config import ScoreConfig
 
-        v = ScoreConfig._workers(v)
-        if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(n, int) for n in v) \
-                and not 1 <= v[0] <= v[1]:
+        return ScoreConfig._workers(v)
+
+    @field_validator("workers")
+    @classmethod
+    def _pool(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
             raise ValueError(f"need 1 <= MIN <= MAX, got {v[0]},{v[1]}")
         return v
 
@@ -120,19 +125,19 @@ class UpdateConfig(_Strict):
     """A whole MUSCLE update: two bases, the tasks, one adapter recipe, compat, scoring."""
 
     out: str = "runs/update"
-    old: ModelName                          # v1 base: a local HF directory, hub id (org/name[@rev]) or .gguf
-    new: ModelName                          # v2 base; must share v1's tokenizer (token-level distillation)
+    old: ModelName  # v1 base: a local HF directory, hub id (org/name[@rev]) or .gguf
+    new: ModelName  # v2 base; must share v1's tokenizer (token-level distillation)
     tasks: list[TaskSpec] = Field(min_length=1)
     # Fields over the recipes, in TrainConfig's shape: `adapter` over muscle_ray/recipes/task_adapter.yaml
     # (v1 and v2 task adapters), `compat` over recipes/compat.yaml (compat; with mask ce, the control).
     adapter: dict[str, Any] = {}
     compat: dict[str, Any] = {}
-    control: bool = True                    # also the fair control: the v2 adapter trained on with plain CE
-    seed: int = 0                           # every adapter's seed ...
-    new_seed: int | None = None             # ... but v2's task adapter's, when given
+    control: bool = True  # also the fair control: the v2 adapter trained on with plain CE
+    seed: int = 0  # every adapter's seed ...
+    new_seed: int | None = None  # ... but v2's task adapter's, when given
     scoring: ScoringSettings = ScoringSettings()
-    threads: int = Field(1, gt=0)           # torch threads per train worker
-    concurrent_fits: int = Field(3, gt=0)   # Ray Train runs at once
+    threads: int = Field(1, gt=0)  # torch threads per train worker
+    concurrent_fits: int = Field(3, gt=0)  # Ray Train runs at once
 
     @field_validator("tasks")
     @classmethod
@@ -165,12 +170,12 @@ def check_overrides(adapter: dict, compat: dict, source: str | None = None) -> N
     """Fail on a bad recipe override before any work starts (paths are placeholders here)."""
     paths = {"base": "-", "out": "-", "data": {"path": "-"}}
     train_config("adapter", adapter, compat, paths, source)
-    train_config("compat", adapter, compat, merge(paths, {"compat": {"old": {"base": "-"}, "new_adapter": "-"}}),
-                 source)
+    train_config(
+        "compat", adapter, compat, merge(paths, {"compat": {"old": {"base": "-"}, "new_adapter": "-"}}), source
+    )
 
 
-def train_config(kind: Literal["adapter", "compat"], adapter: dict, compat: dict, run: dict,
-                 source: str | None = None):
+def train_config(kind: Literal["adapter", "compat"], adapter: dict, compat: dict, run: dict, source: str | None = None):
     """The recipe, the config's overrides of it, then one run's paths, data, seed and name;
     a bad field is named under `kind` (and `source`, when given).
 
@@ -197,7 +202,7 @@ class Adapter:
 
     base: str
     path: Path
-    train: Any = None                       # a TrainConfig
+    train: Any = None  # a TrainConfig
 
 
 @dataclass
@@ -206,12 +211,12 @@ class TaskPlan:
 
     cfg: UpdateConfig
     spec: TaskSpec
-    tag: str                                # how the console names it
+    tag: str  # how the console names it
     adapters: dict[str, Adapter]
-    data: str                               # the eval file
-    rows: int                               # eval rows scored per version
+    data: str  # the eval file
+    rows: int  # eval rows scored per version
     results: Path
-    products: dict[str, str] = field(default_factory=dict)   # what this run did to each product
+    products: dict[str, str] = field(default_factory=dict)  # what this run did to each product
 
     @property
     def name(self) -> str:
@@ -226,19 +231,20 @@ class TaskPlan:
         """A compat-recipe adapter on v2 from the v2 task adapter, `compat` over the recipe's
         compat fields (`mask="ce"`: the control)."""
         cfg, root = self.cfg, Path(self.cfg.out)
-        start = {"old": {"base": cfg.old, "adapter": str(self.adapters["v1"].path)},
-                 "new_adapter": str(self.adapters["v2"].path), **compat}
+        start = {
+            "old": {"base": cfg.old, "adapter": str(self.adapters["v1"].path)},
+            "new_adapter": str(self.adapters["v2"].path),
+            **compat,
+        }
         path = root / "adapters" / self.name / version
         run = _run_fields(cfg, self.spec, path, version, cfg.seed)
         return Adapter(cfg.new, path, train_config("compat", cfg.adapter, cfg.compat, merge(run, {"compat": start})))
 
 
-def _local(path: str | None) -> str | None:
+def _local(path: str) -> str:
     """A path every Ray worker opens the same way: absolute, under MUSCLE_WORKSPACE when relative."""
     from muscle_ray.locations import in_workspace, is_uri
 
-    if path is None:
-        return None
     if is_uri(path):
         raise MuscleError(f"{path}: muscle update reads and writes local paths (or NFS), not URIs")
     return str(Path(in_workspace(os.path.expanduser(path), os.environ.get("MUSCLE_WORKSPACE"))).resolve())
@@ -257,9 +263,12 @@ def _run_fields(cfg: UpdateConfig, spec: TaskSpec, out: Path, version: str, seed
     for k in ("path", "val_path", "data_root"):
         if data.get(k) is not None:
             data[k] = _local(data[k])
-    return {"base": cfg.old if version == "v1" else cfg.new, "out": str(out), "data": data,
-            "run": {"name": f"{spec.name}-s{cfg.seed}-{version}", "storage_path": str(Path(cfg.out) / "ray"),
-                    "seed": seed}}
+    return {
+        "base": cfg.old if version == "v1" else cfg.new,
+        "out": str(out),
+        "data": data,
+        "run": {"name": f"{spec.name}-s{cfg.seed}-{version}", "storage_path": str(Path(cfg.out) / "ray"), "seed": seed},
+    }
 
 
 def plan(cfg: UpdateConfig, suffix: str = "") -> list[TaskPlan]:
@@ -274,19 +283,26 @@ def plan(cfg: UpdateConfig, suffix: str = "") -> list[TaskPlan]:
     plans = []
     for spec in cfg.tasks:
         adapters = {}
-        for version, given, seed in (("v1", spec.old_adapter, cfg.seed),
-                                     ("v2", spec.new_adapter, cfg.seed if cfg.new_seed is None else cfg.new_seed)):
+        for version, given, seed in (
+            ("v1", spec.old_adapter, cfg.seed),
+            ("v2", spec.new_adapter, cfg.seed if cfg.new_seed is None else cfg.new_seed),
+        ):
             base = cfg.old if version == "v1" else cfg.new
             if given is not None:
-                ModelVersion(base, _local(given), name=version)   # a PEFT directory
-                adapters[version] = Adapter(base, Path(_local(given) or ""))
+                ModelVersion(base, _local(given), name=version)  # a PEFT directory
+                adapters[version] = Adapter(base, Path(_local(given)))
             else:
                 path = root / "adapters" / spec.name / version
                 run = _run_fields(cfg, spec, path, version, seed)
-                adapters[version] = Adapter(base, path, train_config("adapter", cfg.adapter, cfg.compat, run,
-                                                                     f"task {spec.name}"))
+                adapters[version] = Adapter(
+                    base, path, train_config("adapter", cfg.adapter, cfg.compat, run, f"task {spec.name}")
+                )
         task = get_task(spec.task, **spec.task_options)
-        data = _local(spec.data) or str(Path(_local(spec.data_root) or "") / (task.default_path or ""))
+        if spec.data:
+            data = _local(spec.data)
+        else:  # TaskSpec checked there are both
+            assert spec.data_root and task.default_path
+            data = str(Path(_local(spec.data_root)) / task.default_path)
         if not Path(data).exists():
             raise MuscleError(f"task {spec.name}: {data}: no such eval file")
         rows = sum(1 for _ in islice(task.records(data), cfg.scoring.limit))
@@ -328,7 +344,7 @@ def adapter_digest(path: str | Path) -> str:
 def _base(path: str) -> dict:
     from muscle_ray.training.lora import base_fingerprint
 
-    return {k: v for k, v in base_fingerprint(path).items() if k != "path"}   # what it is, not where
+    return {k: v for k, v in base_fingerprint(path).items() if k != "path"}  # what it is, not where
 
 
 def _key(parts: dict) -> str:
@@ -341,8 +357,11 @@ def training_key(train) -> str:
     config = train.model_dump(exclude={"out": True, "run": {"name", "storage_path"}})
     for k in ("path", "val_path", "data_root"):
         config["data"].pop(k)
-    parts: dict[str, Any] = {"config": config, "base": _base(train.base),
-                             "data": [content_digest(p) for p in (train.data.path, train.data.val_path) if p]}
+    parts: dict[str, Any] = {
+        "config": config,
+        "base": _base(train.base),
+        "data": [content_digest(p) for p in (train.data.path, train.data.val_path) if p],
+    }
     c = train.compat
     if c is not None:
         for k in ("old", "new_adapter", "cache_dir"):
@@ -356,10 +375,19 @@ def results_key(plan: TaskPlan, version: str) -> str:
     """A result set's inputs key: the model version (its content, and where it is, as the scoring
     job's own check of a resumed run has it) and how it was scored."""
     a, s = plan.adapters[version], plan.cfg.scoring
-    return _key({"base": _base(a.base), "adapter": adapter_digest(a.path), "where": [a.base, str(a.path)],
-                 "task": plan.spec.task,
-                 "task_options": plan.spec.task_options, "data": content_digest(plan.data), "limit": s.limit,
-                 "chat_template": plan.spec.chat_template, "backend": s.backend})
+    return _key(
+        {
+            "base": _base(a.base),
+            "adapter": adapter_digest(a.path),
+            "where": [a.base, str(a.path)],
+            "task": plan.spec.task,
+            "task_options": plan.spec.task_options,
+            "data": content_digest(plan.data),
+            "limit": s.limit,
+            "chat_template": plan.spec.chat_template,
+            "backend": s.backend,
+        }
+    )
 
 
 def _manifest(path: Path) -> dict | None:
@@ -451,7 +479,7 @@ class UpdateRun:
     def _fit(self, adapter: Adapter, train, key: str, progress) -> dict:
         from muscle_ray.training.job import run_training
 
-        (adapter.path / "muscle_manifest.json").unlink(missing_ok=True)   # not this adapter until it is done
+        (adapter.path / "muscle_manifest.json").unlink(missing_ok=True)  # not this adapter until it is done
         with self.fit_slots:
             self.console.log(f"training {adapter.path} (inputs key {key[:12]}, Ray Train run {train.run.name})")
             manifest = run_training(train, threads_per_worker=self.threads, progress=progress)
@@ -475,12 +503,26 @@ class UpdateRun:
             d.mkdir(parents=True, exist_ok=True)
             stamp.write_text(json.dumps({"key": key, "adapter": str(plan.adapters[v].path)}))
         s, spec = plan.cfg.scoring, plan.spec
-        sc = validated(ScoreConfig, dict(
-            task=spec.task, task_options=spec.task_options, data=plan.data, out=str(plan.results), limit=s.limit,
-            batch_size=s.batch_size, workers=s.workers, backend=s.backend, cpus_per_worker=s.cpus_per_worker,
-            gpus_per_worker=s.gpus_per_worker, chat_template=spec.chat_template,
-            versions=[{"name": v, "base": plan.adapters[v].base, "adapter": str(plan.adapters[v].path)}
-                      for v in versions]), f"task {plan.name}")
+        sc = validated(
+            ScoreConfig,
+            dict(
+                task=spec.task,
+                task_options=spec.task_options,
+                data=plan.data,
+                out=str(plan.results),
+                limit=s.limit,
+                batch_size=s.batch_size,
+                workers=s.workers,
+                backend=s.backend,
+                cpus_per_worker=s.cpus_per_worker,
+                gpus_per_worker=s.gpus_per_worker,
+                chat_template=spec.chat_template,
+                versions=[
+                    {"name": v, "base": plan.adapters[v].base, "adapter": str(plan.adapters[v].path)} for v in versions
+                ],
+            ),
+            f"task {plan.name}",
+        )
         with self.stage(name, who or plan.tag, len(versions) * plan.rows, "rows") as stage:
             summaries = run_score(sc, log=self.console.log, progress=stage.advance)
             if not any(x.scored for x in summaries):
@@ -505,9 +547,10 @@ def task_pipeline(run: UpdateRun, p: TaskPlan) -> TaskOutcome:
     row = task_row(metric, cmps["v2"], cmps["compat"], cmps.get("control"))
     # Where each product came from: the Ray Train run directory of every adapter trained here
     # (now or in an earlier run) and the Ray Data pool actors that scored each version.
-    ray_stages = {"train": [{"adapter": str(Path(m["config"]["out"])), **m["ray_run"]} for m in trained],
-                  "score": [{"task": p.name, "version": s.version, "rows": s.rows, "actors": s.actors}
-                            for s in scored]}
+    ray_stages = {
+        "train": [{"adapter": str(Path(m["config"]["out"])), **m["ray_run"]} for m in trained],
+        "score": [{"task": p.name, "version": s.version, "rows": s.rows, "actors": s.actors} for s in scored],
+    }
     return TaskOutcome(row, cmps, ray_stages)
 
 
@@ -529,19 +572,35 @@ def serve_config(cfg: UpdateConfig, plans: list[TaskPlan]) -> dict:
     bases: dict[str, dict] = {"v1": {"path": cfg.old, "models": {}}, "v2": {"path": cfg.new, "models": {}}}
     for p in plans:
         for version in cfg.versions():
-            bases["v1" if version == "v1" else "v2"]["models"][f"{p.name}-{VERSIONS[version]}"] = \
-                str(p.adapters[version].path)
+            bases["v1" if version == "v1" else "v2"]["models"][f"{p.name}-{VERSIONS[version]}"] = str(
+                p.adapters[version].path
+            )
     first = plans[0].name
     shadow = {f"{p.name}-{v}": f"{p.name}-old" for p in plans for v in ("new", "compat")}
     gpu = {"num_gpus": 1} if cfg.scoring.backend == "vllm" or cfg.scoring.gpus_per_worker else {}
-    args = {"bases": bases, "compare": {"old": f"{first}-old", "new": f"{first}-new"},
-            "shadow": {"enabled": False, "pairs": shadow, "out": str(Path(cfg.out) / "serve" / "shadow")},
-            "backend": cfg.scoring.backend}
-    deployments = [{"name": "gateway", "ray_actor_options": {"num_cpus": 0.25}},
-                   *({"name": f"model_{k}", "ray_actor_options": {"num_cpus": 0.5, **gpu}} for k in bases)]
-    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
-            "applications": [{"name": "muscle", "route_prefix": "/", "import_path": "muscle_ray.serving.app:build_app",
-                              "args": args, "deployments": deployments}]}
+    args = {
+        "bases": bases,
+        "compare": {"old": f"{first}-old", "new": f"{first}-new"},
+        "shadow": {"enabled": False, "pairs": shadow, "out": str(Path(cfg.out) / "serve" / "shadow")},
+        "backend": cfg.scoring.backend,
+    }
+    deployments = [
+        {"name": "gateway", "ray_actor_options": {"num_cpus": 0.25}},
+        *({"name": f"model_{k}", "ray_actor_options": {"num_cpus": 0.5, **gpu}} for k in bases),
+    ]
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": [
+            {
+                "name": "muscle",
+                "route_prefix": "/",
+                "import_path": "muscle_ray.serving.app:build_app",
+                "args": args,
+                "deployments": deployments,
+            }
+        ],
+    }
 
 
 def write_serve_config(cfg: UpdateConfig, plans: list[TaskPlan]) -> Path:
@@ -551,8 +610,10 @@ def write_serve_config(cfg: UpdateConfig, plans: list[TaskPlan]) -> Path:
     from muscle_ray.serving.config import read_serve_file
 
     path = Path(cfg.out) / "serve.yaml"
-    head = (f"# Written by muscle update: the models of {cfg.out}, behind the OpenAI-compatible gateway.\n"
-            f"#   muscle serve --config {path}       (or: serve run {path})\n")
+    head = (
+        f"# Written by muscle update: the models of {cfg.out}, behind the OpenAI-compatible gateway.\n"
+        f"#   muscle serve --config {path}       (or: serve run {path})\n"
+    )
     path.write_text(head + yaml.safe_dump(serve_config(cfg, plans), sort_keys=False))
     read_serve_file(path)[0].resolved()
     return path
@@ -562,8 +623,12 @@ def ray_facts() -> dict:
     """Where the work ran, so a reader (and the tests) can see every stage went through Ray."""
     import ray
 
-    return {"address": ray.get_runtime_context().gcs_address, "job_id": ray.get_runtime_context().get_job_id(),
-            "nodes": len(ray.nodes()), "cluster_cpus": ray.cluster_resources().get("CPU")}
+    return {
+        "address": ray.get_runtime_context().gcs_address,
+        "job_id": ray.get_runtime_context().get_job_id(),
+        "nodes": len(ray.nodes()),
+        "cluster_cpus": ray.cluster_resources().get("CPU"),
+    }
 
 
 def run_update(cfg: UpdateConfig, console: Console) -> dict:
@@ -574,8 +639,10 @@ def run_update(cfg: UpdateConfig, console: Console) -> dict:
     run = UpdateRun(console, cfg.threads, cfg.concurrent_fits)
     cfg = cfg.located()
     plans = plan(cfg)
-    console.line(f"MUSCLE update: {cfg.old} -> {cfg.new}, tasks {', '.join(p.name for p in plans)} -> {cfg.out}"
-                 + (f"  (Ray's output: {console.log_path})" if console.log_path else ""))
+    console.line(
+        f"MUSCLE update: {cfg.old} -> {cfg.new}, tasks {', '.join(p.name for p in plans)} -> {cfg.out}"
+        + (f"  (Ray's output: {console.log_path})" if console.log_path else "")
+    )
     init_ray()
     with run.span("task pipelines"):
         outcomes = run.parallel([partial(task_pipeline, run, p) for p in plans])
@@ -583,9 +650,13 @@ def run_update(cfg: UpdateConfig, console: Console) -> dict:
     for o in outcomes:
         for k, v in o.ray_stages.items():
             stages[k] += v
-    report = {"tasks": {p.name: mean_over_seeds([o.row]) for p, o in zip(plans, outcomes)}, "seeds": [cfg.seed],
-              "config": json.loads(cfg.model_dump_json()), "ray": {**ray_facts(), "stages": stages},
-              "products": {k: v for p in plans for k, v in p.products.items()}}
+    report = {
+        "tasks": {p.name: mean_over_seeds([o.row]) for p, o in zip(plans, outcomes)},
+        "seeds": [cfg.seed],
+        "config": json.loads(cfg.model_dump_json()),
+        "ray": {**ray_facts(), "stages": stages},
+        "products": {k: v for p in plans for k, v in p.products.items()},
+    }
     with run.stage("report", total=None) as stage:
         serve = write_serve_config(cfg, plans)
         report["serve"] = str(serve)

@@ -20,7 +20,7 @@ from muscle_ray.errors import MuscleError
 from muscle_ray.update import UpdateConfig
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")   # the example names hub ids: the cache only, no network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the example names hub ids: the cache only, no network
 
 
 def sums(path: Path, n: int, seed: int, kind: str) -> Path:
@@ -42,14 +42,28 @@ def tiny_update(tmp: Path, old: Path, new: Path, **over) -> dict:
     data = tmp / "data"
     data.mkdir(exist_ok=True)
     raw = {
-        "out": str(tmp / "run"), "old": str(old), "new": str(new),
-        "tasks": [{"task": "mc_jsonl", "name": "figs", "data": str(sums(data / "test.jsonl", 24, 1, "mc")),
-                   "train": {"path": str(sums(data / "train.jsonl", 64, 2, "pairs")),
-                             "val_path": str(sums(data / "val.jsonl", 16, 3, "pairs"))}}],
-        "adapter": {"data": {"max_length": 40}, "lora": {"r": 4, "alpha": 8},
-                    "optim": {"max_steps": 4, "micro_batch_size": 8, "warmup_steps": 0}},
+        "out": str(tmp / "run"),
+        "old": str(old),
+        "new": str(new),
+        "tasks": [
+            {
+                "task": "mc_jsonl",
+                "name": "figs",
+                "data": str(sums(data / "test.jsonl", 24, 1, "mc")),
+                "train": {
+                    "path": str(sums(data / "train.jsonl", 64, 2, "pairs")),
+                    "val_path": str(sums(data / "val.jsonl", 16, 3, "pairs")),
+                },
+            }
+        ],
+        "adapter": {
+            "data": {"max_length": 40},
+            "lora": {"r": 4, "alpha": 8},
+            "optim": {"max_steps": 4, "micro_batch_size": 8, "warmup_steps": 0},
+        },
         "compat": {"optim": {"max_steps": 3}},
-        "new_seed": 1, "scoring": {"batch_size": 8},
+        "new_seed": 1,
+        "scoring": {"batch_size": 8},
     }
     return {**raw, **over}
 
@@ -59,24 +73,28 @@ def tiny_update(tmp: Path, old: Path, new: Path, **over) -> dict:
 
 def test_the_example_config_validates():
     cfg = load_config(UpdateConfig, REPO / "jobs" / "configs" / "update.yaml")
-    task, = cfg.tasks
+    (task,) = cfg.tasks
     assert (task.name, task.chat_template, cfg.control) == ("arc_easy", True, True)
     assert task.training_data() == {"task": "arc_easy", "task_options": {}, "chat_template": True, "data_root": "data"}
-    assert len((REPO / "jobs" / "configs" / "update.yaml").read_text().splitlines()) <= 20   # short enough to copy
+    text = (REPO / "jobs" / "configs" / "update.yaml").read_text()
+    assert len(text.splitlines()) <= 20  # short enough to copy
+    assert text in (REPO / "README.md").read_text()  # README shows this file, as it is
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"tasks": [{"task": "mc_jsonl", "data": "t.jsonl"}]}, "field 'tasks[0].train': Field required"),
-    ({"tasks": [{"task": "nope", "data": "t.jsonl", "train": "t.jsonl"}]}, "unknown task 'nope'"),
-    ({"tasks": [{"task": "mc_jsonl", "train": "t.jsonl"}]}, "task mc_jsonl: give data (its eval file)"),
-    ({"tasks": [{"task": "mc_jsonl", "data": "a", "train": "a"}] * 2}, "two tasks named mc_jsonl"),
-    ({"tasks": [{"task": "mc_jsonl", "name": "a b", "data": "a", "train": "a"}]}, "name 'a b'"),
-    ({"scoring": {"workers": "3,1"}}, "field 'scoring.workers': need 1 <= MIN <= MAX, got 3,1"),
-    ({"adapter": {"optim": {"lrr": 1}}}, "adapter (over muscle_ray/recipes/task_adapter.yaml): field 'optim.lrr'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tasks": [{"task": "mc_jsonl", "data": "t.jsonl"}]}, "field 'tasks[0].train': Field required"),
+        ({"tasks": [{"task": "nope", "data": "t.jsonl", "train": "t.jsonl"}]}, "unknown task 'nope'"),
+        ({"tasks": [{"task": "mc_jsonl", "train": "t.jsonl"}]}, "task mc_jsonl: give data (its eval file)"),
+        ({"tasks": [{"task": "mc_jsonl", "data": "a", "train": "a"}] * 2}, "two tasks named mc_jsonl"),
+        ({"tasks": [{"task": "mc_jsonl", "name": "a b", "data": "a", "train": "a"}]}, "name 'a b'"),
+        ({"scoring": {"workers": "3,1"}}, "field 'scoring.workers': need 1 <= MIN <= MAX, got 3,1"),
+        ({"adapter": {"optim": {"lrr": 1}}}, "adapter (over muscle_ray/recipes/task_adapter.yaml): field 'optim.lrr'"),
+    ],
+)
 def test_a_bad_config_is_one_line_naming_the_field(change, message):
-    raw = {"old": "models/v1", "new": "models/v2", "tasks": [{"task": "mc_jsonl", "data": "a", "train": "a"}],
-           **change}
+    raw = {"old": "models/v1", "new": "models/v2", "tasks": [{"task": "mc_jsonl", "data": "a", "train": "a"}], **change}
     with pytest.raises(MuscleError) as e:
         validated(UpdateConfig, raw, "update.yaml")
     assert str(e.value).startswith("update.yaml: ") and message in str(e.value), str(e.value)
@@ -88,8 +106,12 @@ def test_a_bad_recipe_override_fails_before_any_work(tmp_path, capsys, tiny_mode
     path.write_text(yaml.safe_dump(tiny_update(tmp_path, tiny_model, tiny_model_b)))
     assert main(["update", "--config", str(path), "--set", "adapter.optim.lr=-1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"muscle update: error: {path}: adapter (over muscle_ray/recipes/task_adapter.yaml): "
-                          "field 'optim.lr'") and err.count("\n") == 1, err
+    assert (
+        err.startswith(
+            f"muscle update: error: {path}: adapter (over muscle_ray/recipes/task_adapter.yaml): field 'optim.lr'"
+        )
+        and err.count("\n") == 1
+    ), err
     assert not (tmp_path / "run").exists()
 
 
@@ -100,10 +122,13 @@ def test_training_data_forms(tmp_path):
         return validated(UpdateConfig, raw).tasks[0].training_data()
 
     own = {"task": "arc_easy", "task_options": {}, "chat_template": True}
-    assert data("train.jsonl") == {**own, "path": "train.jsonl"}                  # the task's own rows
-    assert data({"data_root": "d"}) == {**own, "data_root": "d"}                  # its training split there
-    assert data({"path": "p.jsonl", "val_path": "v.jsonl"}) == {"chat_template": True, "path": "p.jsonl",
-                                                                "val_path": "v.jsonl"}   # prompt/completion rows
+    assert data("train.jsonl") == {**own, "path": "train.jsonl"}  # the task's own rows
+    assert data({"data_root": "d"}) == {**own, "data_root": "d"}  # its training split there
+    assert data({"path": "p.jsonl", "val_path": "v.jsonl"}) == {
+        "chat_template": True,
+        "path": "p.jsonl",
+        "val_path": "v.jsonl",
+    }  # prompt/completion rows
 
 
 def test_inputs_keys_follow_content_not_paths(tmp_path, tiny_model, tiny_model_b):
@@ -113,11 +138,11 @@ def test_inputs_keys_follow_content_not_paths(tmp_path, tiny_model, tiny_model_b
 
     def key(**over):
         cfg = validated(UpdateConfig, tiny_update(tmp_path, tiny_model, tiny_model_b, **over))
-        p, = plan(cfg)
+        (p,) = plan(cfg)
         return training_key(p.adapters["v1"].train), training_key(p.adapters["v2"].train)
 
     v1, v2 = key()
-    assert v1 != v2                                       # other base, other seed
+    assert v1 != v2  # other base, other seed
     assert key(out=str(tmp_path / "elsewhere")) == (v1, v2)
     assert key(adapter={"optim": {"max_steps": 5}}) != (v1, v2)
     assert key(new_seed=0)[0] == v1 and key(new_seed=0)[1] != v2
@@ -125,8 +150,8 @@ def test_inputs_keys_follow_content_not_paths(tmp_path, tiny_model, tiny_model_b
     shutil.copy(tmp_path / "data" / "train.jsonl", moved)
     raw = tiny_update(tmp_path, tiny_model, tiny_model_b)
     raw["tasks"][0]["train"]["path"] = str(moved)
-    p, = plan(validated(UpdateConfig, raw))
-    assert training_key(p.adapters["v1"].train) == v1    # the same bytes elsewhere
+    (p,) = plan(validated(UpdateConfig, raw))
+    assert training_key(p.adapters["v1"].train) == v1  # the same bytes elsewhere
     with open(moved, "a") as f:
         f.write(json.dumps({"prompt": "one more", "completion": " row"}) + "\n")
     assert training_key(p.adapters["v1"].train) != v1
@@ -148,13 +173,16 @@ def test_the_serving_config_hosts_every_model_of_every_task(tmp_path, tiny_model
     path = write_serve_config(cfg, plans)
     app, options = read_serve_file(path)
     models = app.base_of()
-    assert models == {"figs-old": "v1", "figs2-old": "v1", **{f"{t}-{v}": "v2" for t in ("figs", "figs2")
-                                                               for v in ("new", "compat", "control")}}
-    assert app.bases["v1"].models["figs2-old"] == str(tiny_adapter)          # a given adapter, served as it is
+    assert models == {
+        "figs-old": "v1",
+        "figs2-old": "v1",
+        **{f"{t}-{v}": "v2" for t in ("figs", "figs2") for v in ("new", "compat", "control")},
+    }
+    assert app.bases["v1"].models["figs2-old"] == str(tiny_adapter)  # a given adapter, served as it is
     assert app.bases["v2"].models["figs-compat"] == str(tmp_path / "run" / "adapters" / "figs" / "compat")
     assert (app.compare.old, app.compare.new) == ("figs-old", "figs-new")
     assert set(options["deployments"]) == {"gateway", "model_v1", "model_v2"}
-    with pytest.raises(MuscleError, match="figs-control"):                   # a model directory gone
+    with pytest.raises(MuscleError, match="figs-control"):  # a model directory gone
         shutil.rmtree(plans[0].adapters["control"].path)
         write_serve_config(cfg, plans)
 
@@ -189,8 +217,10 @@ def test_a_first_run_trains_scores_and_reports_every_version(runs):
     for k in ("acc_v1", "acc_v2", "acc_compat", "acc_control", "nfr", "nfr_compat", "nfr_control"):
         assert 0 <= row[k] <= 1, k
     assert row["metric"] == "acc"
-    assert first["products"] == {**{f"adapters/figs/{v}": "trained" for v in VERSIONS},
-                                 **{f"results/figs/{v}": "scored 24" for v in VERSIONS}}
+    assert first["products"] == {
+        **{f"adapters/figs/{v}": "trained" for v in VERSIONS},
+        **{f"results/figs/{v}": "scored 24" for v in VERSIONS},
+    }
     for v in VERSIONS:
         manifest = json.loads((out / "adapters" / "figs" / v / "muscle_manifest.json").read_text())
         assert manifest["inputs_key"] and Path(manifest["ray_run"]["path"]).is_relative_to(out / "ray")
@@ -211,9 +241,15 @@ def test_a_rerun_reuses_every_product(runs):
 def test_a_changed_compat_recipe_retrains_and_rescores_compat_and_control_only(runs):
     out, first, _, changed = runs
     assert changed["products"] == {
-        "adapters/figs/v1": "reused", "adapters/figs/v2": "reused", "results/figs/v1": "reused",
-        "results/figs/v2": "reused", "adapters/figs/compat": "trained", "adapters/figs/control": "trained",
-        "results/figs/compat": "scored 24", "results/figs/control": "scored 24"}
+        "adapters/figs/v1": "reused",
+        "adapters/figs/v2": "reused",
+        "results/figs/v1": "reused",
+        "results/figs/v2": "reused",
+        "adapters/figs/compat": "trained",
+        "adapters/figs/control": "trained",
+        "results/figs/compat": "scored 24",
+        "results/figs/control": "scored 24",
+    }
     manifest = json.loads((out / "adapters" / "figs" / "compat" / "muscle_manifest.json").read_text())
     assert manifest["config"]["optim"]["lr"] == 1e-3
     row, before = changed["tasks"]["figs"], first["tasks"]["figs"]
