@@ -22,6 +22,8 @@ def test_config_names_the_bad_field(tmp_path, tiny_model):
         validated(AdapterTrainConfig, _raw(tiny_model, tmp_path, optim={"lr": -1}))
     with pytest.raises(MuscleError, match="nonsense"):
         validated(AdapterTrainConfig, _raw(tiny_model, tmp_path, nonsense=1))
+    with pytest.raises(MuscleError, match="run.snapshot_every_steps"):
+        validated(AdapterTrainConfig, _raw(tiny_model, tmp_path, run={"snapshot_every_steps": 0}))
     with pytest.raises(MuscleError, match="compat"):
         validated(CompatTrainConfig, _raw(tiny_model, tmp_path))
     compat = {"old": {"base": "x"}, "new_adapter": "y", "teachers": "cached"}
@@ -175,3 +177,73 @@ def test_warmup_then_schedule(tmp_path, tiny_model):
             sched.step()
             lrs.append(sched.get_last_lr()[0])
         assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[-1] == pytest.approx(last)
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_snapshot_index_resume_and_publish(tmp_path, uri):
+    from muscle_ray.training.snapshots import keep_until, list_snapshots, publish, read_index, record
+
+    run_dir = tmp_path / "ray" / "snapshots"
+    location = run_dir.as_uri() if uri else str(run_dir)  # a URI run directory too (file:// here)
+    assert read_index(location) == [] and publish(location, tmp_path / "out") == []
+
+    def weights(text):
+        return lambda d: (d / "adapter_model.safetensors").write_text(text)
+
+    for step, val in ((4, 0.5), (2, None), (6, None), (4, 0.25)):  # out of order; step 4 written again
+        record(location, step, val, weights(f"w{step}"))
+    assert read_index(location) == [
+        {"step": 2, "path": "step-000002", "val_loss": None},
+        {"step": 4, "path": "step-000004", "val_loss": 0.25},
+        {"step": 6, "path": "step-000006", "val_loss": None},
+    ]
+    keep_until(location, 4)  # resumed from the step-4 checkpoint: step 6 is written again later
+    assert [e["step"] for e in read_index(location)] == [2, 4]
+
+    out = tmp_path / "out"
+    (out / "snapshots" / "step-000009").mkdir(parents=True)  # an earlier run's, replaced
+    assert [e["step"] for e in publish(location, out)] == [2, 4]
+    assert list_snapshots(out) == [(2, out / "snapshots" / "step-000002"), (4, out / "snapshots" / "step-000004")]
+    assert (out / "snapshots" / "step-000004" / "adapter_model.safetensors").read_text() == "w4"
+    assert not (out / "snapshots" / "step-000009").exists() and not list(out.glob("snapshots/*.tmp"))
+    assert publish(None, out) == [] and list_snapshots(out) == []  # a run without snapshots removes stale ones
+
+    (run_dir / "snapshots.json").write_text("{not json")
+    with pytest.raises(MuscleError, match="snapshots.json"):
+        read_index(location)
+
+
+def test_snapshotter_writes_due_steps_with_the_val_loss_of_their_step(tmp_path, tiny_model):
+    """Without Ray: the loop's call order on one worker (due after a step; written before the next
+    optimizer step, or by the evaluation at that step); a resumed run keeps what it had."""
+    from safetensors.torch import load_file
+
+    from muscle_ray.training.config import LoraSettings
+    from muscle_ray.training.loop import Snapshotter
+    from muscle_ray.training.lora import build_student
+    from muscle_ray.training.snapshots import list_snapshots, publish, read_index
+
+    student = build_student(str(tiny_model), LoraSettings(r=2), None)
+    location = str(tmp_path / "run" / "snapshots")
+    snap = Snapshotter(location, 2, student, student, rank=0, start_step=0)
+    name, lora = next((n, p) for n, p in student.named_parameters() if p.requires_grad)
+    at = {}
+    for step in range(1, 6):
+        snap.write()  # before the optimizer step
+        with torch.no_grad():
+            lora.add_(1.0)
+        at[step] = lora.detach().clone()
+        snap.due(step, last=step == 5)
+        if step in (4, 5):  # an evaluation at this step
+            snap.write(val_loss=float(step))
+    assert [(e["step"], e["val_loss"]) for e in read_index(location)] == [(2, None), (4, 4.0), (5, 5.0)]
+    publish(location, tmp_path / "out")
+    for step, d in list_snapshots(tmp_path / "out"):
+        saved = load_file(str(d / "adapter_model.safetensors"))[name.replace(".default", "")]  # PEFT's key
+        assert torch.equal(saved, at[step]), step
+
+    resumed = Snapshotter(location, 2, student, student, rank=0, start_step=4)
+    assert [e["step"] for e in read_index(location)] == [2, 4]
+    resumed.due(4, last=False)
+    resumed.write()
+    assert read_index(location)[-1]["val_loss"] == 4.0  # not written again

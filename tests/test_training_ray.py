@@ -1,7 +1,7 @@
 """End to end on Ray Train (slow): a two-worker FSDP2 compat run on CPU that loses a worker
-mid-run, resumes from its last checkpoint, finishes, and exports a loadable PEFT adapter;
-then the same run name restarts from storage; and `muscle train-adapter` (two DDP workers)
-from a YAML file."""
+mid-run, resumes from its last checkpoint, finishes, and exports a loadable PEFT adapter and
+its snapshots; then the same run name restarts from storage; adapter snapshots every K steps on
+one worker; and `muscle train-adapter` (two DDP workers) from a YAML file."""
 
 import json
 import os
@@ -84,6 +84,7 @@ def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
             "cpus_per_worker": 0.25,
             "max_failures": 1,
             "eval_every_steps": 2,
+            "snapshot_every_steps": 2,
         },
         "compat": {
             "old": {"base": str(tiny_model), "adapter": str(tiny_adapter)},
@@ -107,9 +108,68 @@ def test_fsdp2_compat_run_survives_a_killed_worker_and_restarts_by_name(
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_b), str(out))
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
+    # Snapshots every 2 steps, each after the evaluation at its step; the one at step 2 was written
+    # before the kill and kept by the resumed run (it wrote its run directory's file no more).
+    snaps = manifest["snapshots"]
+    assert [e["step"] for e in snaps] == [2, 4, 6, 8] and all(e["val_loss"] > 0 for e in snaps)
+    assert snaps == json.loads((out / "snapshots" / "snapshots.json").read_text())
+    kept = Path(manifest["ray_run"]["path"]) / "snapshots" / "step-000002" / "adapter_model.safetensors"
+    assert kept.stat().st_mtime < marker.stat().st_mtime  # the marker's last line: "started at step 2"
+    assert set(_lora_weights(out / "snapshots" / "step-000008")) == set(trained)
+    PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_b), str(out / "snapshots" / "step-000004")
+    )
+
     # Same name, same storage: Ray Train restores the run; it is already complete, so no new steps.
     again = run_training(cfg)
     assert again["best_metrics"]["step"] == manifest["best_metrics"]["step"]
+    assert again["snapshots"] == snaps
+
+
+def test_snapshots_every_k_steps_load_in_peft_and_the_last_is_the_export(ray_session, tmp_path, train_file, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from muscle_ray.config import validated
+    from muscle_ray.training.config import AdapterTrainConfig
+    from muscle_ray.training.job import run_training
+    from muscle_ray.training.snapshots import list_snapshots
+
+    raw = {
+        "base": str(tiny_model),
+        "out": str(tmp_path / "task"),
+        "data": {"path": str(train_file), "max_length": 40},
+        "lora": {"r": 4, "alpha": 8},
+        "optim": {"micro_batch_size": 4, "max_steps": 5, "lr": 1e-2},
+        "run": {
+            "name": "snaps",
+            "storage_path": str(tmp_path / "ray"),
+            "cpus_per_worker": 0.25,
+            "snapshot_every_steps": 2,
+        },
+    }
+    manifest = run_training(validated(AdapterTrainConfig, raw))
+    out = tmp_path / "task"
+    # Every 2 steps and at the last; only the last has an evaluation (one checkpoint: no selection).
+    assert [(e["step"], e["path"], e["val_loss"]) for e in manifest["snapshots"]] == [
+        (2, "step-000002", None),
+        (4, "step-000004", None),
+        (5, "step-000005", manifest["best_metrics"]["val_loss"]),
+    ]
+    snaps = list_snapshots(out)
+    assert [s for s, _ in snaps] == [2, 4, 5]
+    weights = [_lora_weights(d) for _, d in snaps]
+    for a, b in zip(weights, weights[1:]):
+        assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)
+    final = _lora_weights(out)
+    assert set(weights[-1]) == set(final) and all(torch.equal(weights[-1][k], final[k]) for k in final)
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        logits = [
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(d))(input_ids=x).logits
+            for _, d in snaps
+        ]
+    assert all(torch.isfinite(lg).all() for lg in logits) and not torch.allclose(logits[0], logits[-1])
 
 
 def test_train_adapter_command_from_yaml_with_ddp(ray_session, tmp_path, train_file, tiny_model):

@@ -82,6 +82,7 @@ class RunSettings(_Strict):
     num_to_keep: int = Field(2, gt=0)
     eval_every_steps: int | None = Field(None, gt=0)  # also checkpoint mid-epoch
     log_every_steps: int = Field(1, gt=0)  # a progress line every N optimizer steps
+    snapshot_every_steps: int | None = Field(None, gt=0)  # and at the last step: out/snapshots/step-N/
     seed: int = 0
 
 

@@ -10,6 +10,7 @@ from muscle_ray.errors import MuscleError
 from muscle_ray.models import ModelVersion, check_same_tokenizer
 from muscle_ray.training.config import TrainConfig
 from muscle_ray.training.lora import base_fingerprint, write_manifest
+from muscle_ray.training.snapshots import SNAPSHOTS, publish
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
@@ -64,7 +65,8 @@ def _storage(path: str) -> str:
 
 
 def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -> dict:
-    """Fit with Ray Train, export the best checkpoint's adapter to cfg.out; returns the manifest.
+    """Fit with Ray Train, export the best checkpoint's adapter to cfg.out (and any snapshots to
+    cfg.out/snapshots/); returns the manifest.
 
     `progress(step, total)`, if given, is called by the rank-0 worker after each optimizer step
     (a `muscle_ray.console.Progress`: it must be picklable and cheap).
@@ -86,6 +88,8 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -
         raise MuscleError(f"{cfg.data.path}: {n_train} training rows, fewer than num_workers x micro_batch_size")
     run = cfg.run
     storage = _storage(run.storage_path)
+    # Snapshots go to the run's directory, which every worker's node sees and a resumed run finds.
+    snapshots = f"{storage}/{run.name}/{SNAPSHOTS}" if run.snapshot_every_steps else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -93,6 +97,7 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -
             "n_train": n_train,
             "threads": threads_per_worker,
             "progress": progress,
+            "snapshots": snapshots,
         },
         scaling_config=ScalingConfig(
             num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
@@ -120,6 +125,7 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -
     with ckpt.as_directory() as d:
         for f in (Path(d) / "adapter").iterdir():
             shutil.copy2(f, out / f.name)
+    snapshot_index = publish(snapshots, out)
     c = cfg.compat
     manifest = {
         "kind": "compat" if c else "task_adapter",
@@ -131,6 +137,7 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -
         "data": cfg.data.path,
         "mask": c.mask if c else "ce",
         "best_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+        "snapshots": snapshot_index,
         "ray_run": {"name": run.name, "storage_path": storage, "path": result.path},
         "config": json.loads(cfg.model_dump_json()),
     }

@@ -3,7 +3,8 @@
 One loop for both jobs: the compat job only adds teachers and swaps the loss. Per worker:
 build the student -> (teachers) -> shard (FSDP2 per decoder block, or DDP) -> resume from
 `ray.train.get_checkpoint()` -> epochs over this worker's Ray Data shard with gradient
-accumulation -> validation + checkpoint at each epoch end (and every `eval_every_steps`).
+accumulation -> validation + checkpoint at each epoch end (and every `eval_every_steps`),
+and adapter snapshots every `snapshot_every_steps` (see `muscle_ray.training.snapshots`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from muscle_ray.models import ModelVersion
+from muscle_ray.training import snapshots
 from muscle_ray.training.config import TrainConfig
 from muscle_ray.training.data import IGNORE, trim_batch
 from muscle_ray.training.lora import build_student, save_adapter
@@ -145,6 +147,35 @@ def save_checkpoint(model, student, opt, sched, progress: dict, metrics: dict, r
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+class Snapshotter:
+    """Exports the adapter when a snapshot is due: marked `due` after an optimizer step, written
+    before the weights move again (so after any evaluation at that step, whose val_loss it keeps).
+    Every rank gathers (a collective under FSDP); rank 0 writes."""
+
+    def __init__(self, location: str | None, every: int | None, model, student, rank: int, start_step: int):
+        self.location, self.every = location, every
+        self.model, self.student, self.rank = model, student, rank
+        self.pending: int | None = None
+        self.written = start_step  # a resumed run has the snapshot of the step it starts from
+        if location and rank == 0:
+            snapshots.keep_until(location, start_step)
+
+    def due(self, step: int, last: bool) -> None:
+        if self.location and self.every and step != self.written and (step % self.every == 0 or last):
+            self.pending = step
+
+    def write(self, val_loss: float | None = None) -> None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        if self.pending is None or self.location is None:
+            return
+        msd = get_model_state_dict(self.model, options=_state_options())
+        if self.rank == 0:
+            snapshots.record(self.location, self.pending, val_loss, lambda d: save_adapter(self.student, msd, d))
+            print(f"[muscle-train] snapshot step={self.pending} -> {self.location}", flush=True)
+        self.written, self.pending = self.pending, None
+
+
 def restore(model, opt, sched) -> dict:
     """Load adapter + optimizer + scheduler from Ray Train's latest checkpoint, if any."""
     import ray.train
@@ -193,6 +224,7 @@ def train_loop_per_worker(config: dict):
     if report_step:
         report_step(step, total_steps)
 
+    snapshot = Snapshotter(config.get("snapshots"), cfg.run.snapshot_every_steps, model, student, rank, step)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     window = {"t0": time.perf_counter(), "tokens": 0}
@@ -200,6 +232,7 @@ def train_loop_per_worker(config: dict):
 
     def checkpoint(epoch, micro_in_epoch):
         val = evaluate(model, teachers, val_shard, cfg, device)
+        snapshot.write(val)  # before the checkpoint: a run resumed from it has this snapshot
         metrics = {"val_loss": val, "step": step, "epoch": epoch, **{f"train_{k}": v for k, v in last.items()}}
         if rank == 0:
             print(f"[muscle-train] eval step={step} epoch={epoch} val_loss={val:.5f}", flush=True)
@@ -230,12 +263,14 @@ def train_loop_per_worker(config: dict):
             n_micro += 1
             if not sync:
                 continue
+            snapshot.write()  # one due at the previous step, with no evaluation there
             if o.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], o.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            snapshot.due(step, last=step == total_steps)
             if report_step:
                 report_step(step, total_steps)
             elapsed = time.perf_counter() - window["t0"]
@@ -261,6 +296,7 @@ def train_loop_per_worker(config: dict):
             if step >= total_steps:
                 break
         skip = 0
+        snapshot.due(step, last=step >= total_steps or epoch + 1 == o.epochs)
         checkpoint(epoch + 1, 0)
     if teachers is not None and hasattr(teachers, "close"):
         teachers.close()
