@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from muscle_ray.metrics.compare import compare
-from muscle_ray.report import mean_over_seeds, task_row, verdict, verdict_table, write_report
+from muscle_ray.report import fight_markdown, mean_over_seeds, task_row, verdict, verdict_table, write_report
 
 
 def _results(correct, pred, score=None):
@@ -104,3 +104,52 @@ def test_mean_over_seeds_keeps_each_seed_and_the_spread():
     assert "m_g" not in out  # absent stays absent, not 0
     single = mean_over_seeds(rows[:1])
     assert single["acc_compat"] == 0.8 and "acc_compat_per_seed" not in single and "acc_compat_std" not in single
+
+
+def _fight(diff: float, verdict_name: str) -> dict:
+    """A hand-made row["fight"] (the shape metrics.fight.fair_fight returns)."""
+    curve = [{"step": s, "acc": a, "nfr": n} for s, a, n in ((0, 0.75, 0.2), (100, 0.8, 0.1))]
+    return {
+        "curves": {"compat": curve, "control": curve},
+        "matched": {
+            "acc": 0.8,
+            "nfr_compat": 0.1 + diff,
+            "nfr_control": 0.1,
+            "diff": diff,
+            "ci": [diff - 0.01, diff + 0.01],
+        },
+        "mcnemar": {"n": 70, "b": 12, "c": 3, "p": 0.035},
+        "verdict": {"verdict": verdict_name, "why": "numbers"},
+    }
+
+
+def test_extra_fields_survive_mean_over_seeds_and_render_per_seed(tmp_path):
+    one = mean_over_seeds([{**_row(0.8, 0.05), "fight": _fight(-0.03, "compat better")}])
+    assert one["fight"]["matched"]["diff"] == -0.03 and "fight_per_seed" not in one
+    assert verdict(one) == "compat better"  # the computed verdict, not the rule of thumb
+    two = mean_over_seeds([{**_row(0.8, 0.05), "fight": _fight(-0.03, "compat better")}, _row(0.8, 0.05)])
+    assert "fight" not in two and two["fight_per_seed"][1] is None
+    assert "plateau_per_seed" not in two  # absent in every seed: absent
+    md = fight_markdown({"tasks": {"sum_mc": two}, "seeds": [3, 4]})
+    assert "| sum_mc (seed 3) | 75.00 / 80.00 / 80.00 | 20.00 / 5.00 / 10.00 |" in md
+    assert "| 80.00 | 7.00 / 10.00 | -3.00 [-4.00, -2.00] | 12/3 of 70 | 0.035 | compat better |" in md
+    assert "seed 4" not in md and "Is the world fit" not in md  # seed 4 has no fight; no plateau anywhere
+
+
+def test_base_seed_pairs_render_each_pair_and_the_pooled_test(tmp_path):
+    rows = [{**_row(0.8, 0.05), "fight": _fight(-0.03, "compat better")}, _row(0.8, 0.12)]
+    report = {
+        "tasks": {"sum_mc": {**_row(0.8, 0.05), "d_acc_c": 0.05, "d_nfr_c": -0.15}},
+        "base_seeds": {
+            "pairs": [[0, 1], [2, 3]],
+            "tasks": {"sum_mc": {"rows": rows, "pooled_mcnemar": {"b": 20, "c": 4, "n": 140, "p": 0.0015, "pairs": 2}}},
+        },
+    }
+    lines = fight_markdown(report).splitlines()
+    assert lines[0] == "## Over pairs of base seeds"
+    body = [line for line in lines if line.startswith("| sum_mc")]
+    assert body[0].startswith("| sum_mc | 0, 1 |") and body[0].endswith("| compat better |")
+    assert body[1].startswith("| sum_mc | 2, 3 |") and body[1].count("–") == 6  # no fight for that pair
+    assert body[2].startswith("| sum_mc | pooled (2 pairs) |") and "| 20/4 of 140 | 0.0015 |" in body[2]
+    page = write_report(report, {}, tmp_path)["html"].read_text()
+    assert "<h2>Over pairs of base seeds</h2>" in page and page.count("<table>") == 2

@@ -123,3 +123,32 @@ def report_figures(report: dict, comparisons: dict) -> dict[str, str]:
     ax.legend(fontsize=7, ncol=2)
     figs["NFR vs accuracy"] = _png(fig)
     return figs
+
+
+def fight_curves(title: str, fight: dict) -> str:
+    """NFR against accuracy along training, compat and control (base64 PNG): both curves in
+    step order from the v2 point (step 0), the accuracy range they share, and each curve's
+    NFR at the matched accuracy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    styles = {"compat": ("tab:green", "*"), "control": ("tab:blue", "s")}
+    for name, (color, marker) in styles.items():
+        pts = fight["curves"][name]
+        acc, nfr = [100 * p["acc"] for p in pts], [100 * p["nfr"] for p in pts]
+        ax.plot(acc, nfr, "-", marker=marker, color=color, label=f"{name} (steps {pts[0]['step']}–{pts[-1]['step']})")
+        ax.annotate(str(pts[-1]["step"]), (acc[-1], nfr[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    start = fight["curves"]["control"][0]
+    if start["step"] == 0:
+        ax.scatter([100 * start["acc"]], [100 * start["nfr"]], s=80, color="black", zorder=3, label="v2 (step 0)")
+    m = fight["matched"]
+    if m.get("overlap"):
+        ax.axvspan(100 * m["overlap"][0], 100 * m["overlap"][1], color="gray", alpha=0.12, label="shared accuracy")
+    if m.get("acc") is not None:
+        ax.axvline(100 * m["acc"], color="black", lw=0.8, ls="--", label=f"matched accuracy {pct(m['acc'])}%")
+        for name, (color, _) in styles.items():
+            ax.scatter([100 * m["acc"]], [100 * m[f"nfr_{name}"]], marker="x", s=60, color=color, zorder=4)
+    ax.set_xlabel("accuracy / score (%)")
+    ax.set_ylabel("NFR against v1 (%)")
+    ax.set_title(f"{title}: {fight['verdict']['verdict']}", fontsize=10)
+    ax.legend(fontsize=7)
+    return _png(fig)
