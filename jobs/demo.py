@@ -1,6 +1,6 @@
 """Ray job entrypoint: the whole MUSCLE update end to end (`make demo`, `muscle demo`).
 
-python jobs/demo.py --out runs/demo [--mask muscle] [--ablation sum_mc] [--seeds 0,1,2]
+python jobs/demo.py --out runs/demo [--mask muscle] [--ablation home_mc] [--seeds 0,1,2]
 """
 
 import sys

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from muscle_ray.errors import MuscleError
 
 POLL_S = 0.5
-NAME_WIDTH = 40  # "story_rouge: compat and control adapters"
+NAME_WIDTH = 40  # "trip_rouge: compat and control adapters"
 
 
 class ProgressBoard:

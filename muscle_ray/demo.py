@@ -2,9 +2,11 @@
 
 The demo builds (or reuses) the zoo -- two small Llama bases pretrained from scratch and three
 tasks -- writes an UpdateConfig for it and runs the update pipeline of muscle_ray/update.py:
-task adapters -> flips -> compat and control -> report -> serve.yaml. Only what the demo adds
-wraps it: the zoo (built in a Ray task), several adapter seeds (the report's mean and spread)
-and the masking ablation (the paper's Table 7).
+task adapters -> flips -> compat and control (with their snapshot curves) -> the adapters of two
+more seeds (do flips recur across adapter seeds?) -> report -> serve.yaml. Only what the demo
+adds wraps it: the zoo (built in a Ray task), several seeds (the report's mean and spread),
+several pairs of base seeds (a zoo and an update each; the fight's McNemar pooled over them) and
+the masking ablation (the paper's Table 7).
 
 The claim the demo makes is MUSCLE against a *fair control* (the v2 task adapter trained on
 with plain cross-entropy for the same steps from the same start) at matched accuracy, not
@@ -24,15 +26,27 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from muscle_ray.console import Console
-from muscle_ray.training.losses import MASKS
 from muscle_ray.update import TaskOutcome, TaskPlan, UpdateConfig, UpdateRun, check_overrides, train_config
 from muscle_ray.zoo.build import ZooConfig
 
 # How each zoo task is scored: the generic tasks over the zoo's JSONL files (task, options, metric).
 SCORING = {
-    "sum_mc": ("mc_jsonl", {}, "acc"),
-    "sum_em": ("gen_jsonl", {"metric": "exact", "stop": ["."], "max_new_tokens": 6}, "exact"),
-    "story_rouge": ("gen_jsonl", {"metric": "rouge1", "stop": ["."], "max_new_tokens": 24}, "rouge1"),
+    "home_mc": ("mc_jsonl", {}, "acc"),
+    "pet_em": ("gen_jsonl", {"metric": "exact", "stop": ["."], "max_new_tokens": 4}, "exact"),
+    "trip_rouge": ("gen_jsonl", {"metric": "rouge1", "stop": ["."], "max_new_tokens": 24}, "rouge1"),
+}
+
+
+# The paper's Table 7 (its section 6.5): row -> (mask, CE mixed in). The paper's masks are pure
+# L_mcomp but for the `CE +` rows, whose weight λ (Eq. 5) it leaves unstated: those take
+# `ablation_ce_weight`. (The `new` mask, KL to v2 only, is self-distillation: not a Table 7 row.)
+ABLATION: dict[str, tuple[str, bool]] = {
+    "muscle": ("muscle", False),
+    "old_correct": ("old_correct", False),
+    "old": ("old", False),
+    "muscle+ce": ("muscle", True),
+    "token_likelihood+ce": ("token_likelihood", True),
+    "sequence_likelihood+ce": ("sequence_likelihood", True),
 }
 
 
@@ -41,13 +55,23 @@ class DemoConfig(BaseModel):
     out: str = "runs/demo"
     zoo: ZooConfig = ZooConfig()
     tasks: list[str] = list(SCORING)
-    seeds: list[int] = [0]
+    seeds: list[int] = [0]  # every adapter's seed: a whole update per seed (the report's mean and spread)
+    # More v1/v2 task adapters in the first seed's update: do its negative flips recur across seeds?
+    adapter_seeds: list[int] = [1, 2]
+    # (v1 seed, v2 seed) pairs of the zoo's bases: a zoo and an update each, under bases-A-B/; the
+    # report's rows are the first pair's, and the fight's McNemar is pooled over all. None: the zoo's own.
+    base_seeds: list[tuple[int, int]] = []
     # Fields over the recipes, in TrainConfig's shape, e.g. {"optim": {"max_steps": 80}};
     # `compat` also makes the control (the same with compat.mask: ce).
     adapter: dict[str, Any] = {}
     compat: dict[str, Any] = {}
-    ablation_task: str | None = None  # run all six masks on this task (the paper's Table 7)
-    ablation_ce_weight: float = Field(0.5, ge=0, le=1)  # the paper's likelihood masks need CE (λ unstated)
+    # As in UpdateConfig: compat/control snapshots, selection for compatibility, compat variants.
+    snapshot_every: int | None = Field(None, ge=0)
+    select: Literal["loss", "compat"] = "loss"
+    select_floor: float = Field(0.0, ge=0)
+    variants: list[str] = []
+    ablation_task: str | None = None  # train Table 7's masks on this task (ABLATION)
+    ablation_ce_weight: float = Field(0.5, ge=0, le=1)  # λ of the `+ce` rows: the paper leaves it unstated
     score_batch_size: int = Field(32, gt=0)
     threads: int = Field(1, gt=0)  # torch threads per train worker
     # Ray Train runs at once. On 2 cores, six concurrent fits took 2.8x the CPU per step of one
@@ -62,22 +86,42 @@ class DemoConfig(BaseModel):
             raise ValueError(f"{', '.join(unknown)}: not a demo task ({', '.join(SCORING)})")
         return tasks
 
+    @field_validator("base_seeds")
+    @classmethod
+    def _distinct_pairs(cls, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if len(set(pairs)) < len(pairs):
+            raise ValueError(f"a pair of base seeds given twice in {[f'{a}:{b}' for a, b in pairs]}")
+        return pairs
+
     def train_config(self, kind: Literal["adapter", "compat"], run: dict):
         """The recipe, this config's overrides of it, then one run's paths, seed and name."""
         return train_config(kind, self.adapter, self.compat, run, "demo config")
 
     def check(self) -> None:
-        """Fail on a bad override before any work starts (before the zoo is built)."""
+        """Fail on a bad override or option before any work starts (before the zoo is built)."""
         check_overrides(self.adapter, self.compat, "demo config")
+        out = Path(self.out)
+        self.update_config(out / "zoo", self.seeds[0], out, first=True)
 
-    def update_config(self, zoo: Path, seed: int, out: Path) -> UpdateConfig:
-        """The update the demo runs for one adapter seed: the zoo's bases and tasks."""
+    def zoo_for(self, pair: tuple[int, int] | None) -> ZooConfig:
+        """The zoo of a pair of base seeds (None: the zoo as configured)."""
+        if pair is None:
+            return self.zoo
+        v1, v2 = (base.model_copy(update={"seed": seed}) for base, seed in zip((self.zoo.v1, self.zoo.v2), pair))
+        return self.zoo.model_copy(update={"v1": v1, "v2": v2})
+
+    def update_config(self, zoo: Path, seed: int, out: Path, first: bool) -> UpdateConfig:
+        """The update the demo runs for one seed: the zoo's bases and tasks (the `first` seed's
+        also trains the adapter seeds)."""
+        from muscle_ray.config import validated
+
         tasks = [
             {
                 "name": t,
                 "task": SCORING[t][0],
                 "task_options": SCORING[t][1],
                 "data": str(zoo / "data" / t / "test.jsonl"),
+                "val_data": str(zoo / "data" / t / "val.jsonl"),
                 "train": {
                     "path": str(zoo / "data" / t / "train_pairs.jsonl"),
                     "val_path": str(zoo / "data" / t / "val_pairs.jsonl"),
@@ -85,7 +129,7 @@ class DemoConfig(BaseModel):
             }
             for t in self.tasks
         ]
-        return UpdateConfig(
+        raw = dict(
             out=str(out),
             old=str(zoo / "v1"),
             new=str(zoo / "v2"),
@@ -94,10 +138,16 @@ class DemoConfig(BaseModel):
             compat=self.compat,
             control=True,
             seed=seed,
+            snapshot_every=self.snapshot_every,
+            select=self.select,
+            select_floor=self.select_floor,
+            adapter_seeds=self.adapter_seeds if first else [],
+            variants=self.variants,
             scoring={"batch_size": self.score_batch_size, "workers": 1},
             threads=self.threads,
             concurrent_fits=self.concurrent_fits,
         )
+        return validated(UpdateConfig, raw, "demo config")
 
 
 def _ray_map(fn, kwargs_list, progress: dict):
@@ -134,31 +184,39 @@ def _pipeline(run: UpdateRun, p: TaskPlan, ablation_ce_weight: float | None) -> 
 
 
 def _ablation(run: UpdateRun, p: TaskPlan, ce_weight: float) -> dict:
-    """All six masks from the same v2 adapter and steps (the paper's Table 7).
-
-    The likelihood masks get CE mixed in (`ce_weight`): the paper found they need it.
-    """
+    """Table 7's rows (ABLATION) from the same v2 adapter and steps. A row whose training is
+    one the update already did (`muscle` is compat on the paper's recipe) reuses that adapter."""
     from muscle_ray.report import task_row
-    from muscle_ray.update import compare_versions
+    from muscle_ray.update import compare_versions, same_training
 
-    names = [f"ablation-{m}" for m in MASKS]
-    for mask, name in zip(MASKS, names):
-        weight = {"ce_weight": ce_weight} if mask.endswith("likelihood") else {}
-        p.adapters[name] = p.compat_adapter(name, mask=mask, **weight)
-    run.train(p, "ablation adapters", names, who=p.name)
-    run.score(p, "score ablation", names, who=p.name)
-    cmps = compare_versions(p, ["v2", *names])
-    masks = {}
-    for mask, name in zip(MASKS, names):
-        w = p.adapters[name].train.compat.ce_weight
-        masks[f"{mask}+ce{w:g}" if w else mask] = task_row(SCORING[p.name][2], cmps["v2"], cmps[name])
-    return {"task": p.name, "nfr": cmps["v2"].summary["nfr"], "masks": masks}
+    versions: dict[str, str] = {}
+    for row, (mask, ce) in ABLATION.items():
+        name = "ablation-" + row.replace("+", "-")
+        a = p.compat_adapter(name, {"compat": {"mask": mask, "ce_weight": ce_weight if ce else 0.0}})
+        same = [v for v, b in p.adapters.items() if b.train is not None and same_training(a.train, b.train)]
+        versions[row] = same[0] if same else name
+        if not same:
+            p.adapters[name] = a
+    todo = [v for v in versions.values() if v.startswith("ablation-")]
+    if todo:
+        run.train(p, "ablation adapters", todo, who=p.name)
+        run.score(p, "score ablation", todo, who=p.name)
+    cmps = compare_versions(p, ["v2", *dict.fromkeys(versions.values())])
+    masks = {row: task_row(SCORING[p.name][2], cmps["v2"], cmps[v]) for row, v in versions.items()}
+    return {
+        "task": p.name,
+        "nfr": cmps["v2"].summary["nfr"],
+        "ce_weight": ce_weight,
+        "versions": versions,
+        "masks": masks,
+    }
 
 
 def run_demo(cfg: DemoConfig, console: Console) -> dict:
     """Run the demo, showing its stages on `console`; returns the report (also on disk)."""
     import ray
 
+    from muscle_ray.metrics.fight import pooled_mcnemar
     from muscle_ray.report import mean_over_seeds, verdict_table, write_report
     from muscle_ray.runtime import init_ray
     from muscle_ray.update import plan, ray_facts, write_serve_config
@@ -169,56 +227,94 @@ def run_demo(cfg: DemoConfig, console: Console) -> dict:
     cfg = cfg.model_copy(update={"out": str(Path(cfg.out).resolve())})
     run = UpdateRun(console, cfg.threads, cfg.concurrent_fits)
     out = Path(cfg.out)
+    # One zoo and update per pair of base seeds, under bases-A-B/ (without pairs: the run folder).
+    pairs: list[tuple[int, int] | None] = list(cfg.base_seeds) or [None]
+    roots = [out if pair is None else out / f"bases-{pair[0]}-{pair[1]}" for pair in pairs]
+    zoos = [cfg.zoo_for(pair) for pair in pairs]
     console.line(
-        f"MUSCLE demo: {', '.join(cfg.tasks)}, seeds {', '.join(map(str, cfg.seeds))} -> {out}"
+        f"MUSCLE demo: {', '.join(cfg.tasks)}, seeds {', '.join(map(str, cfg.seeds))}"
+        + (f", base seeds {', '.join(f'{a}:{b}' for a, b in cfg.base_seeds)}" if cfg.base_seeds else "")
+        + f" -> {out}"
         + (f"  (Ray's output: {console.log_path})" if console.log_path else "")
     )
     init_ray()
-    reuse = is_built(out / "zoo", cfg.zoo)
-    with run.stage("zoo", total=None if reuse else cfg.zoo.v1.steps + cfg.zoo.v2.steps) as stage:
-        if reuse:
-            stage.note = f"reused {out / 'zoo'}"
-        progress = {"v1": stage.reporter("pretrain v1"), "v2": stage.reporter("pretrain v2")}
-        zoo_dir, zoo_task = ray.get(
-            ray.remote(num_cpus=0.25)(_build_zoo_task).remote(str(out / "zoo"), cfg.zoo, progress)
-        )
-    zoo = Path(zoo_dir)
-    # Seed 0 in the run folder itself (the layout `muscle update` writes), later seeds beside it.
-    updates = [cfg.update_config(zoo, seed, out if i == 0 else out / f"seed{seed}") for i, seed in enumerate(cfg.seeds)]
-    plans = [
-        (i, p) for i, u in enumerate(updates) for p in plan(u, suffix="" if len(cfg.seeds) == 1 else f" seed {u.seed}")
+    todo = [z for root, z in zip(roots, zoos) if not is_built(root / "zoo", z)]
+    with run.stage("zoo", total=sum(z.v1.steps + z.v2.steps for z in todo) or None) as stage:
+        if not todo:
+            stage.note = "reused " + ", ".join(str(root / "zoo") for root in roots)
+        build = ray.remote(num_cpus=0.25)(_build_zoo_task)
+        calls = []
+        for pair, root, z in zip(pairs, roots, zoos):
+            label = "" if pair is None else f" ({pair[0]}:{pair[1]})"
+            progress = {v: stage.reporter(f"pretrain {v}{label}") for v in ("v1", "v2")}
+            calls.append(build.remote(str(root / "zoo"), z, progress))
+        built = ray.get(calls)
+    # Per pair, the first seed in its folder (the layout `muscle update` writes), later seeds beside it.
+    updates = [
+        [
+            cfg.update_config(Path(zoo_dir), seed, root if j == 0 else root / f"seed{seed}", first=j == 0)
+            for j, seed in enumerate(cfg.seeds)
+        ]
+        for root, (zoo_dir, _) in zip(roots, built)
     ]
+
+    def suffix(i: int, j: int) -> str:
+        """How the console names a task of pair i, seed j (when there are several)."""
+        seed = f" seed {cfg.seeds[j]}" if len(cfg.seeds) > 1 else ""
+        return seed + (" bases {}:{}".format(*cfg.base_seeds[i]) if len(cfg.base_seeds) > 1 else "")
+
+    plans = [(i, j, p) for i, us in enumerate(updates) for j, u in enumerate(us) for p in plan(u, suffix(i, j))]
+    ablate = cfg.ablation_ce_weight
     with run.span("task pipelines"):
         results = run.parallel(
             [
-                partial(_pipeline, run, p, cfg.ablation_ce_weight if i == 0 and p.name == cfg.ablation_task else None)
-                for i, p in plans
+                partial(_pipeline, run, p, ablate if (i, j) == (0, 0) and p.name == cfg.ablation_task else None)
+                for i, j, p in plans
             ]
         )
-    rows: dict[str, list[dict]] = {t: [] for t in cfg.tasks}
+    rows: dict[tuple[int, str], list[dict]] = {(i, t): [] for i in range(len(pairs)) for t in cfg.tasks}
     ablation: dict = {}
-    stages: dict[str, Any] = {"zoo": {"task_id": zoo_task}, "train": [], "score": []}
+    stages: dict[str, Any] = {
+        "zoo": {"task_id": built[0][1], "task_ids": [t for _, t in built]},
+        "train": [],
+        "score": [],
+    }
     products: dict[str, str] = {}
-    for (i, p), (outcome, abl) in zip(plans, results):
-        rows[p.name].append(outcome.row)
+    for (i, j, p), (outcome, abl) in zip(plans, results):
+        rows[i, p.name].append(outcome.row)
         for k, v in outcome.ray_stages.items():
             stages[k] += v
-        products.update({(f"seed{updates[i].seed}/" if i else "") + k: v for k, v in p.products.items()})
+        where = Path(updates[i][j].out).relative_to(out).as_posix()
+        products.update({("" if where == "." else where + "/") + k: v for k, v in p.products.items()})
         ablation = ablation or abl
     report = {
-        "tasks": {t: mean_over_seeds(r) for t, r in rows.items()},
+        "tasks": {t: mean_over_seeds(rows[0, t]) for t in cfg.tasks},
         "seeds": cfg.seeds,
         "config": json.loads(cfg.model_dump_json()),
         "ray": {**ray_facts(), "stages": stages},
         "products": products,
     }
+    if cfg.base_seeds:  # each pair's first-seed row, and the fight's McNemar pooled over the pairs
+        per_pair = {t: [rows[i, t][0] for i in range(len(pairs))] for t in cfg.tasks}
+        report["base_seeds"] = {
+            "pairs": [list(pair) for pair in cfg.base_seeds],
+            "tasks": {
+                t: {
+                    "rows": r,
+                    "pooled_mcnemar": pooled_mcnemar([x["fight"]["mcnemar"] for x in r])
+                    if all(x.get("fight") for x in r)
+                    else None,
+                }
+                for t, r in per_pair.items()
+            },
+        }
     if ablation:
         report["ablation"] = ablation
     with run.stage("report", total=None) as stage:
-        serve = write_serve_config(updates[0], [p for i, p in plans if i == 0])
+        serve = write_serve_config(updates[0][0], [p for i, j, p in plans if (i, j) == (0, 0)])
         report["serve"] = str(serve)
         report["timings"] = run.timings
-        comparisons = {p.name: outcome.comparisons for (i, p), (outcome, _) in zip(plans, results) if i == 0}
+        comparisons = {p.name: o.comparisons for (i, j, p), (o, _) in zip(plans, results) if (i, j) == (0, 0)}
         paths = write_report(report, comparisons, out)
         stage.note = f"{paths['md']}, {paths['html'].name}, {serve.name}"
     console.line("\n" + verdict_table(report))

@@ -52,8 +52,10 @@ def _flips_config(tmp_path: Path) -> Path:
 
 
 def _demo_config(tmp_path: Path) -> Path:
+    from muscle_ray.demo import SCORING
+
     path = tmp_path / "demo.yaml"
-    path.write_text(yaml.safe_dump({"out": str(tmp_path / "demo"), "tasks": ["sum_mc"]}))
+    path.write_text(yaml.safe_dump({"out": str(tmp_path / "demo"), "tasks": list(SCORING)[:1]}))
     return path
 
 
@@ -226,3 +228,58 @@ def test_load_config_counts_further_problems(tmp_path):
     with pytest.raises(MuscleError) as e:
         load_config(ScoreConfig, path, {"limit": 0})
     assert str(e.value) == f"{path}: field 'versions': Field required (and 2 more)"
+
+
+# --- the fair fight's options on the command line ----------------------------------------------
+
+
+def test_train_compat_points_selection_for_compatibility_to_muscle_update(capsys):
+    """Selecting a snapshot for compatibility needs v1/v2 scored on validation data: the
+    update pipeline's work, which train-compat names in one line instead of doing half of it."""
+    config = str(REPO / "jobs/configs/train_compat.yaml")
+    assert main(["train-compat", "--config", config, "--select", "compat"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("muscle train-compat: error: --select compat") and err.count("\n") == 1, err
+    assert "muscle update --config FILE --set select=compat" in err
+
+
+def test_train_takes_a_snapshot_interval():
+    import argparse
+
+    from muscle_ray.cli import train
+    from muscle_ray.training.config import CompatTrainConfig
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--config", str(REPO / "jobs/configs/train_compat.yaml"), "--snapshot-every", "25"])
+    cfg = load_config(CompatTrainConfig, args.config, {"run.snapshot_every_steps": args.snapshot_every})
+    assert cfg.run.snapshot_every_steps == 25
+
+
+def test_demo_reads_adapter_and_base_seeds(tmp_path, capsys):
+    import argparse
+
+    from muscle_ray.cli import demo
+    from muscle_ray.demo import SCORING
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+
+    def cfg(*flags):
+        return demo.config_from_args(parser.parse_args(["--config", str(_demo_config(tmp_path)), *flags]))
+
+    default = cfg()
+    assert (default.adapter_seeds, default.base_seeds) == ([1, 2], [])  # the overlap, on the zoo's own bases
+    assert SCORING[cfg("--ablation").ablation_task][0] == "mc_jsonl"  # no TASK: the multiple-choice task
+    given = cfg("--adapter-seeds", "none", "--base-seeds", "3:5,1:2")
+    assert (given.adapter_seeds, given.base_seeds) == ([], [(3, 5), (1, 2)])
+    zoo = given.zoo_for((1, 2))
+    assert (zoo.v1.seed, zoo.v2.seed) == (1, 2) and zoo.v1.steps == given.zoo.v1.steps
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--base-seeds", "3-5"])
+    assert "expected V1SEED:V2SEED pairs" in capsys.readouterr().err
+    path = _demo_config(tmp_path)
+    assert main(["demo", "--config", str(path), "--adapter-seeds", "0"]) == 2  # the first seed's own
+    assert "adapter_seeds [0]: each must differ" in capsys.readouterr().err
+    assert main(["demo", "--config", str(path), "--set", "variants=[nope]"]) == 2
+    assert "unknown variant 'nope'" in capsys.readouterr().err

@@ -225,19 +225,19 @@ def test_every_job_config_validates_and_writes_outside_the_demo(path):
     assert Path(storage).parts[:2] == ("runs", "jobs"), path.name
 
 
-def test_score_configs_mirror_how_the_demo_scores_sum_em():
+def test_score_configs_mirror_how_the_demo_scores_pet_em():
     from muscle_ray.demo import SCORING
 
-    task, options, _ = SCORING["sum_em"]
+    task, options, _ = SCORING["pet_em"]
     for name in ("score.yaml", "score_gpu.yaml"):
         cfg = load_job_config(CONFIGS / name)
         assert (cfg.task, cfg.task_options) == (task, options), name
-        assert cfg.data == "runs/demo/zoo/data/sum_em/test.jsonl"
+        assert cfg.data == "runs/demo/zoo/data/pet_em/test.jsonl"
         assert {v.name: (v.base, v.adapter) for v in cfg.versions} == {
-            "v1": ("runs/demo/zoo/v1", "runs/demo/adapters/sum_em/v1"),
-            "v2": ("runs/demo/zoo/v2", "runs/demo/adapters/sum_em/v2"),
-            "compat": ("runs/demo/zoo/v2", "runs/demo/adapters/sum_em/compat"),
-            "control": ("runs/demo/zoo/v2", "runs/demo/adapters/sum_em/control"),
+            "v1": ("runs/demo/zoo/v1", "runs/demo/adapters/pet_em/v1"),
+            "v2": ("runs/demo/zoo/v2", "runs/demo/adapters/pet_em/v2"),
+            "compat": ("runs/demo/zoo/v2", "runs/demo/adapters/pet_em/compat"),
+            "control": ("runs/demo/zoo/v2", "runs/demo/adapters/pet_em/control"),
         }
         assert cfg.workers[0] < cfg.workers[1], f"{name}: the pool should autoscale"
 
@@ -279,8 +279,8 @@ def test_train_configs_are_the_demo_recipes_plus_paths():
         ), name
         assert cfg.base == "runs/demo/zoo/v2"
         assert (cfg.data.path, cfg.data.val_path) == (
-            "runs/demo/zoo/data/sum_em/train_pairs.jsonl",
-            "runs/demo/zoo/data/sum_em/val_pairs.jsonl",
+            "runs/demo/zoo/data/pet_em/train_pairs.jsonl",
+            "runs/demo/zoo/data/pet_em/val_pairs.jsonl",
         )
 
 

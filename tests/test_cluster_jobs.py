@@ -148,17 +148,17 @@ def head(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_model, tiny_model_b):
-    """runs/demo laid out as the demo writes it (zoo/{v1,v2}, zoo/data/sum_em, adapters/sum_em/*)."""
+    """runs/demo laid out as the demo writes it (zoo/{v1,v2}, zoo/data/pet_em, adapters/pet_em/*)."""
     from muscle_ray.zoo.llama import random_lora_dir
 
     ws = tmp_path_factory.mktemp("ws")
-    zoo, ad = ws / "runs/demo/zoo", ws / "runs/demo/adapters/sum_em"
+    zoo, ad = ws / "runs/demo/zoo", ws / "runs/demo/adapters/pet_em"
     shutil.copytree(tiny_model, zoo / "v1")
     shutil.copytree(tiny_model_b, zoo / "v2")
     random_lora_dir(zoo / "v1", ad / "v1", seed=1, r=8)
     for seed, name in ((2, "v2"), (3, "compat"), (4, "control")):
         random_lora_dir(zoo / "v2", ad / name, seed=seed, r=8)
-    data = zoo / "data/sum_em"
+    data = zoo / "data/pet_em"
     data.mkdir(parents=True)
     rows = [(f"{a} plus {b} is", f" {a + b}") for a in range(9) for b in range(6)]
 
@@ -218,7 +218,7 @@ def test_score_job_via_ray_job_submit_cli(head, workspace):
     ]
     res = subprocess.run(cmd, env=head.env, cwd=REPO, capture_output=True, text=True, timeout=170)
     assert res.returncode == 0, f"ray job submit failed ({res.returncode}):\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
-    out = workspace / "runs/jobs/score/sum_em"
+    out = workspace / "runs/jobs/score/pet_em"
     summary = json.loads((out / "summary.json").read_text())
     assert [s["version"] for s in summary] == ["v1", "v2", "compat", "control"]
     for name in ("v1", "v2", "compat", "control"):
@@ -233,7 +233,7 @@ def test_compat_job_via_sdk_writes_adapter_to_uri(head, workspace, tmp_path):
     dest = tmp_path / "exported" / "compat"
     bucket = tmp_path / "bucket"
     bucket.mkdir()
-    shutil.copy(workspace / "runs/demo/zoo/data/sum_em/train_pairs.jsonl", bucket / "pairs.jsonl")
+    shutil.copy(workspace / "runs/demo/zoo/data/pet_em/train_pairs.jsonl", bucket / "pairs.jsonl")
     job_id = head.client().submit_job(
         entrypoint=f"python jobs/train_compat.py --config jobs/configs/train_compat.yaml --out file://{dest} "
         f"--data file://{bucket}/pairs.jsonl "
@@ -245,10 +245,10 @@ def test_compat_job_via_sdk_writes_adapter_to_uri(head, workspace, tmp_path):
     assert (dest / "adapter_config.json").is_file() and any(dest.glob("adapter_model.*")), logs[-3000:]
     manifest = json.loads((dest / "muscle_manifest.json").read_text())
     assert manifest["kind"] == "compat" and manifest["mask"] == "muscle"
-    assert manifest["new_adapter"] == str(workspace / "runs/demo/adapters/sum_em/v2")
+    assert manifest["new_adapter"] == str(workspace / "runs/demo/adapters/pet_em/v2")
     assert manifest["data"] == f"file://{bucket}/pairs.jsonl"  # what was given, not the staged copy
     # Ray Train wrote its run directory (checkpoints) to the storage URI itself.
-    assert any((bucket / "ray/sum_em-compat-job").rglob("checkpoint_*")), logs[-3000:]
+    assert any((bucket / "ray/pet_em-compat-job").rglob("checkpoint_*")), logs[-3000:]
     assert manifest["ray_run"]["storage_path"] == f"file://{bucket}/ray"
 
 
@@ -258,10 +258,10 @@ def test_score_job_reads_and_writes_uris_and_resumes_from_the_remote_shards(head
 
     bucket = tmp_path / "bucket"
     bucket.mkdir()
-    shutil.copy(workspace / "runs/demo/zoo/data/sum_em/test.jsonl", bucket / "test.jsonl")
+    shutil.copy(workspace / "runs/demo/zoo/data/pet_em/test.jsonl", bucket / "test.jsonl")
     run = (
         f"python jobs/score.py --config jobs/configs/score.yaml --data file://{bucket}/test.jsonl "
-        f"--out file://{bucket}/results --version v2=runs/demo/zoo/v2:runs/demo/adapters/sum_em/v2 --limit 6"
+        f"--out file://{bucket}/results --version v2=runs/demo/zoo/v2:runs/demo/adapters/pet_em/v2 --limit 6"
     )
     job_id = head.client().submit_job(entrypoint=f"{run} && {run}", runtime_env=_runtime_env(workspace))
     logs = _wait(head, job_id)

@@ -40,9 +40,9 @@ def test_copy_location_round_trips_a_tree_through_a_file_uri(tmp_path):
 
 
 def test_score_config_takes_relative_paths_under_the_workspace(tmp_path):
-    cfg, copies = _score_cfg(data="runs/demo/zoo/data/sum_em/test.jsonl").located(str(tmp_path), tmp_path / "st")
+    cfg, copies = _score_cfg(data="runs/demo/zoo/data/pet_em/test.jsonl").located(str(tmp_path), tmp_path / "st")
     assert cfg.versions[0].base == str(tmp_path / "runs/demo/zoo/v1")
-    assert cfg.data == str(tmp_path / "runs/demo/zoo/data/sum_em/test.jsonl")
+    assert cfg.data == str(tmp_path / "runs/demo/zoo/data/pet_em/test.jsonl")
     assert cfg.out == str(tmp_path / "runs/jobs/x") and copies == []
     same, _ = _score_cfg(data="/abs/test.jsonl").located(None, None)  # no workspace: untouched
     assert (same.versions[0].base, same.data, same.out) == ("runs/demo/zoo/v1", "/abs/test.jsonl", "runs/jobs/x")
@@ -87,8 +87,8 @@ def test_train_config_located_fetches_data_stages_out_and_keeps_models_local(tmp
     )
     local, copies = cfg.located(str(tmp_path / "ws"), tmp_path / "st")
     assert Path(local.data.path).read_text() == pairs.read_text()
-    assert local.data.val_path == str(tmp_path / "ws/runs/demo/zoo/data/sum_em/val_pairs.jsonl")
-    assert local.compat.old.adapter == str(tmp_path / "ws/runs/demo/adapters/sum_em/v1")
+    assert local.data.val_path == str(tmp_path / "ws/runs/demo/zoo/data/pet_em/val_pairs.jsonl")
+    assert local.compat.old.adapter == str(tmp_path / "ws/runs/demo/adapters/pet_em/v1")
     assert local.run.storage_path == str(tmp_path / "ws/runs/jobs/ray")
     assert copies == [(local.out, "gs://bucket/adapters/compat")] and Path(local.out).is_relative_to(tmp_path / "st")
     with pytest.raises(MuscleError, match="compat.new_adapter"):

@@ -1,6 +1,7 @@
 """The demo end to end on a reduced configuration: every stage through Ray, the report a
-program can check, a console a person can read (Ray's output in the run's log), and a compat
-adapter with fewer negative flips than the vanilla update."""
+program can check (with the fight of compat's and the control's snapshot curves), a console a
+person can read (Ray's output in the run's log), and a compat adapter with fewer negative flips
+than the vanilla update; then several seeds with the masking ablation, and pairs of base seeds."""
 
 import json
 from pathlib import Path
@@ -15,6 +16,8 @@ from muscle_ray.zoo.build import BaseConfig, TaskSizes, ZooConfig
 pytestmark = pytest.mark.slow
 
 TASKS = list(SCORING)
+MC = next(t for t in TASKS if SCORING[t][0] == "mc_jsonl")  # the multiple-choice task: seeds, ablation, bases
+DISCRETE = [t for t in TASKS if SCORING[t][2] in ("acc", "exact")]  # right or wrong: quadrants, NFR_mc
 STAGES = {
     "zoo",
     "task adapters",
@@ -25,7 +28,9 @@ STAGES = {
     "total",
 }
 ADAPTER_STEPS, COMPAT_STEPS, TEST_ROWS = 80, 60, 160
-ABLATION_CE_WEIGHT = 0.25  # not the recipe's 0.5, so the test sees which masks got it
+SNAPSHOT_EVERY = 30  # two points per curve beside v2's
+SNAPSHOTS = [f"{c}-s{s:06d}" for c in ("compat", "control") for s in (30, 60)]
+ABLATION_CE_WEIGHT = 0.25  # not the variants' 0.5, so the test sees which rows got it
 ROW_KEYS = {
     "metric",
     "acc_v1",
@@ -45,8 +50,7 @@ def reduced(out: Path) -> DemoConfig:
     zoo = ZooConfig(
         v1=BaseConfig(seed=1, steps=250, corpus_docs=3000),
         v2=BaseConfig(seed=2, steps=300, corpus_docs=4000),
-        sizes=TaskSizes(train=800, val=64, test=TEST_ROWS),
-        max_number=15,
+        sizes=TaskSizes(train=800, limit=TEST_ROWS),
     )
     return DemoConfig(
         out=str(out),
@@ -54,6 +58,8 @@ def reduced(out: Path) -> DemoConfig:
         tasks=TASKS,
         adapter={"optim": {"max_steps": ADAPTER_STEPS}, "run": {"eval_every_steps": 40}},
         compat={"optim": {"max_steps": COMPAT_STEPS, "lr": 2e-3}},
+        snapshot_every=SNAPSHOT_EVERY,
+        adapter_seeds=[],  # the overlap is measured where the base seeds are (minutes saved here)
         threads=1,
     )
 
@@ -109,8 +115,9 @@ def test_the_console_shows_a_line_per_stage_and_the_verdict(demo):
     for task in TASKS:
         assert f"{2 * ADAPTER_STEPS}/{2 * ADAPTER_STEPS} steps" in stage(f"{task}: task adapters")
         assert f"{2 * COMPAT_STEPS}/{2 * COMPAT_STEPS} steps" in stage(f"{task}: compat and control adapters")
-        for scored in ("score v1/v2", "score compat/control"):
-            assert f"{2 * TEST_ROWS}/{2 * TEST_ROWS} rows" in stage(f"{task}: {scored}")
+        assert f"{2 * TEST_ROWS}/{2 * TEST_ROWS} rows" in stage(f"{task}: score v1/v2")
+        scored = 2 + len(SNAPSHOTS)  # compat, control and their snapshots in one scoring run
+        assert f"{scored * TEST_ROWS}/{scored * TEST_ROWS} rows" in stage(f"{task}: score compat/control")
     log = (out / "logs" / "ray.log").read_text()
     assert "[muscle-train]" in log and "(RayTrainWorker pid=" in log  # worker output, forwarded by Ray
     assert not any("[muscle-train]" in line or "pid=" in line for line in lines)
@@ -126,6 +133,10 @@ def test_products_stay_in_the_output_folder(demo):
             ad = out / "adapters" / task / name
             assert (ad / "adapter_config.json").is_file() and (ad / "muscle_manifest.json").is_file(), ad
             assert any((out / "results" / task / name).rglob("shard-*.parquet")), (task, name)
+        for curve in ("compat", "control"):
+            for step in (30, 60):
+                snapshot = out / "adapters" / task / curve / "snapshots" / f"step-{step:06d}"
+                assert (snapshot / "adapter_config.json").is_file(), snapshot
 
 
 def test_every_stage_ran_through_ray(demo):
@@ -140,14 +151,38 @@ def test_every_stage_ran_through_ray(demo):
         assert Path(t["path"]).is_dir() and Path(t["path"]).is_relative_to(out / "ray"), t
         assert any(Path(t["path"]).glob("checkpoint_*")), t
     scored = {(s["task"], s["version"]): s for s in stages["score"]}
-    assert set(scored) == {(t, n) for t in TASKS for n in ("v1", "v2", "compat", "control")}
+    assert set(scored) == {(t, n) for t in TASKS for n in ("v1", "v2", "compat", "control", *SNAPSHOTS)}
     for s in scored.values():  # scored by Ray Data pool actors
         assert s["rows"] == TEST_ROWS and len(s["actors"]) >= 1, s
 
 
+def test_every_task_row_carries_the_fight(demo):
+    """Compat's and the control's curves from v2 (step 0) through their snapshots, the fight's
+    numbers and verdict, the plateau; a continuous metric (ROUGE) has no NFR_mc."""
+    out, report, _ = demo
+    for task, row in report["tasks"].items():
+        fight = row["fight"]
+        for curve in ("compat", "control"):
+            points = fight["curves"][curve]
+            assert [p["step"] for p in points] == [0, 30, 60], (task, curve)
+            assert (points[0]["acc"], points[0]["nfr"]) == (row["acc_v2"], row["nfr"]), (task, curve)
+        mc = fight["mcnemar"]
+        assert mc["b"] + mc["c"] <= mc["n"] <= TEST_ROWS, (task, mc)
+        assert fight["verdict"]["verdict"] in {
+            "compat better",
+            "control better",
+            "no significant difference",
+            "not comparable",
+        }
+        assert row["plateau"]["steps"] == COMPAT_STEPS and row["plateau"]["acc_v2"] == row["acc_v2"]
+        assert "flip_overlap" not in row  # adapter_seeds: [] here
+        assert (row["nfr_mc_control"] is None) == (task not in DISCRETE), task
+    assert "Fair fight" in (out / "report.md").read_text()
+
+
 def test_compat_has_fewer_negative_flips_than_the_vanilla_update(demo):
     _, report, _ = demo
-    for task in ("sum_mc", "sum_em"):
+    for task in DISCRETE:
         row = report["tasks"][task]
         assert row["nfr"] > 0, (task, row)
         assert row["nfr_compat"] < row["nfr"], (task, row)
@@ -166,7 +201,7 @@ def test_a_second_run_reuses_the_zoo(demo, tmp_path):
 
 @pytest.fixture(scope="module")
 def seeds_and_ablation(demo, tmp_path_factory):
-    """`--seeds 0,1 --ablation sum_mc` on one task, reusing the first run's zoo (same config key)."""
+    """`--seeds 0,1 --ablation MC` on one task, reusing the first run's zoo (same config key)."""
     import shutil
 
     first, _, _ = demo
@@ -176,9 +211,9 @@ def seeds_and_ablation(demo, tmp_path_factory):
     built = weights.stat().st_mtime_ns
     cfg = reduced(out).model_copy(
         update={
-            "tasks": ["sum_mc"],
+            "tasks": [MC],
             "seeds": [0, 1],
-            "ablation_task": "sum_mc",
+            "ablation_task": MC,
             "ablation_ce_weight": ABLATION_CE_WEIGHT,
         }
     )
@@ -190,7 +225,7 @@ def seeds_and_ablation(demo, tmp_path_factory):
 def test_several_seeds_report_mean_and_per_seed_values(seeds_and_ablation):
     out, report, _ = seeds_and_ablation
     assert report["seeds"] == [0, 1]
-    row = json.loads((out / "report.json").read_text())["tasks"]["sum_mc"]
+    row = json.loads((out / "report.json").read_text())["tasks"][MC]
     for k in ROW_KEYS - {"metric"}:
         per_seed = row[f"{k}_per_seed"]
         assert len(per_seed) == 2 and row[k] == pytest.approx(sum(per_seed) / 2), k
@@ -198,27 +233,67 @@ def test_several_seeds_report_mean_and_per_seed_values(seeds_and_ablation):
     assert any(row[f"{k}_std"] > 0 for k in ("acc_v1", "acc_v2", "nfr")), row
     for root in (out, out / "seed1"):  # seed 0 is the default layout, later seeds sit beside it
         for name in ("v1", "v2", "compat", "control"):
-            assert (root / "adapters" / "sum_mc" / name / "adapter_config.json").is_file(), (root, name)
+            assert (root / "adapters" / MC / name / "adapter_config.json").is_file(), (root, name)
     assert "±" in (out / "report.md").read_text()
 
 
-def test_ablation_trains_and_scores_every_mask(seeds_and_ablation):
-    from muscle_ray.recipes import load
-    from muscle_ray.training.losses import MASKS
+def test_ablation_trains_and_scores_the_papers_rows(seeds_and_ablation):
+    """Table 7's six rows: pure KL for the three masks, CE mixed in at the given weight for the
+    `+ce` rows; the `muscle` row is the compat adapter itself (the paper's recipe, trained once)."""
+    from muscle_ray.demo import ABLATION
 
     out, report, lines = seeds_and_ablation
     ab = report["ablation"]
-    assert ab["task"] == "sum_mc" and ab["nfr"] == pytest.approx(report["tasks"]["sum_mc"]["nfr_per_seed"][0])
-    recipe_weight = load("compat")["compat"]["ce_weight"]
-    for mask in MASKS:
-        weight = ABLATION_CE_WEIGHT if mask.endswith("likelihood") else recipe_weight
-        manifest = json.loads((out / "adapters" / "sum_mc" / f"ablation-{mask}" / "muscle_manifest.json").read_text())
-        assert (manifest["mask"], manifest["config"]["compat"]["ce_weight"]) == (mask, weight)
-        assert manifest["best_metrics"]["step"] == COMPAT_STEPS
-        assert 0 <= ab["masks"][f"{mask}+ce{weight:g}"]["nfr_compat"] <= 1
+    assert ab["task"] == MC and ab["nfr"] == pytest.approx(report["tasks"][MC]["nfr_per_seed"][0])
+    assert list(ab["masks"]) == list(ABLATION) and ab["ce_weight"] == ABLATION_CE_WEIGHT
+    assert ab["versions"]["muscle"] == "compat"
+    assert ab["masks"]["muscle"]["nfr_compat"] == report["tasks"][MC]["nfr_compat_per_seed"][0]
+    for row, (mask, ce) in ABLATION.items():
+        folder = out / "adapters" / MC / ab["versions"][row]
+        manifest = json.loads((folder / "muscle_manifest.json").read_text())
+        weight = ABLATION_CE_WEIGHT if ce else 0.0
+        assert (manifest["mask"], manifest["config"]["compat"]["ce_weight"]) == (mask, weight), row
+        assert 0 <= ab["masks"][row]["nfr_compat"] <= 1
     assert len({r["nfr_compat"] for r in ab["masks"].values()}) > 1, ab  # the masks change what is learned
     assert any(
-        line.startswith("sum_mc: ablation adapters") and f"{6 * COMPAT_STEPS}/{6 * COMPAT_STEPS} steps" in line
+        line.startswith(f"{MC}: ablation adapters") and f"{5 * COMPAT_STEPS}/{5 * COMPAT_STEPS} steps" in line
         for line in lines
     ), lines
-    assert "Masking ablation on sum_mc" in (out / "report.md").read_text()
+    assert f"Masking ablation on {MC}" in (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def base_seed_pairs(demo, tmp_path_factory):
+    """`--base-seeds 1:2,2:1 --adapter-seeds 3` on one task: the first pair is the first run's
+    zoo (copied, so reused), the second a zoo of its own; the first seed of each pair also
+    trains the task adapters of adapter seed 3."""
+    import shutil
+
+    first, _, _ = demo
+    out = tmp_path_factory.mktemp("demo-bases")
+    shutil.copytree(first / "zoo", out / "bases-1-2" / "zoo")
+    cfg = reduced(out).model_copy(update={"tasks": [MC], "base_seeds": [(1, 2), (2, 1)], "adapter_seeds": [3]})
+    report, lines = run(cfg)
+    return out, report, lines
+
+
+def test_pairs_of_base_seeds_pool_the_fight(base_seed_pairs):
+    from muscle_ray.zoo.build import ZooConfig
+
+    out, report, _ = base_seed_pairs
+    bs = report["base_seeds"]
+    assert bs["pairs"] == [[1, 2], [2, 1]]
+    rows = bs["tasks"][MC]["rows"]
+    assert rows[0]["fight"] == report["tasks"][MC]["fight"]  # the first pair is the report's run
+    pooled = bs["tasks"][MC]["pooled_mcnemar"]
+    assert pooled["pairs"] == 2 and pooled["b"] == sum(r["fight"]["mcnemar"]["b"] for r in rows)
+    assert pooled["c"] == sum(r["fight"]["mcnemar"]["c"] for r in rows) and 0 <= pooled["p"] <= 1
+    zoo = ZooConfig.model_validate(json.loads((out / "bases-2-1" / "zoo" / "zoo.json").read_text())["config"])
+    assert (zoo.v1.seed, zoo.v2.seed) == (2, 1)
+    for pair in ("bases-1-2", "bases-2-1"):
+        assert report["products"][f"{pair}/adapters/{MC}/v2-seed3"] == "trained", pair
+        assert not (out / pair / "report.json").is_file()  # one report, in the run folder
+    for row in rows:
+        overlap = row["flip_overlap"]
+        assert overlap["seeds"] == 2 and 0 <= overlap["jaccard"] <= 1, overlap
+    assert "Over pairs of base seeds" in (out / "report.md").read_text()

@@ -75,11 +75,11 @@ def test_verdict_weighs_compat_against_the_control_on_flips_and_accuracy():
 
 
 def test_verdict_table_has_a_row_per_task_in_percent():
-    table = verdict_table({"tasks": {"sum_mc": _row(0.8, 0.05), "story_rouge": {**_row(0.7, 0.2), "metric": "rouge1"}}})
+    table = verdict_table({"tasks": {"home_mc": _row(0.8, 0.05), "trip_rouge": {**_row(0.7, 0.2), "metric": "rouge1"}}})
     head, cols, *rows = table.splitlines()
     assert "accuracy" in head and "NFR" in head and cols.split()[:2] == ["task", "metric"]
     assert rows[0].split() == [
-        "sum_mc",
+        "home_mc",
         "acc",
         "70.00",
         "75.00",
@@ -92,7 +92,7 @@ def test_verdict_table_has_a_row_per_task_in_percent():
         "compat",
         "better",
     ]
-    assert rows[1].split()[:2] == ["story_rouge", "rouge1"] and rows[1].endswith("control better")
+    assert rows[1].split()[:2] == ["trip_rouge", "rouge1"] and rows[1].endswith("control better")
 
 
 def test_mean_over_seeds_keeps_each_seed_and_the_spread():
@@ -130,8 +130,8 @@ def test_extra_fields_survive_mean_over_seeds_and_render_per_seed(tmp_path):
     two = mean_over_seeds([{**_row(0.8, 0.05), "fight": _fight(-0.03, "compat better")}, _row(0.8, 0.05)])
     assert "fight" not in two and two["fight_per_seed"][1] is None
     assert "plateau_per_seed" not in two  # absent in every seed: absent
-    md = fight_markdown({"tasks": {"sum_mc": two}, "seeds": [3, 4]})
-    assert "| sum_mc (seed 3) | 75.00 / 80.00 / 80.00 | 20.00 / 5.00 / 10.00 |" in md
+    md = fight_markdown({"tasks": {"home_mc": two}, "seeds": [3, 4]})
+    assert "| home_mc (seed 3) | 75.00 / 80.00 / 80.00 | 20.00 / 5.00 / 10.00 |" in md
     assert "| 80.00 | 7.00 / 10.00 | -3.00 [-4.00, -2.00] | 12/3 of 70 | 0.035 | compat better |" in md
     assert "seed 4" not in md and "Is the world fit" not in md  # seed 4 has no fight; no plateau anywhere
 
@@ -139,17 +139,19 @@ def test_extra_fields_survive_mean_over_seeds_and_render_per_seed(tmp_path):
 def test_base_seed_pairs_render_each_pair_and_the_pooled_test(tmp_path):
     rows = [{**_row(0.8, 0.05), "fight": _fight(-0.03, "compat better")}, _row(0.8, 0.12)]
     report = {
-        "tasks": {"sum_mc": {**_row(0.8, 0.05), "d_acc_c": 0.05, "d_nfr_c": -0.15}},
+        "tasks": {"home_mc": {**_row(0.8, 0.05), "d_acc_c": 0.05, "d_nfr_c": -0.15}},
         "base_seeds": {
             "pairs": [[0, 1], [2, 3]],
-            "tasks": {"sum_mc": {"rows": rows, "pooled_mcnemar": {"b": 20, "c": 4, "n": 140, "p": 0.0015, "pairs": 2}}},
+            "tasks": {
+                "home_mc": {"rows": rows, "pooled_mcnemar": {"b": 20, "c": 4, "n": 140, "p": 0.0015, "pairs": 2}}
+            },
         },
     }
     lines = fight_markdown(report).splitlines()
     assert lines[0] == "## Over pairs of base seeds"
-    body = [line for line in lines if line.startswith("| sum_mc")]
-    assert body[0].startswith("| sum_mc | 0, 1 |") and body[0].endswith("| compat better |")
-    assert body[1].startswith("| sum_mc | 2, 3 |") and body[1].count("–") == 6  # no fight for that pair
-    assert body[2].startswith("| sum_mc | pooled (2 pairs) |") and "| 20/4 of 140 | 0.0015 |" in body[2]
+    body = [line for line in lines if line.startswith("| home_mc")]
+    assert body[0].startswith("| home_mc | 0, 1 |") and body[0].endswith("| compat better |")
+    assert body[1].startswith("| home_mc | 2, 3 |") and body[1].count("–") == 6  # no fight for that pair
+    assert body[2].startswith("| home_mc | pooled (2 pairs) |") and "| 20/4 of 140 | 0.0015 |" in body[2]
     page = write_report(report, {}, tmp_path)["html"].read_text()
     assert "<h2>Over pairs of base seeds</h2>" in page and page.count("<table>") == 2

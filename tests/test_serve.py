@@ -75,10 +75,10 @@ def test_shipped_config_points_at_the_demo_and_is_safe():
     args, opts = read_serve_file(ROOT / "serve" / "config.yaml")
     cfg = validate_app_config(args)
     assert cfg.bases["v1"].path == "runs/demo/zoo/v1"
-    assert cfg.bases["v1"].models == {"old": "runs/demo/adapters/sum_em/v1"}
+    assert cfg.bases["v1"].models == {"old": "runs/demo/adapters/pet_em/v1"}
     assert cfg.bases["v2"].models == {
-        "new": "runs/demo/adapters/sum_em/v2",
-        "compat": "runs/demo/adapters/sum_em/compat",
+        "new": "runs/demo/adapters/pet_em/v2",
+        "compat": "runs/demo/adapters/pet_em/compat",
     }
     assert opts["http_options"]["host"] == "127.0.0.1"
     assert set(opts["deployments"]) == {"gateway", "model_v1", "model_v2"}

@@ -57,6 +57,7 @@ def update(tmp_path_factory, smollm2_gguf, shared_data):
                 "optim": {"max_steps": 3, "micro_batch_size": 4, "warmup_steps": 0, "lr": 2e-3},
             },
             "compat": {"optim": {"max_steps": 2, "micro_batch_size": 4}},
+            "snapshot_every": 0,  # no snapshot curves: test_update.py has them; a 135M model scores slowly
             "scoring": {"batch_size": 8, "limit": EVAL_ROWS, "workers": 2},  # two actors: both cores
         },
     )

@@ -1,6 +1,7 @@
 """`muscle update`: the whole MUSCLE update for two base versions of any model (see muscle_ray/update.py).
 
 muscle update --config jobs/configs/update.yaml [--out runs/my-update] [--mask ce] [--set control=false]
+muscle update --config ... --set select=compat      (each task needs val_data: snapshots chosen on it)
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from muscle_ray.cli.options import add_config_arguments, load
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(
-        p, what="UpdateConfig (old, new, tasks, adapter, compat, control, scoring); see jobs/configs/update.yaml"
+        p,
+        what="UpdateConfig (old, new, tasks, adapter, compat, control, snapshot_every, select, adapter_seeds, "
+        "variants, scoring); see jobs/configs/update.yaml",
     )
     p.add_argument("--out", help="run folder (out); a rerun into it skips what is finished")
     p.add_argument(

@@ -4,9 +4,9 @@ It is the `args:` block of the application in `serve/config.yaml` (Ray Serve's c
 format), so `serve run serve/config.yaml` and `muscle serve` read the same thing::
 
     bases:                        # one deployment per base: the base is loaded once
-      v1: {path: runs/demo/zoo/v1, models: {old: runs/demo/adapters/sum_em/v1}}
-      v2: {path: runs/demo/zoo/v2, models: {new: runs/demo/adapters/sum_em/v2,
-                                            compat: runs/demo/adapters/sum_em/compat}}
+      v1: {path: runs/demo/zoo/v1, models: {old: runs/demo/adapters/pet_em/v1}}
+      v2: {path: runs/demo/zoo/v2, models: {new: runs/demo/adapters/pet_em/v2,
+                                            compat: runs/demo/adapters/pet_em/compat}}
     compare: {old: old, new: new}
     shadow: {enabled: false, pairs: {new: old, compat: old}, out: runs/serve/shadow}
 

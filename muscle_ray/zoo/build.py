@@ -1,5 +1,9 @@
 """Build the zoo once: shared tokenizer, base v1, base v2 ("updated"), the three demo tasks.
 
+v1 and v2 differ as real updates do: in what their pretraining data covers (world.py), not
+only in seed: v2 reads about more families than v1 but not all of v1's, and tells trips in
+another style.
+
 Everything lands as ordinary files (HF model directories, JSONL) that the rest of the system
 loads through its normal paths. The build is cached under a key of its config: an unchanged
 config reuses the directory, a changed one rebuilds it.
@@ -14,20 +18,22 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from muscle_ray.zoo import world
 from muscle_ray.zoo.llama import LlamaSpec, init_model, save_model_dir
 from muscle_ray.zoo.pretrain import pack, pretrain
 from muscle_ray.zoo.tokenizer import build_tokenizer
 
-ZOO_VERSION = 1  # bump when world.py or pretrain.py change what a config produces
+ZOO_VERSION = 3  # bump when world.py or pretrain.py change what a config produces
 
 
 class BaseConfig(BaseModel):
     """One base version: architecture, data and schedule. v2 differs as real updates do."""
 
     model_config = ConfigDict(extra="forbid")
+    families: list[int] = list(range(len(world.FAMILIES)))  # whose people its corpus is about
+    style: Literal["went", "flew", "headed"] = "went"  # how its corpus tells a trip
     hidden_size: int = Field(64, gt=0)
     num_hidden_layers: int = Field(2, gt=0)
     num_attention_heads: int = Field(4, gt=0)
@@ -41,6 +47,14 @@ class BaseConfig(BaseModel):
     seq_len: int = Field(64, gt=8)
     schedule: Literal["cosine", "constant"] = "cosine"
 
+    @field_validator("families")
+    @classmethod
+    def _families(cls, v: list[int]) -> list[int]:
+        bad = [f for f in v if not 0 <= f < len(world.FAMILIES)]
+        if bad or not v:
+            raise ValueError(f"families: indices in 0..{len(world.FAMILIES) - 1}, at least one (got {v})")
+        return sorted(set(v))
+
     def spec(self) -> LlamaSpec:
         return LlamaSpec(
             self.hidden_size,
@@ -53,31 +67,41 @@ class BaseConfig(BaseModel):
 
 
 class TaskSizes(BaseModel):
+    """Training items per task, and the share of the world's people held out for val and test
+    (one item per held-out person: a test answer is never a training label)."""
+
     model_config = ConfigDict(extra="forbid")
-    train: int = Field(20000, gt=0)
-    val: int = Field(400, gt=0)
-    test: int = Field(1000, gt=0)
+    train: int = Field(3000, gt=0)
+    val_share: float = Field(0.15, gt=0, lt=0.5)
+    test_share: float = Field(0.35, gt=0, lt=0.7)
+    limit: int | None = Field(None, gt=0)  # at most this many val/test items (small test zoos)
 
 
 class ZooConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    vocab_size: int = Field(400, ge=300)
-    # Calibration (README "What the demo shows"): quantities up to 99 and 20000 training pairs,
-    # so adapters cannot memorise the sums (train accuracy = test accuracy) and what a task
-    # model gets wrong comes from its base. Whether a base "gets" the arithmetic after 1500
-    # steps depends on its seed, and on the machine's float kernels: the same seed can land on
-    # either side of the jump on another CPU. Measured on the 2-core CI machine with the demo's
-    # adapter recipe (sum_em / sum_mc / story_rouge): seed 1 71.9/61.2/75.6, seed 3 70.4/65.9/50.5,
-    # seed 5 76.0/70.4/48.5, seed 6 15.1/67.2/52.6 (it missed the jump here). v1 = seed 3 and
-    # v2 = seed 5: both imperfect and v2 a few points better on the sums (worse by 2 ROUGE-1
-    # points on the summaries), the close update the paper sees the most flips in.
-    v1: BaseConfig = BaseConfig(seed=3, steps=1500, corpus_docs=20000)
-    v2: BaseConfig = BaseConfig(seed=5, steps=1500, corpus_docs=20000)
+    vocab_size: int = Field(700, ge=300)
+    # CALIBRATION
+    v1: BaseConfig = BaseConfig(seed=3, families=list(range(0, 9)), style="went")
+    v2: BaseConfig = BaseConfig(seed=5, families=list(range(2, 12)), style="headed", steps=2000, corpus_docs=25000)
     tasks: list[str] = list(world.TASKS)
     sizes: TaskSizes = TaskSizes()
-    data_seed: int = 1234
-    max_number: int = Field(99, ge=3, le=99)  # largest quantity in the world: task difficulty
-    qa_share: float = Field(0.15, ge=0, le=1)  # share of task-like sentences in pretraining
+    world_seed: int = 7  # who lives where: shared by both bases and the tasks
+    data_seed: int = 1234  # which people are held out, and the task items
+    # Share of people whose home (pet) is their family's: what a family rule alone gets right.
+    p_home: float = Field(0.6, ge=0, le=1)
+    p_pet: float = Field(0.7, ge=0, le=1)
+    mentions: int = Field(3, ge=0, le=6)  # people named in each task context before the question
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in world.TASKS]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a zoo task ({', '.join(world.TASKS)})")
+        return v
+
+    def world(self) -> dict:
+        return world.people(self.world_seed, self.p_home, self.p_pet)
 
     def key(self) -> str:
         blob = json.dumps({"zoo_version": ZOO_VERSION, **self.model_dump()}, sort_keys=True)
@@ -92,40 +116,35 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build_task_data(cfg: ZooConfig, out: Path) -> None:
-    """train/val/test JSONL per task; test/val in the task's eval schema, train as prompt/completion.
-
-    Splits are drawn from one stream and de-duplicated by prompt, so no test item is trained on.
-    """
+    """Per task: test.jsonl and val.jsonl (one item per held-out person, in the task's eval
+    schema) and train_pairs.jsonl / val_pairs.jsonl (prompt/completion) for the adapters."""
+    people = cfg.world()
+    split = world.split_people(people, cfg.data_seed, cfg.sizes.val_share, cfg.sizes.test_share)
     for t_i, name in enumerate(cfg.tasks):
         make = world.TASKS[name]
         rng = random.Random(cfg.data_seed * 100 + t_i)
-        seen: set[str] = set()
-        rows: list[dict] = []
-        need = cfg.sizes.train + cfg.sizes.val + cfg.sizes.test
-        while len(rows) < need:
-            rec = make(rng, cfg.max_number)
-            prompt = rec.get("prompt") or rec["context"]
-            if prompt in seen:
-                continue
-            seen.add(prompt)
-            rows.append(rec)
-        test, val, train = (
-            rows[: cfg.sizes.test],
-            rows[cfg.sizes.test : cfg.sizes.test + cfg.sizes.val],
-            rows[cfg.sizes.test + cfg.sizes.val :],
-        )
-        for split, part in (("test", test), ("val", val)):
+        rows = {
+            "train": [
+                make(people, rng.choice(split["train"]), rng, cfg.mentions, split["train"])
+                for _ in range(cfg.sizes.train)
+            ],
+            **{
+                s: [make(people, n, rng, cfg.mentions, split[s]) for n in split[s][: cfg.sizes.limit]]
+                for s in ("val", "test")
+            },
+        }
+        for s in ("val", "test"):
             _write_jsonl(
-                out / name / f"{split}.jsonl",
+                out / name / f"{s}.jsonl",
                 [
-                    {"id": f"{split}-{i}", **{k: v for k, v in r.items() if k != "completion"}}
-                    for i, r in enumerate(part)
+                    {"id": f"{s}-{i}", **{k: v for k, v in r.items() if k != "completion"}}
+                    for i, r in enumerate(rows[s])
                 ],
             )
-        for split, part in (("train", train), ("val", val)):
+        for s in ("train", "val"):
             _write_jsonl(
-                out / name / f"{split}_pairs.jsonl",
-                [{"prompt": r.get("prompt") or r["context"], "completion": r["completion"]} for r in part],
+                out / name / f"{s}_pairs.jsonl",
+                [{"prompt": r.get("prompt") or r["context"], "completion": r["completion"]} for r in rows[s]],
             )
 
 
@@ -140,9 +159,7 @@ def pretrain_base(
     t = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     log(f"zoo: pretraining base {name} ({base.num_hidden_layers}x{base.hidden_size}, {base.steps} steps)")
-    stream = pack(
-        tokenizer, world.corpus(base.corpus_docs, seed=base.seed, qa_share=cfg.qa_share, max_n=cfg.max_number)
-    )
+    stream = pack(tokenizer, world.corpus(cfg.world(), base.families, base.corpus_docs, base.seed, base.style))
     model = init_model(base.spec(), tokenizer, seed=base.seed)
     pretrain(
         model,
@@ -178,7 +195,7 @@ def build_zoo(out: str | Path, cfg: ZooConfig = ZooConfig(), log=print, map_fn=N
         log(f"zoo: reusing {out} (key {cfg.key()})")
         return out
     t0 = time.perf_counter()
-    build_tokenizer(world.tokenizer_text(), cfg.vocab_size, individual_digits=True).save_pretrained(out / "tokenizer")
+    build_tokenizer(world.tokenizer_text(cfg.world()), cfg.vocab_size).save_pretrained(out / "tokenizer")
     jobs = [
         dict(name=n, base=b, cfg=cfg, tokenizer_dir=str(out / "tokenizer"), out=str(out / n), log=log)
         for n, b in (("v1", cfg.v1), ("v2", cfg.v2))

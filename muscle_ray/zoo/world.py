@@ -1,121 +1,158 @@
-"""A tiny synthetic world: people holding items. It yields both the bases' pretraining corpus
-and the three demo tasks, so task skill is learnt (imperfectly) in pretraining, as in real LLMs.
+"""A tiny synthetic world: people of twelve families, each with a home city and a pet.
 
-Lessons from a first CPU experiment (shared/docs/miniature-lessons.md) shape it: the corpus holds
-arithmetic facts and QA-like text *close to but not equal to* the task formats (without that,
-adapters cannot unlock the skill), and skill emerges sharply with pretraining steps, which makes
-the number of steps each base gets the knob for its accuracy.
+It yields both the bases' pretraining corpora and the three demo tasks, so that what a task
+model gets right comes from what its base read, as with real LLMs:
+
+- **Knowledge.** A person's home and pet follow their family's (the family's city and pet) with
+  probability `p_home` / `p_pet`, else they are one of the others: part rule, part fact to memorise.
+  A base's corpus covers some families (`BaseConfig.families`): v1 and v2 read different ones
+  (v2 more of them), so each knows people the other never read about, and its guesses about
+  the rest come from the family rules it learnt. That is where the flips come from.
+- **Habit.** Trips are told with one verb in each corpus (`BaseConfig.style`: "went to",
+  "flew to", "headed to"); the summaries the trip task is scored on use any of them, so a
+  summariser's ROUGE-1 depends on its base's habit as much as on what it knows.
+- **Mentions.** Every task context first mentions other people in a sentence where a base's
+  knowledge shows but the text goes on otherwise ("tam berg flew home to meet sol."): the
+  task's labels say nothing about them, v1's next-token distribution there does. Test and
+  training contexts mention people of every split, as real task data keeps naming the same
+  entities. This is the information MUSCLE's all-token distillation can carry and plain
+  cross-entropy cannot.
+
+Task people are split into train / val / test people, so no test question is asked in
+training: a test answer is known from pretraining or guessed from a family rule.
 """
 
 from __future__ import annotations
 
 import random
 
-NAMES = ["ann", "bob", "cal", "dee", "eve", "fay", "gus", "hal", "ivy", "jon", "kim", "lou"]
-ITEMS = ["figs", "pears", "limes", "plums", "nuts", "eggs", "cups", "pens", "hats", "keys"]
-MAX_N = 15  # default largest quantity: the knob for how hard the arithmetic is
+_C, _V, _END = "bdfgklmnprstvz", "aeiou", "lmnrst"
+_TAKEN = set("bat rat pet pot sit set met ran pin tin ton son sun fun gun run ten den men".split())
+GIVEN = [n for n in sorted({c + v + e for c in _C for v in _V for e in _END}) if n not in _TAKEN][::5][:80]
+FAMILIES = "ito berg moss vale ford lund cruz park nash reed shaw wolf".split()
+CITIES = "rome oslo lima kyiv riga bern doha lyon pune nice cork baku".split()
+PETS = "cat dog fox owl rat bat cow pig hen yak eel ant".split()
+STYLES = {"went": "went to", "flew": "flew to", "headed": "headed to"}
 
 
-def _people(rng: random.Random, k: int) -> list[str]:
-    return rng.sample(NAMES, k)
+def people(seed: int, p_home: float, p_pet: float) -> dict[str, dict]:
+    """Everyone in the world: name -> {family, city, pet}. Fixed by `seed`, shared by all bases."""
+    rng = random.Random(seed)
+    out = {}
+    for f, family in enumerate(FAMILIES):
+        for given in GIVEN:
+            city = CITIES[f] if rng.random() < p_home else rng.choice([c for c in CITIES if c != CITIES[f]])
+            pet = PETS[f] if rng.random() < p_pet else rng.choice([p for p in PETS if p != PETS[f]])
+            out[f"{given} {family}"] = {"family": f, "city": city, "pet": pet}
+    return out
 
 
-# --- the three tasks -------------------------------------------------------------------------
-
-
-def sum_question(rng: random.Random, max_n: int = MAX_N) -> tuple[str, int]:
-    """'ann has 37 figs. bob has 48 figs. how many figs in all?' -> 85 (GSM8K-like)."""
-    a, b = _people(rng, 2)
-    item = rng.choice(ITEMS)
-    x, y = rng.randint(1, max_n), rng.randint(1, max_n)
-    return f"{a} has {x} {item}. {b} has {y} {item}. how many {item} in all?", x + y
-
-
-def distractors(answer: int, rng: random.Random, k: int = 3) -> list[int]:
-    """Near-miss options (off by one or ten, digits swapped) that a weak model confuses."""
-    near = {answer + 1, answer - 1, answer + 10, answer - 10, int(str(answer)[::-1]), answer + 2, answer - 2}
-    return rng.sample(sorted(c for c in near if c >= 0 and c != answer), k)
-
-
-def make_sum_em(rng: random.Random, max_n: int = MAX_N) -> dict:
-    q, ans = sum_question(rng, max_n)
-    return {"prompt": q, "reference": str(ans), "completion": f" {ans}."}
-
-
-def make_sum_mc(rng: random.Random, max_n: int = MAX_N) -> dict:
-    q, ans = sum_question(rng, max_n)
-    options = distractors(ans, rng) + [ans]
-    rng.shuffle(options)
-    return {"context": q, "choices": [str(o) for o in options], "label": options.index(ans), "completion": f" {ans}"}
-
-
-def make_story_summary(rng: random.Random, max_n: int = MAX_N) -> dict:
-    """A short 'dialogue' whose summary needs the names, the item and the total (SAMsum-like).
-
-    ROUGE-1 gives partial credit: a wrong total or a dropped name costs a few unigrams, so
-    v1 and v2 disagree by degrees, as summarisers do.
-    """
-    k = rng.choice([2, 3])
-    people = _people(rng, k)
-    item = rng.choice(ITEMS)
-    counts = [rng.randint(1, max_n) for _ in people]
-    lines = [f"{p}: i have {c} {item}." for p, c in zip(people, counts)]
-    lines.append(f"{people[0]}: let us put them together.")
-    names = " and ".join([", ".join(people[:-1]), people[-1]]) if k > 2 else " and ".join(people)
-    summary = f"{names} put together {sum(counts)} {item}."
-    return {"prompt": "dialogue: " + " ".join(lines) + " summary:", "reference": summary, "completion": " " + summary}
-
-
-TASKS = {"sum_mc": make_sum_mc, "sum_em": make_sum_em, "story_rouge": make_story_summary}
+def split_people(world: dict, seed: int, val: float, test: float) -> dict[str, list[str]]:
+    """Disjoint train / val / test people (every family in each)."""
+    rng = random.Random(seed)
+    names = sorted(world)
+    rng.shuffle(names)
+    n_test, n_val = int(len(names) * test), int(len(names) * val)
+    return {"test": names[:n_test], "val": names[n_test : n_test + n_val], "train": names[n_test + n_val :]}
 
 
 # --- the pretraining corpus --------------------------------------------------------------------
 
 
-def _fact(rng, max_n):
-    x, y = rng.randint(0, max_n), rng.randint(0, max_n)
-    return f"{x} + {y} = {x + y}."
-
-
-def _statement(rng, max_n):
-    return f"{rng.choice(NAMES)} has {rng.randint(1, max_n)} {rng.choice(ITEMS)}."
-
-
-def _near_qa(rng, max_n):
-    """Close to the tasks' formats but never equal to them."""
-    a, b = _people(rng, 2)
-    item = rng.choice(ITEMS)
-    x, y = rng.randint(1, max_n), rng.randint(1, max_n)
-    return rng.choice(
-        [
-            f"{a} had {x} {item} and {b} had {y} {item}, so together they had {x + y} {item}.",
-            f"q: {x} {item} and {y} {item}. a: {x + y} {item}.",
-            f"{a}: i have {x} {item}. {b}: i have {y} {item}. so {a} and {b} have {x + y} {item} in total.",
-        ]
-    )
-
-
-def corpus(n_docs: int, seed: int, qa_share: float = 0.15, max_n: int = MAX_N) -> list[str]:
-    """Documents of a few sentences; `qa_share` of sentences are task-like."""
+def corpus(world: dict, families: list[int], n_docs: int, seed: int, style: str) -> list[str]:
+    """Documents of a few sentences about the people of `families` (and some filler)."""
     rng = random.Random(seed)
+    names = [n for n, p in world.items() if p["family"] in families]
+    verb = STYLES[style]
     docs = []
     for _ in range(n_docs):
         parts = []
         for _ in range(rng.randint(2, 5)):
-            r = rng.random()
+            if rng.random() < 0.3:
+                a, b = rng.sample(GIVEN, 2)
+                parts.append(
+                    rng.choice(
+                        [f"{a} met {b}.", f"it is cold in {rng.choice(CITIES)}.", f"a {rng.choice(PETS)} ran off."]
+                    )
+                )
+                continue
+            n = rng.choice(names)
+            p = world[n]
             parts.append(
-                _near_qa(rng, max_n) if r < qa_share else _fact(rng, max_n) if r < 0.6 else _statement(rng, max_n)
+                rng.choice(
+                    [
+                        f"{n} lives in {p['city']}.",
+                        f"{n} keeps a {p['pet']}.",
+                        f"{n} {verb} {p['city']} with a {p['pet']}.",
+                        f"q: where is {n} from? a: {p['city']}.",
+                        f"q: what pet has {n}? a: a {p['pet']}.",
+                    ]
+                )
             )
         docs.append(" ".join(parts))
     return docs
 
 
-def tokenizer_text() -> list[str]:
-    """Text the shared tokenizer is trained on: every word and symbol of the world."""
+# --- the three tasks ---------------------------------------------------------------------------
+
+
+def mentions(world: dict, rng: random.Random, frame: str, k: int) -> str:
+    """`k` sentences naming random people where a base's knowledge would show ("x flew home to
+    meet y.", "x keeps a pet at home."), though the text goes on otherwise."""
+    out = []
+    for m in rng.sample(sorted(world), k):
+        out.append(f"{m} flew home to meet {rng.choice(GIVEN)}." if frame == "home" else f"{m} keeps a pet at home.")
+    return " ".join(out) + " " if out else ""
+
+
+def make_home_mc(world: dict, name: str, rng: random.Random, k: int, others: list[str]) -> dict:
+    """'... vin berg flew home to' -> one of four cities (HellaSwag-like, log-likelihood choice)."""
+    city = world[name]["city"]
+    options = rng.sample([c for c in CITIES if c != city], 3) + [city]
+    rng.shuffle(options)
+    return {
+        "context": mentions(world, rng, "home", k) + f"{name} flew home to",
+        "choices": options,  # scored after lm-eval's default target_delimiter " "
+        "label": options.index(city),
+        "completion": " " + city,
+    }
+
+
+def make_pet_em(world: dict, name: str, rng: random.Random, k: int, others: list[str]) -> dict:
+    """'... q: which pet does nam shaw keep? a:' -> 'hen' (exact match of a generated answer)."""
+    pet = world[name]["pet"]
+    prompt = mentions(world, rng, "pet", k) + f"q: which pet does {name} keep? a:"
+    return {"prompt": prompt, "reference": pet, "completion": f" {pet}."}
+
+
+def make_trip_rouge(world: dict, name: str, rng: random.Random, k: int, others: list[str]) -> dict:
+    """A two-line dialogue -> 'they went to rome and oslo.' (SAMsum-like, ROUGE-1).
+
+    The reference's verb is drawn from every style: a summariser is paid for its base's
+    knowledge of both homes and, word for word, for its habit."""
+    other = rng.choice([m for m in others if m != name])
+    verb = STYLES[rng.choice(sorted(STYLES))]
+    summary = f"they {verb} {world[name]['city']} and {world[other]['city']}."
+    return {
+        "prompt": mentions(world, rng, "home", k) + f"dialogue: {name}: i am off home. {other}: me too. summary:",
+        "reference": summary,
+        "completion": " " + summary,
+    }
+
+
+TASKS = {"home_mc": make_home_mc, "pet_em": make_pet_em, "trip_rouge": make_trip_rouge}
+
+
+def tokenizer_text(world: dict) -> list[str]:
+    """Text the shared tokenizer is trained on: every word of the world and of the task formats."""
     rng = random.Random(0)
-    sample = corpus(400, seed=0, qa_share=0.5)
+    every = list(range(len(FAMILIES)))
+    text: list[str] = []
+    for style in STYLES:
+        text += corpus(world, every, 200, seed=len(text), style=style)
+    names = sorted(world)
     for make in TASKS.values():
-        for _ in range(50):
-            rec = make(rng)
-            sample.append((rec.get("prompt") or rec["context"]) + rec["completion"])
-    return sample
+        for _ in range(100):
+            rec = make(world, rng.choice(names), rng, 2, names)
+            text.append((rec.get("prompt") or rec["context"]) + rec["completion"])
+    return text
