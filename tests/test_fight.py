@@ -73,17 +73,29 @@ def test_matched_accuracy_interpolates_at_the_controls_final_accuracy():
     assert m["nfr_compat"] == pytest.approx(0.05 - 7 / 9 * 0.01)
     assert m["nfr_control"] == pytest.approx(0.06)
     assert m["diff"] == pytest.approx(m["nfr_compat"] - 0.06)
-    assert m["overlap"] == pytest.approx([0.60, 0.74]) and m["n_boot_valid"] == 200
+    # The shared range is over the snapshots after the common start: 68-74% here.
+    assert m["overlap"] == pytest.approx([0.68, 0.74]) and m["n_boot_valid"] >= 190
 
 
 def test_matched_accuracy_falls_back_to_the_middle_of_the_shared_range():
-    compat = snaps([START, (100, 6, 12), (200, 5, 11)])  # acc 60 -> 66 -> 66: never reaches 74
+    compat = snaps([START, (100, 6, 16), (200, 5, 13)])  # acc 60 -> 70 -> 68: never reaches 74
     m = fight.matched_accuracy(compat, snaps(CONTROL), n_boot=50)
-    assert m["rule"] == "overlap middle" and m["overlap"] == pytest.approx([0.60, 0.66])
-    assert m["acc"] == pytest.approx(0.63)
-    # control at 63%: between (60%, 10%) and (68%, 8%); compat between (60%, 10%) and (66%, 6%).
-    assert m["nfr_control"] == pytest.approx(0.10 - 3 / 8 * 0.02)
-    assert m["nfr_compat"] == pytest.approx(0.10 - 3 / 6 * 0.04)
+    assert m["rule"] == "overlap middle" and m["overlap"] == pytest.approx([0.68, 0.70])
+    assert m["acc"] == pytest.approx(0.69)
+    # control at 69%: between (68%, 8%) and (74%, 6%); compat's path crosses 69% twice, at 6.4%
+    # (between (60%, 10%) and (70%, 6%)) and at 5.5% (between (70%, 6%) and (68%, 5%)): the lower.
+    assert m["nfr_control"] == pytest.approx(0.08 - 1 / 6 * 0.02)
+    assert m["nfr_compat"] == pytest.approx(0.055)
+
+
+def test_curves_sharing_only_their_start_are_not_comparable():
+    """A compat run that collapsed shares v2's point with the control and nothing else: it is not
+    "matched" there (the verdict says so, with McNemar's numbers)."""
+    collapsed = snaps([START, (100, 40, 0), (200, 50, 0)])  # acc 60 -> 20 -> 10
+    m = fight.matched_accuracy(collapsed, snaps(CONTROL), n_boot=20)
+    assert m["diff"] is None and "after their common start" in m["reason"]
+    v = fight.verdict(m, {"n": 60, "b": 0, "c": 40, "p": 1e-9})
+    assert v["verdict"] == "not comparable" and "breaks 40" in v["why"]
 
 
 def test_curves_without_common_accuracy_are_not_comparable():

@@ -222,14 +222,21 @@ def matched_accuracy(
     resamples instances (the same resample for every snapshot of both curves) and recomputes
     the whole statistic on each replicate, a* included, so the interval carries a*'s
     uncertainty too; replicates whose curves share no accuracy are dropped (`n_boot_valid`).
+
+    Both curves start at v2 (step 0), so they always share that point: the range they share is
+    taken over their later snapshots only (the paths from step 0 still interpolate), else a
+    compat run that collapsed would be "matched" with the control at v2's own accuracy.
     """
     compat, control = _sorted(compat, "compat"), _sorted(control, "control")
     sides = _align(_named(control, "control") + _named(compat, "compat"))
     k = len(control)
+    # Columns of the snapshots after the shared start, for the target accuracy.
+    c0 = k + (1 if compat[0].step == 0 and len(compat) > 1 else 0)
+    k0 = 1 if control[0].step == 0 and len(control) > 1 else 0
     acc_m = np.stack([s.score for s in sides])
     nfr_m = np.stack([s.regressed.astype(np.float64) for s in sides])
     acc, nfr = acc_m.mean(axis=1)[None, :], nfr_m.mean(axis=1)[None, :]
-    a, lo, hi, spans = _target(acc[:, k:], acc[:, :k])
+    a, lo, hi, spans = _target(acc[:, c0:], acc[:, k0:k])
     out = {
         "acc": None,
         "nfr_compat": None,
@@ -244,9 +251,10 @@ def matched_accuracy(
         "n_boot_valid": 0,
     }
     if np.isnan(a[0]):
-        acc_c, acc_k = acc[0, k:], acc[0, :k]
+        acc_c, acc_k = acc[0, c0:], acc[0, k0:k]
         out["reason"] = (
-            f"the curves share no accuracy: compat spans {pct(acc_c.min())}-{pct(acc_c.max())}%, "
+            "the curves share no accuracy after their common start (v2): "
+            f"compat spans {pct(acc_c.min())}-{pct(acc_c.max())}%, "
             f"the control {pct(acc_k.min())}-{pct(acc_k.max())}%"
         )
         return out
@@ -262,7 +270,7 @@ def matched_accuracy(
     if n_boot > 0:
         boot = _boot_means(np.concatenate([acc_m, nfr_m]), n_boot, seed)
         b_acc, b_nfr = boot[:, : len(sides)], boot[:, len(sides) :]
-        b_a = _target(b_acc[:, k:], b_acc[:, :k])[0]
+        b_a = _target(b_acc[:, c0:], b_acc[:, k0:k])[0]
         diff = _nfr_at(b_acc[:, k:], b_nfr[:, k:], b_a) - _nfr_at(b_acc[:, :k], b_nfr[:, :k], b_a)
         diff = diff[~np.isnan(diff)]
         out["n_boot_valid"] = int(len(diff))
@@ -406,7 +414,12 @@ def verdict(matched: dict, mcnemar: dict, alpha: float = 0.05) -> dict:
     ("control better" the mirror image); anything less is "no significant difference", and
     curves sharing no accuracy are "not comparable"."""
     if matched.get("diff") is None:
-        return {"verdict": "not comparable", "why": matched.get("reason", "no common accuracy")}
+        b, c, p = mcnemar["b"], mcnemar["c"], mcnemar["p"]
+        return {
+            "verdict": "not comparable",
+            "why": f"{matched.get('reason', 'no common accuracy')}; on {mcnemar['n']} instances v1 gets right the "
+            f"final compat keeps {b} the control breaks and breaks {c} it keeps (McNemar p={p:.3g})",
+        }
     ci, level = matched.get("ci"), matched.get("level", 0.95)
     b, c, p = mcnemar["b"], mcnemar["c"], mcnemar["p"]
     ci_text = f"{100 * level:g}% CI [{pct(ci[0], True)}, {pct(ci[1], True)}]" if ci else "no bootstrap interval"
