@@ -83,6 +83,7 @@ BAD_SETS = [
     ("serve", lambda tmp: REPO / "serve/config.yaml", "limits.max_tokens=-1", "limits.max_tokens"),
     ("demo", _demo_config, "score_batch_size=0", "score_batch_size"),
     ("update", _update_config, "scoring.batch_size=0", "scoring.batch_size"),
+    ("plan", lambda tmp: REPO / "jobs/configs/train_compat.yaml", "compat.temperature=0", "compat.temperature"),
 ]
 
 

@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": ("muscle_ray.cli.demo", "the whole MUSCLE update end to end: zoo, adapters, flips, compat, report"),
     "tasks": ("muscle_ray.cli.tasks", "list the registered tasks, their kind and metric"),
+    "plan": ("muscle_ray.cli.plan", "memory per worker of a training or scoring config, and a placement that fits"),
 }
 
 
