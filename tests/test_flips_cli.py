@@ -76,6 +76,44 @@ def test_json_summary(three, capsys):
     assert set(s["ci"]) == {"delta_acc", "nfr", "pfr"}
 
 
+def test_no_bootstrap_leaves_the_intervals_out(three, capsys):
+    old, new, _ = three
+    assert main(["flips", old, new, "--json", "--bootstrap", "0"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["ci"] == {"delta_acc": None, "nfr": None, "pfr": None} and s["nfr"] == pytest.approx(2 / 5)
+    assert main(["flips", old, new, "--bootstrap", "0"]) == 0  # the table without its CI columns
+
+
+def test_row_groups_read_in_parallel_keep_row_order(tmp_path, capsys):
+    from muscle_ray.results import read_results
+
+    n = 50
+    table = pa.table(
+        {
+            "id": [f"q{i}" for i in range(n)],
+            "task": ["t"] * n,
+            "correct": [i % 3 == 0 for i in range(n)],
+            "score": [float(i % 3 == 0) for i in range(n)],
+            "prediction": [str(i % 4) for i in range(n)],
+            "reference": ["0"] * n,
+        }
+    )
+    path = tmp_path / "groups.parquet"
+    pq.write_table(table, path, row_group_size=7)
+    assert pq.ParquetFile(path).num_row_groups == 8
+    got = read_results(path)
+    assert got.column("id").to_pylist() == table.column("id").to_pylist()
+    assert got.select(["correct", "score", "prediction"]).equals(table.select(["correct", "score", "prediction"]))
+    assert main(["flips", str(path), str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == n
+
+
+def test_memory_settings_come_back(three, capsys):
+    pool = pa.default_memory_pool().backend_name  # `muscle flips` runs on malloc, then puts it back
+    assert main(["flips", three[0], three[1], "--json"]) == 0
+    assert pa.default_memory_pool().backend_name == pool
+
+
 def test_table_compat_and_out(three, tmp_path, capsys):
     old, new, compat = three
     out = tmp_path / "report"
