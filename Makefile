@@ -26,7 +26,7 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q -m "not slow and not vllm"
-	$(PY) -m pytest -q -m "slow and not vllm"
+	$(PY) -m pytest -q -m "slow and not vllm" --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not vllm"

@@ -27,9 +27,10 @@ STAGES = {
     "task pipelines",
     "total",
 }
-ADAPTER_STEPS, COMPAT_STEPS, TEST_ROWS = 80, 60, 160
-SNAPSHOT_EVERY = 30  # two points per curve beside v2's
-SNAPSHOTS = [f"{c}-s{s:06d}" for c in ("compat", "control") for s in (30, 60)]
+ADAPTER_STEPS, COMPAT_STEPS, TEST_ROWS = 60, 40, 160
+SNAPSHOT_EVERY = 20  # two points per curve beside v2's
+STEPS = (20, 40)
+SNAPSHOTS = [f"{c}-s{s:06d}" for c in ("compat", "control") for s in STEPS]
 ABLATION_CE_WEIGHT = 0.25  # not the variants' 0.5, so the test sees which rows got it
 ROW_KEYS = {
     "metric",
@@ -56,7 +57,7 @@ def reduced(out: Path) -> DemoConfig:
         out=str(out),
         zoo=zoo,
         tasks=TASKS,
-        adapter={"optim": {"max_steps": ADAPTER_STEPS}, "run": {"eval_every_steps": 40}},
+        adapter={"optim": {"max_steps": ADAPTER_STEPS}, "run": {"eval_every_steps": 30}},
         compat={"optim": {"max_steps": COMPAT_STEPS, "lr": 2e-3}},
         snapshot_every=SNAPSHOT_EVERY,
         adapter_seeds=[],  # the overlap is measured where the base seeds are (minutes saved here)
@@ -134,7 +135,7 @@ def test_products_stay_in_the_output_folder(demo):
             assert (ad / "adapter_config.json").is_file() and (ad / "muscle_manifest.json").is_file(), ad
             assert any((out / "results" / task / name).rglob("shard-*.parquet")), (task, name)
         for curve in ("compat", "control"):
-            for step in (30, 60):
+            for step in STEPS:
                 snapshot = out / "adapters" / task / curve / "snapshots" / f"step-{step:06d}"
                 assert (snapshot / "adapter_config.json").is_file(), snapshot
 
@@ -164,7 +165,7 @@ def test_every_task_row_carries_the_fight(demo):
         fight = row["fight"]
         for curve in ("compat", "control"):
             points = fight["curves"][curve]
-            assert [p["step"] for p in points] == [0, 30, 60], (task, curve)
+            assert [p["step"] for p in points] == [0, *STEPS], (task, curve)
             assert (points[0]["acc"], points[0]["nfr"]) == pytest.approx((row["acc_v2"], row["nfr"])), (task, curve)
         mc = fight["mcnemar"]
         assert mc["b"] + mc["c"] <= mc["n"] <= TEST_ROWS, (task, mc)
@@ -176,7 +177,7 @@ def test_every_task_row_carries_the_fight(demo):
         }
         assert row["plateau"]["steps"] == COMPAT_STEPS and row["plateau"]["acc_v2"] == pytest.approx(row["acc_v2"])
         assert "flip_overlap" not in row  # adapter_seeds: [] here
-        assert (row["nfr_mc_control"] is None) == (task not in DISCRETE), task
+        assert (row.get("nfr_mc_control") is None) == (task not in DISCRETE), task
     assert "Fair fight" in (out / "report.md").read_text()
 
 
