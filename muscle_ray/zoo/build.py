@@ -25,7 +25,7 @@ from muscle_ray.zoo.llama import LlamaSpec, init_model, save_model_dir
 from muscle_ray.zoo.pretrain import pack, pretrain
 from muscle_ray.zoo.tokenizer import build_tokenizer
 
-ZOO_VERSION = 3  # bump when world.py or pretrain.py change what a config produces
+ZOO_VERSION = 4  # bump when world.py or pretrain.py change what a config produces
 
 
 class BaseConfig(BaseModel):

@@ -9,8 +9,8 @@ model gets right comes from what its base read, as with real LLMs:
   (v2 more of them), so each knows people the other never read about, and its guesses about
   the rest come from the family rules it learnt. That is where the flips come from.
 - **Habit.** Trips are told with one verb in each corpus (`BaseConfig.style`: "went to",
-  "flew to", "headed to"); the summaries the trip task is scored on use any of them, so a
-  summariser's ROUGE-1 depends on its base's habit as much as on what it knows.
+  "flew to", "headed to"); the summaries the trip task is scored on use any of them ("went to"
+  most often, `STYLE_SHARES`), so a summariser learns the majority verb against its base's habit.
 - **Mentions.** Every task context first mentions other people in a sentence where a base's
   knowledge shows but the text goes on otherwise ("tam berg flew home to meet sol."): the
   task's labels say nothing about them, v1's next-token distribution there does. Test and
@@ -33,6 +33,10 @@ FAMILIES = "ito berg moss vale ford lund cruz park nash reed shaw wolf".split()
 CITIES = "rome oslo lima kyiv riga bern doha lyon pune nice cork baku".split()
 PETS = "cat dog fox owl rat bat cow pig hen yak eel ant".split()
 STYLES = {"went": "went to", "flew": "flew to", "headed": "headed to"}
+# How often a trip summary uses each verb: one clear majority. With three equal shares a
+# summariser's greedy verb was a coin toss between near-equal probabilities (its base's prior
+# could even win with "lives in"), and the task's ROUGE moved 20 points between runs.
+STYLE_SHARES = {"went": 0.6, "flew": 0.2, "headed": 0.2}
 
 
 def people(seed: int, p_home: float, p_pet: float) -> dict[str, dict]:
@@ -131,7 +135,7 @@ def make_trip_rouge(world: dict, name: str, rng: random.Random, k: int, others: 
     The reference's verb is drawn from every style: a summariser is paid for its base's
     knowledge of both homes and, word for word, for its habit."""
     other = rng.choice([m for m in others if m != name])
-    verb = STYLES[rng.choice(sorted(STYLES))]
+    verb = STYLES[rng.choices(sorted(STYLES), weights=[STYLE_SHARES[k] for k in sorted(STYLES)])[0]]
     summary = f"they {verb} {world[name]['city']} and {world[other]['city']}."
     return {
         "prompt": mentions(world, rng, "home", k) + f"dialogue: {name}: i am off home. {other}: me too. summary:",
