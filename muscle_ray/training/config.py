@@ -84,6 +84,11 @@ class RunSettings(_Strict):
     log_every_steps: int = Field(1, gt=0)  # a progress line every N optimizer steps
     snapshot_every_steps: int | None = Field(None, gt=0)  # and at the last step: out/snapshots/step-N/
     seed: int = 0
+    # bf16: frozen bases (student's and teachers') in bf16, forwards under bf16 autocast; LoRA
+    # weights, gradients, AdamW state and the losses stay fp32. FSDP2 all-gathers bf16, reduces fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Recompute each decoder block in backward; auto: on for bases over 500M parameters.
+    activation_checkpointing: bool | Literal["auto"] = "auto"
 
 
 class ModelRef(_Strict):

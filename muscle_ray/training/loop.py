@@ -5,6 +5,12 @@ build the student -> (teachers) -> shard (FSDP2 per decoder block, or DDP) -> re
 `ray.train.get_checkpoint()` -> epochs over this worker's Ray Data shard with gradient
 accumulation -> validation + checkpoint at each epoch end (and every `eval_every_steps`),
 and adapter snapshots every `snapshot_every_steps` (see `muscle_ray.training.snapshots`).
+
+Memory (`run.precision`, `run.activation_checkpointing`): with bf16 the frozen bases are bf16 and
+the forward runs under bf16 autocast, while LoRA weights, their gradients, AdamW's state and the
+losses stay fp32 (FSDP2 all-gathers in bf16 and reduces gradients in fp32). Under FSDP2 the
+student and the inline v1 teacher are built as skeletons and each worker reads only its shards
+(`lora.load_sharded`). Activation checkpointing recomputes each decoder block in backward.
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ from muscle_ray.models import ModelVersion
 from muscle_ray.training import snapshots
 from muscle_ray.training.config import TrainConfig
 from muscle_ray.training.data import IGNORE, trim_batch
-from muscle_ray.training.lora import build_student, save_adapter
+from muscle_ray.training.lora import (
+    build_student,
+    decoder_blocks,
+    enable_checkpointing,
+    hf_model,
+    load_sharded,
+    save_adapter,
+    use_checkpointing,
+)
 from muscle_ray.training.losses import ce_loss, compat_loss
 
 TRAIN_STATE = "train_state.pt"
@@ -34,17 +48,36 @@ def strategy_for(cfg: TrainConfig, world: int) -> str:
     return cfg.run.strategy
 
 
-def shard_model(student, strategy: str, device):
-    """FSDP2: `fully_shard` each decoder block, then the root (works on gloo and NCCL)."""
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The frozen bases' dtype (and autocast's) for `run.precision`."""
+    return torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
 
-        block_names = set(getattr(student.get_base_model(), "_no_split_modules", None) or [])
-        blocks = [m for m in student.modules() if type(m).__name__ in block_names]
-        for block in blocks:
-            fully_shard(block)
-        fully_shard(student)
-        return student
+
+def autocast(cfg: TrainConfig, device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the forward passes when `run.precision` is bf16 (CPU and CUDA)."""
+    if cfg.run.precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def fsdp_shard(model):
+    """FSDP2: `fully_shard` each decoder block, then the root (works on gloo and NCCL). A bf16
+    base all-gathers its parameters (fp32 LoRA included) in bf16 and reduces gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if hf_model(model).dtype == torch.bfloat16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in decoder_blocks(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def shard_model(student, strategy: str, device):
+    """Wrap a loaded student: FSDP2 (`fsdp_shard`), DDP, or nothing."""
+    if strategy == "fsdp":
+        return fsdp_shard(student)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -66,27 +99,60 @@ def make_scheduler(opt, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def make_teachers(cfg: TrainConfig, student, device):
+def make_teachers(cfg: TrainConfig, student, device, sharded: bool = False):
+    """The compat job's teachers (None for task adapters and the CE control). `sharded`: the
+    inline v1 teacher is built and FSDP2-sharded like the student (the v2 teacher is the student)."""
     c = cfg.compat
     if c is None or c.mask == "ce":
         return None
     from muscle_ray.training import teachers as T
 
+    dtype = torch.bfloat16 if cfg.run.precision == "bf16" else None  # None: the device's default
     old = ModelVersion(c.old.base, c.old.adapter, name="old")
     if c.teachers == "inline":
-        return T.InlineTeachers(student, old, c.new_adapter, device)
+        return T.InlineTeachers(student, old, c.new_adapter, device, dtype=dtype, shard=fsdp_shard if sharded else None)
     if c.teachers == "colocated":
         new = ModelVersion(cfg.base, c.new_adapter, name="new")
         return T.ColocatedTeachers(
-            old, new, c.topk, c.temperature, num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus, device=device
+            old,
+            new,
+            c.topk,
+            c.temperature,
+            num_cpus=c.teacher_cpus,
+            num_gpus=c.teacher_gpus,
+            device=device,
+            dtype=dtype,
         )
     return T.CachedTeachers()
 
 
+def build_model(cfg: TrainConfig, device, world: int):
+    """(student, teachers, model): the PEFT student, its teachers, and the student as trained
+    (FSDP2-sharded, DDP-wrapped, or itself). Under FSDP2 the student is a skeleton until
+    `load_sharded` fills this worker's shards; otherwise it is loaded whole, as before."""
+    strategy = strategy_for(cfg, world)
+    sharded = strategy == "fsdp"
+    c = cfg.compat
+    init = c.new_adapter if c is not None and c.init == "from_new" else None
+    student = build_student(cfg.base, cfg.lora, init, dtype=compute_dtype(cfg), weights=not sharded)
+    if not sharded:
+        student = student.to(device)
+    teachers = make_teachers(cfg, student, device, sharded)  # before sharding: inline adds an adapter
+    if use_checkpointing(cfg.run.activation_checkpointing, student):
+        enable_checkpointing(student)
+    if sharded:
+        model = load_sharded(student, cfg.base, device, fsdp_shard)
+    else:
+        model = shard_model(student, strategy, device)
+    return student, teachers, model.train()
+
+
 def batch_loss(model, teachers, batch, cfg: TrainConfig):
-    """(loss, stats) of one micro-batch."""
-    old_new = teachers(batch) if teachers is not None else None
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """(loss, stats) of one micro-batch: forwards under `run.precision`'s autocast, losses in fp32
+    (they upcast the logits, a chunk at a time for the compat loss)."""
+    with autocast(cfg, batch["input_ids"].device):
+        old_new = teachers(batch) if teachers is not None else None
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     c = cfg.compat
     if old_new is None or c is None:
         return ce_loss(logits, batch["labels"], ignore_index=IGNORE, return_stats=True)
@@ -205,12 +271,7 @@ def train_loop_per_worker(config: dict):
     torch.manual_seed(cfg.run.seed)
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
 
-    c = cfg.compat
-    init = c.new_adapter if c is not None and c.init == "from_new" else None
-    student = build_student(cfg.base, cfg.lora, init).to(device)
-    teachers = make_teachers(cfg, student, device)  # before sharding: inline adds an adapter
-    model = shard_model(student, strategy_for(cfg, world), device)
-    model.train()
+    student, teachers, model = build_model(cfg, device, world)
 
     o = cfg.optim
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, weight_decay=o.weight_decay)

@@ -5,10 +5,12 @@ or `TopK`, so the training loop does not care where they run:
 
 - `InlineTeachers`: inside the training worker. The new teacher is the student's own frozen
   base with the v2 task adapter switched in (a second, frozen PEFT adapter), so only the old
-  base costs extra memory.
+  base costs extra memory; under FSDP2 the old model is sharded like the student, each worker
+  reading only its shards.
 - `ColocatedTeachers`: one Ray actor per training worker, pinned to the worker's node, holding
   both frozen teachers (a `TeacherPair`) with their own device and dtype; answers travel
-  through the object store, as full logits or top-k (+ tail mass, + label log-prob).
+  through the object store, as full logits or top-k (+ tail mass, + label log-prob). Not sharded:
+  the actors are outside the training workers' process group (bf16 halves them instead).
 - `CachedTeachers`: read from columns that `build_teacher_cache` (a Ray Data batch job)
   precomputed beside the tokens: top-k log-probs at the training temperature, tail mass and
   the label log-prob at T = 1, so masks stay exact and only the KL support is coarsened.
@@ -35,19 +37,42 @@ def _freeze(model):
     return model.eval()
 
 
+def sharded_model(version: ModelVersion, device, dtype, shard):
+    """A frozen model whose weights are `shard`ed (FSDP2) and read shard by shard from the files."""
+    from peft import PeftModel
+
+    from muscle_ray.training.lora import load_sharded, skeleton
+
+    model = skeleton(version.base, dtype, trust_remote_code=version.trust_remote_code)
+    model.config.use_cache = False
+    if version.adapter:
+        model = PeftModel.from_pretrained(model, version.adapter)
+    return _freeze(load_sharded(_freeze(model), version.base, device, shard))
+
+
 class InlineTeachers:
-    def __init__(self, student, old: ModelVersion, new_adapter: str, device, dtype=None):
+    """`shard`, given (`loop.fsdp_shard`), shards the old model with FSDP2: every worker must then
+    call the teachers in step, as it does the student."""
+
+    def __init__(self, student, old: ModelVersion, new_adapter: str, device, dtype=None, shard=None):
+        from muscle_ray.models import default_dtype
         from muscle_ray.training.lora import NEW_TEACHER
 
         self.student = student  # the unwrapped PeftModel (FSDP2 shards it in place)
         self.student.load_adapter(new_adapter, adapter_name=NEW_TEACHER, is_trainable=False)
-        self.old = _freeze(load_model(old, device=device, dtype=dtype))
+        if shard is None:
+            self.old = _freeze(load_model(old, device=device, dtype=dtype))
+        else:
+            dtype = dtype or default_dtype(torch.device(device))
+            self.old = sharded_model(old, device, dtype, shard)
 
     @torch.no_grad()
     def __call__(self, batch):
         from muscle_ray.training.lora import NEW_TEACHER, active_adapter
 
         old = _forward(self.old, batch)
+        if hasattr(self.old, "reshard"):  # FSDP2 keeps a root unsharded after forward: for backward
+            self.old.reshard()
         with active_adapter(self.student, NEW_TEACHER):
             new = _forward(self.student, batch)
         return old, new
@@ -60,6 +85,7 @@ class TeacherPair:
         self.old = _freeze(load_model(old, device=device, dtype=dtype))
         self.new = _freeze(load_model(new, device=device, dtype=dtype))
         self.device = next(self.old.parameters()).device
+        self.autocast = dtype == torch.bfloat16  # asked for bf16 (`run.precision`): run as the student does
 
     def node_id(self) -> str:
         import ray
@@ -77,7 +103,8 @@ class TeacherPair:
         labels = torch.as_tensor(labels, device=self.device).clamp(min=0)
         out = {}
         for name, model in (("old", self.old), ("new", self.new)):
-            logits = _forward(model, batch).float()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = _forward(model, batch).float()
             if topk is None:
                 out[f"{name}_logits"] = logits.cpu().numpy()
                 continue
@@ -115,6 +142,7 @@ class ColocatedTeachers:
         num_cpus: float = 0.25,
         num_gpus: float = 0.0,
         device=None,
+        dtype=None,
     ):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -125,7 +153,7 @@ class ColocatedTeachers:
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-        ).remote(old, new)
+        ).remote(old, new, None, dtype)
         self.node = node
         self.topk, self.temperature, self.device = topk, temperature, device
 
