@@ -13,6 +13,12 @@ A shard is a fixed slice of the input (S = shard_size rows), written atomically 
 row comes back, so a rerun into the same OUT skips finished shards and the final table is the
 same as an uninterrupted run's. Within a shard rows keep input order.
 
+Versions on one base (`backend.group_versions`: the demo's compat, control and snapshots are
+LoRA adapters of one base) score in ONE pass: each actor loads the base once with all their
+adapters and scores every batch with each version, so a pool starts once per base, not once per
+version. A row goes through the pass if its shard is missing for any of them; each version's
+shards, errors and `_run.json` stay its own.
+
 Determinism: each MC question is one packed sequence whose log-likelihoods do not depend on
 the other questions mathematically, but float32 GEMMs can differ in the last bits with the batch
 shape. Predictions are argmaxes over options that differ by far more than that, so they agree
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -41,7 +48,7 @@ from muscle_ray.scoring.rows import ERROR_SCHEMA, to_table
 from muscle_ray.tasks.base import Instance, Record, Task, get_task
 
 if TYPE_CHECKING:  # the backends load torch; the actor imports them when it starts
-    from muscle_ray.scoring.backend import Backend
+    from muscle_ray.scoring.backend import Backend, Scorer
 
 
 def shard_name(k: int) -> str:
@@ -53,11 +60,15 @@ def _errors_name(k: int) -> str:
 
 
 class ScoreActor:
-    """One model version in memory; parses raw records and scores the good ones."""
+    """The model versions of one group in memory (`backend.VersionGroup`: one base, its
+    adapters); parses each raw record once and scores the good ones with every version its row
+    needs (the input column `need`: one "1"/"0" per version, "1" where that version's shard is
+    missing). Per row out: JSON lists, one entry per version, of the result row (None when not
+    scored) and of the reason it failed ("" when it did not)."""
 
     def __init__(
         self,
-        version: dict,
+        versions: list[dict],
         task: str,
         task_options: dict,
         backend: Backend,
@@ -68,38 +79,45 @@ class ScoreActor:
         import ray
         import torch
 
-        from muscle_ray.scoring.backend import make_scorer
+        from muscle_ray.scoring.backend import VersionGroup
 
         torch.set_num_threads(threads)
         self.actor_id = ray.get_runtime_context().get_actor_id()  # which pool actor scored a row
-        spec = VersionSpec(**version)
-        self.name = spec.name
+        specs = [VersionSpec(**v) for v in versions]
+        self.names = [s.name for s in specs]
         self.task = get_task(task, **task_options)
-        self.scorer = make_scorer(backend, spec.model_version(), batch_size, chat_template=chat_template)
+        self.models = VersionGroup(backend, [s.model_version() for s in specs], batch_size, chat_template=chat_template)
 
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["ord"])
-        results, errors, good = [""] * n, list(batch["error"]), []  # duplicate ids come marked already
+        n, V = len(batch["ord"]), len(self.names)
+        results: list[list[dict | None]] = [[None] * V for _ in range(n)]
+        errors = [[str(e)] * V for e in batch["error"]]  # duplicate ids come marked already
+        good = []
         for i, blob in enumerate(batch["record"]):
-            if errors[i]:
+            if errors[i][0]:
                 continue
             record: Record = pickle.loads(blob)
             try:
                 good.append((i, (record.row, self.task.parse(record))))
             except BadRow as e:
-                errors[i] = e.reason
-        for (i, _), (result, error) in zip(good, self._score([item for _, item in good])):
-            results[i], errors[i] = result, error
+                errors[i] = [e.reason] * V
+        for j, name in enumerate(self.names):
+            mine = [(i, item) for i, item in good if batch["need"][i][j] == "1"]
+            if not mine:
+                continue
+            with self.models.using(name) as scorer:
+                for (i, _), (result, error) in zip(mine, self._score(scorer, name, [item for _, item in mine])):
+                    results[i][j], errors[i][j] = result, error
         return {
             "ord": batch["ord"],
             "shard": batch["shard"],
-            "result": results,
-            "error": errors,
+            "results": [json.dumps(r) for r in results],
+            "errors": [json.dumps(e) for e in errors],
             "actor": [self.actor_id] * n,
         }
 
-    def _score(self, items: list[tuple[int, Instance]]) -> list[tuple[str, str]]:
-        """(result row as JSON, "") or ("", why it failed) for each (row, Instance).
+    def _score(self, scorer: Scorer, name: str, items: list[tuple[int, Instance]]) -> list[tuple[dict | None, str]]:
+        """(result row, "") or (None, why it failed) for each (row, Instance).
 
         A batch that fails is retried one row at a time, so a bad row (a continuation longer than
         the model's context, ...) costs only itself. A MuscleError that is not a BadRow is a
@@ -110,16 +128,16 @@ class ScoreActor:
         if not items:
             return []
         try:
-            return [(json.dumps(r), "") for r in score_instances(self.scorer, self.task, items, self.name)]
+            return [(r, "") for r in score_instances(scorer, self.task, items, name)]
         except MuscleError as e:
             if not isinstance(e, BadRow):
                 raise
             if len(items) == 1:
-                return [("", e.reason)]
+                return [(None, e.reason)]
         except Exception as e:
             if len(items) == 1:
-                return [("", f"scoring failed: {type(e).__name__}: {' '.join(str(e).split())[:500]}")]
-        return [self._score([item])[0] for item in items]
+                return [(None, f"scoring failed: {type(e).__name__}: {' '.join(str(e).split())[:500]}")]
+        return [self._score(scorer, name, [item])[0] for item in items]
 
 
 @dataclass
@@ -167,19 +185,24 @@ def _write_errors(out_dir: Path) -> int:
     return table.num_rows
 
 
-def score_version(
-    cfg: ScoreConfig,
-    spec: VersionSpec,
-    records: list[Record],
-    data: str,
-    log=print,
-    progress=None,
-    skip: dict[int, str] | None = None,
-) -> VersionSummary:
-    """Score one version into OUT/<version>/<task>; `skip` maps input indices to the reason they
-    are quarantined without scoring (duplicate ids)."""
-    import ray
+@dataclass
+class _Target:
+    """One version of a group in a pass: its output directory and the shards it has and gets."""
 
+    spec: VersionSpec
+    dir: Path
+    done: set[int]  # shards on disk
+    resumed: int  # of them, found on disk when the pass started
+    old_errors: int  # bad rows in the resumed shards
+    scored: int = 0
+    tokens: int = 0
+    new_errors: int = 0
+    actors: set[str] = field(default_factory=set)
+
+
+def _target(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], data: str, log) -> _Target:
+    """Check OUT/<version>/<task> belongs to this run, clear what a killed writer left, and see
+    which shards are finished."""
     out_dir = Path(cfg.out) / spec.name / cfg.task
     S = cfg.shard_size
     n_shards = -(-len(records) // S)
@@ -201,28 +224,67 @@ def score_version(
     for stale in out_dir.glob(".*.tmp"):  # a writer killed mid-write left its temp file behind
         stale.unlink(missing_ok=True)
     done = {k for k in range(n_shards) if (out_dir / shard_name(k)).exists()}
-    skip = skip or {}
-    todo: list[dict[str, Any]] = [  # the record as bytes: Arrow-safe, any text
-        {"ord": i, "shard": i // S, "record": pickle.dumps(rec), "error": skip.get(i, "")}
-        for i, rec in enumerate(records)
-        if i // S not in done
-    ]
     if done:
         log(f"[{spec.name}/{cfg.task}] resuming: {len(done)}/{n_shards} shards already done")
-    start, scored, tokens, new_errors, actors = time.perf_counter(), 0, 0, 0, set()
     old_errors = sum(
         pq.read_metadata(f).num_rows for f in out_dir.glob("_shard-*.errors.parquet") if int(f.name[7:12]) in done
     )
+    return _Target(spec, out_dir, done, len(done), old_errors)
+
+
+def score_version(
+    cfg: ScoreConfig,
+    spec: VersionSpec,
+    records: list[Record],
+    data: str,
+    log=print,
+    progress=None,
+    skip: dict[int, str] | None = None,
+) -> VersionSummary:
+    """Score one version into OUT/<version>/<task> (`score_group` with one version)."""
+    return score_group(cfg, [spec], records, data, log=log, progress=progress, skip=skip)[0]
+
+
+def score_group(
+    cfg: ScoreConfig,
+    specs: list[VersionSpec],
+    records: list[Record],
+    data: str,
+    log=print,
+    progress=None,
+    skip: dict[int, str] | None = None,
+) -> list[VersionSummary]:
+    """Score versions that one actor can hold together (`backend.group_versions`) in ONE Ray Data
+    pass, each into OUT/<version>/<task); `skip` maps input indices to the reason they are
+    quarantined without scoring (duplicate ids).
+
+    A row goes through the pool if its shard is missing for any version, and is scored only for
+    those; each version's missing shards are written as their rows come back, finished ones are
+    never rewritten. A summary's `seconds` is the whole pass's (its versions share it).
+    """
+    import ray
+
+    S = cfg.shard_size
+    n_shards = -(-len(records) // S)
+    targets = [_target(cfg, spec, records, data, log) for spec in specs]
+    todo_shards = [k for k in range(n_shards) if any(k not in t.done for t in targets)]
+    active = [t for t in targets if len(t.done) < n_shards]  # the versions the actors load
+    need = {k: "".join("0" if k in t.done else "1" for t in active) for k in todo_shards}
+    skip = skip or {}
+    todo: list[dict[str, Any]] = [  # the record as bytes: Arrow-safe, any text
+        {"ord": i, "shard": k, "record": pickle.dumps(records[i]), "error": skip.get(i, ""), "need": need[k]}
+        for k in todo_shards
+        for i in range(k * S, min((k + 1) * S, len(records)))
+    ]
+    start = time.perf_counter()
     if todo:
-        expected: dict[int, int] = {}
-        for item in todo:
-            expected[item["shard"]] = expected.get(item["shard"], 0) + 1
+        expected = {k: min((k + 1) * S, len(records)) - k * S for k in todo_shards}
         lo, hi = cfg.workers
         pool = ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
         ds = ray.data.from_items(todo).map_batches(
             ScoreActor,
             fn_constructor_kwargs=dict(
-                version=spec.model_dump(),
+                versions=[t.spec.model_dump() for t in active],
                 task=cfg.task,
                 task_options=cfg.task_options,
                 backend=cfg.backend,
@@ -236,62 +298,102 @@ def score_version(
             num_gpus=cfg.gpus_per_worker or None,
         )
         pending: dict[int, list[dict]] = {}
-        for out in ds.iter_rows():
+        for out in _rows(ds):
             k = int(out["shard"])
-            actors.add(out["actor"])
             if progress:
-                progress(1)  # one more row back from the pool
+                for _ in range(need[k].count("1")):
+                    progress(1)  # one more (row, version) back from the pool
             pending.setdefault(k, []).append(out)
             if len(pending[k]) < expected[k]:
                 continue
             parts = sorted(pending.pop(k), key=lambda o: int(o["ord"]))
-            results = [json.loads(o["result"]) for o in parts if o["result"]]
-            bad = [
-                {
-                    "row": records[int(o["ord"])].row,
-                    "reason": o["error"],
-                    "raw": records[int(o["ord"])].text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
-                }
-                for o in parts
-                if o["error"]
-            ]
-            if bad:
-                write_atomic(pa.Table.from_pylist(bad, schema=ERROR_SCHEMA), out_dir / _errors_name(k))
-            write_atomic(to_table(results), out_dir / shard_name(k))
-            done.add(k)
-            scored += len(results)
-            tokens += sum(r["n_tokens"] for r in results)
-            new_errors += len(bad)
-            log(
-                f"[{spec.name}/{cfg.task}] shard {k + 1}/{n_shards} written: {len(results)} rows"
-                + (f", {len(bad)} bad" if bad else "")
-                + f" ({len(done)}/{n_shards} done)"
-            )
-            if cfg.max_errors is not None and old_errors + new_errors > cfg.max_errors:
-                _write_errors(out_dir)
-                raise MuscleError(
-                    f"{out_dir / ERRORS_FILE}: {old_errors + new_errors} bad rows so far, "
-                    f"more than --max-errors {cfg.max_errors}"
-                )
-    n_errors = _write_errors(out_dir)
-    if cfg.max_errors is not None and n_errors > cfg.max_errors:
-        raise MuscleError(f"{out_dir / ERRORS_FILE}: {n_errors} bad rows, more than --max-errors {cfg.max_errors}")
+            rows = [(int(o["ord"]), json.loads(o["results"]), json.loads(o["errors"]), o["actor"]) for o in parts]
+            for j, t in enumerate(active):
+                if need[k][j] == "1":
+                    _write_shard(cfg, t, k, n_shards, [(i, r[j], e[j], a) for i, r, e, a in rows], records, log)
+    summaries = []
     seconds = time.perf_counter() - start
-    rows = sum(pq.read_metadata(out_dir / shard_name(k)).num_rows for k in range(n_shards))
-    return VersionSummary(
-        version=spec.name,
-        task=cfg.task,
-        out=str(out_dir),
-        rows=rows,
-        scored=scored,
-        resumed_shards=n_shards - len({int(i["shard"]) for i in todo}),
-        shards=n_shards,
-        errors=n_errors,
-        seconds=round(seconds, 3),
-        rows_per_s=round(scored / seconds, 2) if seconds else 0.0,
-        tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
-        actors=sorted(actors),
+    for t in targets:
+        n_errors = _write_errors(t.dir)
+        if cfg.max_errors is not None and n_errors > cfg.max_errors:
+            raise MuscleError(f"{t.dir / ERRORS_FILE}: {n_errors} bad rows, more than --max-errors {cfg.max_errors}")
+        summaries.append(
+            VersionSummary(
+                version=t.spec.name,
+                task=cfg.task,
+                out=str(t.dir),
+                rows=sum(pq.read_metadata(t.dir / shard_name(k)).num_rows for k in range(n_shards)),
+                scored=t.scored,
+                resumed_shards=t.resumed,
+                shards=n_shards,
+                errors=n_errors,
+                seconds=round(seconds, 3),
+                rows_per_s=round(t.scored / seconds, 2) if seconds else 0.0,
+                tokens_per_s=round(t.tokens / seconds, 1) if seconds else 0.0,
+                actors=sorted(t.actors),
+            )
+        )
+    return summaries
+
+
+def _rows(ds):
+    """The pass's output rows. A MuscleError raised in an actor (a setting wrong for every row,
+    an adapter that does not load) comes out as a MuscleError with its own one-line message:
+    Ray wraps it, and an error in an actor's constructor reaches here only as text."""
+    try:
+        yield from ds.iter_rows()
+    except Exception as e:
+        message = _muscle_error(e)
+        if message is None:
+            raise
+        raise MuscleError(message) from e
+
+
+def _muscle_error(e: BaseException) -> str | None:
+    seen: BaseException | None = e
+    while seen is not None:
+        cause = getattr(seen, "cause", None)  # RayTaskError keeps the actor's exception
+        if isinstance(cause, MuscleError):
+            return str(cause)
+        if isinstance(seen, MuscleError) and "Traceback" not in str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    found = re.findall(r"^\s*muscle_ray\.errors\.\w+: (.+)$", str(e), flags=re.M)
+    return found[-1] if found else None
+
+
+def _write_shard(cfg: ScoreConfig, t: _Target, k: int, n_shards: int, rows: list, records: list[Record], log) -> None:
+    """Shard k of one version from its (input index, result or None, error, actor) rows, in input
+    order: the results file, and the bad rows beside it; then the --max-errors check."""
+    results = [r for _, r, _, _ in rows if r is not None]
+    bad = [
+        {
+            "row": records[i].row,
+            "reason": e,
+            "raw": records[i].text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+        }
+        for i, _, e, _ in rows
+        if e
+    ]
+    if bad:
+        write_atomic(pa.Table.from_pylist(bad, schema=ERROR_SCHEMA), t.dir / _errors_name(k))
+    write_atomic(to_table(results), t.dir / shard_name(k))
+    t.done.add(k)
+    t.scored += len(results)
+    t.tokens += sum(r["n_tokens"] for r in results)
+    t.new_errors += len(bad)
+    t.actors.update(a for *_, a in rows)
+    log(
+        f"[{t.spec.name}/{cfg.task}] shard {k + 1}/{n_shards} written: {len(results)} rows"
+        + (f", {len(bad)} bad" if bad else "")
+        + f" ({len(t.done)}/{n_shards} done)"
     )
+    if cfg.max_errors is not None and t.old_errors + t.new_errors > cfg.max_errors:
+        _write_errors(t.dir)
+        raise MuscleError(
+            f"{t.dir / ERRORS_FILE}: {t.old_errors + t.new_errors} bad rows so far, "
+            f"more than --max-errors {cfg.max_errors}"
+        )
 
 
 def duplicate_ids(task: Task, records: list[Record]) -> dict[int, str]:
@@ -324,6 +426,7 @@ def run_score(cfg: ScoreConfig, log=print, progress=None) -> list[VersionSummary
 def _run_score(cfg: ScoreConfig, log, progress) -> list[VersionSummary]:
     from muscle_ray.models import check_same_tokenizer
     from muscle_ray.runtime import init_ray
+    from muscle_ray.scoring.backend import group_versions
 
     task = get_task(cfg.task, **cfg.task_options)
     versions = [v.model_version() for v in cfg.versions]  # checks the directories up front
@@ -347,21 +450,26 @@ def _run_score(cfg: ScoreConfig, log, progress) -> list[VersionSummary]:
     if not records:
         raise MuscleError(f"{data}: no records to score")
     skip = duplicate_ids(task, records)
+    groups = group_versions(cfg.backend, versions)  # checks every adapter directory first
     init_ray()
-    summaries = []
-    for spec in cfg.versions:
-        s = score_version(cfg, spec, records, data, log=log, progress=progress, skip=skip)
-        summaries.append(s)
-        if s.rows == 0 and s.errors:  # every row failed: a broken model or backend, not bad rows
-            first = pq.read_table(Path(s.out) / ERRORS_FILE).column("reason")[0].as_py()
-            raise MuscleError(
-                f"{Path(s.out) / ERRORS_FILE}: none of the {s.errors} rows could be scored (the first: {first})"
+    done: dict[str, VersionSummary] = {}
+    for group in groups:
+        specs = [cfg.versions[i] for i in group]
+        if len(specs) > 1:
+            log(f"[{cfg.task}] {', '.join(s.name for s in specs)}: one pass, one base ({versions[group[0]].base})")
+        for s in score_group(cfg, specs, records, data, log=log, progress=progress, skip=skip):
+            done[s.version] = s
+            if s.rows == 0 and s.errors:  # every row failed: a broken model or backend, not bad rows
+                first = pq.read_table(Path(s.out) / ERRORS_FILE).column("reason")[0].as_py()
+                raise MuscleError(
+                    f"{Path(s.out) / ERRORS_FILE}: none of the {s.errors} rows could be scored (the first: {first})"
+                )
+            log(
+                f"[{s.version}/{s.task}] {s.rows} rows in {s.out} ({s.scored} scored now, "
+                f"{s.resumed_shards}/{s.shards} shards resumed, {s.errors} bad rows skipped); "
+                f"{s.rows_per_s} rows/s, {s.tokens_per_s} tokens/s"
             )
-        log(
-            f"[{s.version}/{s.task}] {s.rows} rows in {s.out} ({s.scored} scored now, "
-            f"{s.resumed_shards}/{s.shards} shards resumed, {s.errors} bad rows skipped); "
-            f"{s.rows_per_s} rows/s, {s.tokens_per_s} tokens/s"
-        )
+    summaries = [done[v.name] for v in cfg.versions]
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "summary.json").write_text(json.dumps([asdict(s) for s in summaries], indent=1))
     return summaries
