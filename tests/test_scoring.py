@@ -216,7 +216,10 @@ def test_config_errors_are_one_line(tmp_path, tiny_model):
     )
     assert load_config(ScoreConfig, cfg, {"batch_size": 3}).workers == (1, 2)
     assert main(["score", "--config", str(cfg), "--data", str(tmp_path / "missing.jsonl")]) == 2
-    assert main(["score", "--model", str(tmp_path), "--task", "mc_jsonl", "--data", "x", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["score", "--model", str(tmp_path), "--task", "mc_jsonl", "--data", "x", "--out", str(tmp_path / "o")])
+        == 2
+    )
 
 
 @pytest.mark.parametrize("name", ["hellaswag", "piqa", "winogrande", "arc_easy", "gsm8k", "dialogsum"])
