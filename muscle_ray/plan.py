@@ -5,17 +5,20 @@ parameter counts come from the architecture (embeddings, attention with grouped 
 MLP, RMSNorms, lm_head tied or not; Llama, Mistral and Qwen2 style decoders) and match what
 transformers instantiates. Everything else is a documented estimate, per worker, in bytes:
 
-- base weights: params x bytes(dtype). muscle-ray loads the student in fp32 (`build_student`), the
-  teachers and scoring models in bf16 on a GPU and fp32 on a CPU (`models.default_dtype`);
-  `dtype` overrides all three. Under FSDP every parameter is sharded over the workers, and each
-  worker also holds what FSDP2 gathers: the root's parameters (embeddings, final norm, lm_head: the
-  root is not resharded after forward) and two decoder blocks (the current one, the prefetched one).
+- base weights: params x bytes(dtype). Training loads the student in `run.precision` (fp32 by
+  default), the teachers in bf16 with `run.precision: bf16` and otherwise, like the scoring models,
+  in bf16 on a GPU and fp32 on a CPU (`models.default_dtype`); `--dtype` overrides all three.
+  Under FSDP every parameter is sharded over the workers, and each worker also holds what FSDP2
+  gathers: the root's parameters (embeddings, final norm, lm_head: the root is not resharded after
+  forward) and two decoder blocks (the current one, the prefetched one).
 - LoRA + AdamW: trainable params x 16 B (fp32 weight, gradient, two moments), sharded under FSDP.
 - activations per micro-batch, what autograd saves, measured on transformers' Llama (SDPA
   attention, LoRA on all linear layers): per layer and token 6 h + 4 i + 2 kv + heads + 7 r
   elements (h hidden, i intermediate, kv = KV heads x head_dim, r the LoRA rank), in the compute
   dtype's bytes. With activation checkpointing a layer keeps only its input (h elements per token)
-  and one layer at a time is recomputed in full during backward.
+  and one layer at a time is recomputed in full during backward. Training's default is
+  `run.activation_checkpointing`, whose "auto" is resolved as the loop does
+  (`lora.use_checkpointing` on the student's parameter count, LoRA adapters included).
 - logits and loss: cross-entropy keeps three fp32 (tokens x vocab) tensors at its peak (the
   logits, the saved log-softmax, its gradient). The MUSCLE loss keeps the student's logits and
   their gradient, plus ~8 fp32 (chunk x vocab) temporaries of its chunked KL (`chunk_tokens`; an
@@ -219,11 +222,32 @@ def _fsdp_gathered(arch: Arch, dtype_bytes: int, workers: int) -> int:
     return (root - root // workers + 2 * arch.block_params()) * dtype_bytes
 
 
+def _settings_from_config(cfg, dtype: str | None, checkpointing: bool | None, n_params: int) -> dict:
+    """The student's dtype and activation checkpointing, each with where it came from: the
+    argument (the command line's flag) when given, else the config's `run` section."""
+    from muscle_ray.training.lora import use_checkpointing
+
+    setting = cfg.run.activation_checkpointing
+    if checkpointing is not None:
+        ckpt, ckpt_from = checkpointing, "--checkpointing" if checkpointing else "--no-checkpointing"
+    elif setting == "auto":
+        ckpt = use_checkpointing(setting, n_params)
+        ckpt_from = f"config run.activation_checkpointing: auto, {n_params / 1e6:,.1f}M params"
+    else:
+        ckpt, ckpt_from = setting, "config run.activation_checkpointing"
+    return dict(
+        dtype=dtype or cfg.run.precision,
+        dtype_from="--dtype" if dtype else "config run.precision",
+        checkpointing=ckpt,
+        checkpointing_from=ckpt_from,
+    )
+
+
 def plan_training(
     cfg,
     *,
     dtype: str | None = None,
-    checkpointing: bool = False,
+    checkpointing: bool | None = None,
     workers: int | None = None,
     seq_len: int | None = None,
     teacher: str = "inline",
@@ -233,12 +257,13 @@ def plan_training(
 
     teacher (compat): inline (each worker holds the v1 teacher, as the loop does), sharded (the
     teacher under FSDP like the student) or offloaded (teachers: cached, top-k read from Parquet).
-    fsdp: shard over the workers (default: as `run.strategy` says, FSDP for auto with > 1 worker)."""
+    fsdp: shard over the workers (default: as `run.strategy` says, FSDP for auto with > 1 worker).
+    dtype, checkpointing: None takes `run.precision` / `run.activation_checkpointing` (see
+    `_settings_from_config`); dtype also sets the teachers' weights."""
     arch = Arch.from_dir(_local(cfg.base))
     n = workers or cfg.run.num_workers
     fsdp = n > 1 and (cfg.run.strategy in ("auto", "fsdp") if fsdp is None else fsdp)
     gpu = cfg.run.use_gpu
-    w_bytes = DTYPE_BYTES[dtype or "fp32"]
     c = cfg.compat
     r, targets = cfg.lora.r, cfg.lora.target_modules
     if c is not None and c.init == "from_new":
@@ -247,6 +272,15 @@ def plan_training(
     tokens = mb * seq
     p = arch.params()
     lora = arch.lora_params(r, targets)
+    inline = c is not None and c.mask != "ce" and c.teachers == "inline"
+    v2 = 0
+    if inline:
+        v2 = arch.lora_params(*adapter_lora(_local(c.new_adapter), (cfg.lora.r, cfg.lora.target_modules)))
+    # what the loop counts for "auto": the student with its LoRA and the inline v2 teacher adapter
+    chosen = _settings_from_config(cfg, dtype, checkpointing, p["total"] + lora + v2)
+    s_dtype, checkpointing = chosen["dtype"], chosen["checkpointing"]
+    w_bytes = DTYPE_BYTES[s_dtype]
+    t_dtype = dtype or ("bf16" if s_dtype == "bf16" else None)  # None: the device's default, as the loop
     shard = n if fsdp else 1
     kind = "train-compat" if c is not None else "train-adapter"
     plan = Plan(
@@ -256,12 +290,12 @@ def plan_training(
         p,
         dict(
             workers=n,
+            workers_from="--workers" if workers else "config run.num_workers",
             strategy="fsdp" if fsdp else cfg.run.strategy if n > 1 else "plain",
-            dtype=dtype or "fp32",
             device="gpu" if gpu else "cpu",
             micro_batch=mb,
             seq_len=seq,
-            checkpointing=checkpointing,
+            **chosen,
             lora_r=r,
             teacher=None if c is None else teacher if c.teachers == "inline" else "offloaded",
         ),
@@ -281,7 +315,7 @@ def plan_training(
     else:
         loss = 2 * vocab_f32 + LOSS_TEMPS * min(tokens, c.chunk_tokens) * arch.vocab * 4
         add(Part("logits + MUSCLE loss", loss, f"chunks of {c.chunk_tokens} tokens"))
-        _teacher_parts(plan, cfg, arch, dtype, teacher, n, tokens)
+        _teacher_parts(plan, cfg, arch, t_dtype, s_dtype, teacher, n, tokens)
     if not gpu:
         slack = int(HEAP_SLACK * (act + loss))
         add(Part("CPU heap slack (glibc)", slack, "0 with MALLOC_MMAP_THRESHOLD_=131072 in the workers' env"))
@@ -289,7 +323,9 @@ def plan_training(
     return plan
 
 
-def _teacher_parts(plan: Plan, cfg, arch: Arch, dtype, teacher: str, n: int, tokens: int) -> None:
+def _teacher_parts(
+    plan: Plan, cfg, arch: Arch, dtype: str | None, s_dtype: str, teacher: str, n: int, tokens: int
+) -> None:
     c = cfg.compat
     gpu = cfg.run.use_gpu or (c.teachers == "colocated" and c.teacher_gpus > 0)
     t_dtype = dtype or ("bf16" if gpu else "fp32")
@@ -319,7 +355,7 @@ def _teacher_parts(plan: Plan, cfg, arch: Arch, dtype, teacher: str, n: int, tok
         plan.parts.append(Part("teacher FSDP gathered", _fsdp_gathered(old, t_bytes, n), "root + 2 blocks"))
     else:
         plan.parts.append(Part("teacher weights (v1 + adapters)", v1 + v2, f"v1 base {t_dtype} + v1/v2 LoRA"))
-    logits = tokens * arch.vocab * (t_bytes + DTYPE_BYTES[dtype or "fp32"])
+    logits = tokens * arch.vocab * (t_bytes + DTYPE_BYTES[s_dtype])
     plan.parts.append(Part("teacher logits / micro-batch", logits, f"v1 + v2 full logits x {arch.vocab}"))
 
 
@@ -361,14 +397,17 @@ def _local(path: str) -> str:
     return in_workspace(path, os.environ.get("MUSCLE_WORKSPACE"))
 
 
-def placement(cfg, device_memory: int, *, dtype=None, checkpointing=False, seq_len=None, max_workers=64) -> dict:
+def placement(cfg, device_memory: int, *, dtype=None, checkpointing=None, seq_len=None, max_workers=64) -> dict:
     """The smallest placement whose per-worker total fits `device_memory`: fewest workers first,
-    then without activation checkpointing before with it, then the teacher inline, sharded, offloaded."""
+    then activation checkpointing as asked (None: as the config says) before with it, then the
+    teacher inline, sharded, offloaded."""
     if not hasattr(cfg, "optim"):
         plan = plan_scoring(cfg, dtype=dtype, seq_len=seq_len)
         per_device = device_memory // plan.total
         return {"fits": per_device >= 1, "workers_per_device": per_device, "per_worker": plan.total}
     teachers = ("inline", "sharded", "offloaded") if cfg.compat is not None and cfg.compat.mask != "ce" else ("inline",)
+    if checkpointing is None:
+        checkpointing = plan_training(cfg, dtype=dtype, seq_len=seq_len).settings["checkpointing"]
     for n in range(1, max_workers + 1):
         for ckpt in dict.fromkeys((checkpointing, True)):
             for teacher in teachers:

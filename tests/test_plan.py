@@ -117,8 +117,10 @@ def parts(plan) -> dict[str, int]:
 
 
 def test_task_adapter_plan_by_hand(tmp_path):
-    cfg = train_config(tmp_path, LLAMA_8B, lora={"r": 16}, optim={"micro_batch_size": 2}, run={"use_gpu": True})
+    run = {"use_gpu": True, "activation_checkpointing": False}
+    cfg = train_config(tmp_path, LLAMA_8B, lora={"r": 16}, optim={"micro_batch_size": 2}, run=run)
     plan = plan_training(cfg, dtype="bf16")
+    assert plan.settings["checkpointing"] is False
     got = parts(plan)
     tokens, h, i, kv, heads, layers = 2 * 128, 4096, 14336, 1024, 32, 32
     assert got["student base weights"] == 8_030_261_248 * 2
@@ -128,8 +130,75 @@ def test_task_adapter_plan_by_hand(tmp_path):
     assert got["logits + CE"] == 3 * tokens * 128256 * 4
     assert "CPU heap slack (glibc)" not in got  # a GPU run
     assert plan.total == sum(got.values())
-    checkpointed = parts(plan_training(cfg, dtype="bf16", checkpointing=True))
-    assert checkpointed["activations / micro-batch"] == (layers * h + per_token) * tokens * 2
+    checkpointed = plan_training(cfg, dtype="bf16", checkpointing=True)  # the flag overrides the config
+    assert checkpointed.settings["checkpointing_from"] == "--checkpointing"
+    assert parts(checkpointed)["activations / micro-batch"] == (layers * h + per_token) * tokens * 2
+
+
+def test_dtype_from_run_precision_and_the_flag_overrides(tmp_path):
+    """run.precision is the plan's default: bf16 without --dtype is the --dtype bf16 plan, teachers
+    included (the loop loads them bf16 too, even on a CPU); --dtype fp32 overrides it."""
+    compat = compat_fields(tmp_path)
+    bf16 = train_config(tmp_path, ZOO, run={"precision": "bf16"}, **compat)
+    fp32 = train_config(tmp_path, ZOO, **compat)
+    plan = plan_training(bf16)
+    assert plan.settings["dtype"] == "bf16" and plan.settings["dtype_from"] == "config run.precision"
+    assert parts(plan) == parts(plan_training(fp32, dtype="bf16"))
+    assert parts(plan)["student base weights"] == 212_800 * 2
+    assert (
+        parts(plan)["teacher weights (v1 + adapters)"]
+        == 212_800 * 2 + Arch.from_config(ZOO).lora_params(8, "all-linear") * 4
+    )
+    forced = plan_training(bf16, dtype="fp32")
+    assert forced.settings["dtype"] == "fp32" and forced.settings["dtype_from"] == "--dtype"
+    assert parts(forced) == parts(plan_training(fp32, dtype="fp32"))
+    assert parts(forced)["student base weights"] == 212_800 * 4
+    # run.precision fp32 on a GPU: the student fp32, the teachers the device's default bf16, as the loop loads them
+    gpu = parts(plan_training(train_config(tmp_path, ZOO, run={"use_gpu": True}, **compat)))
+    assert gpu["student base weights"] == 212_800 * 4
+    assert (
+        gpu["teacher weights (v1 + adapters)"] == 212_800 * 2 + Arch.from_config(ZOO).lora_params(8, "all-linear") * 4
+    )
+
+
+# Just under 500M parameters (498,959,360), so LoRA's rank decides "auto" (the loop counts the
+# student's parameters, LoRA included): 499,524,608 with r = 1, 500,089,856 with r = 2.
+NEAR_500M = dict(
+    model_type="llama",
+    vocab_size=47000,
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    intermediate_size=4096,
+    tie_word_embeddings=False,
+)
+
+
+def test_auto_checkpointing_resolves_as_the_training_loop(tmp_path):
+    """`run.activation_checkpointing: auto` (the default) from config.json alone, decided by the
+    loop's `use_checkpointing` on the same count as the student skeleton the loop builds."""
+    import torch
+
+    from muscle_ray.training.lora import build_student, n_params, use_checkpointing
+
+    assert Arch.from_config(NEAR_500M).params()["total"] == 498_959_360 == hf_count(NEAR_500M)
+    for r, on in ((1, False), (2, True)):
+        cfg = train_config(tmp_path, NEAR_500M, lora={"r": r})
+        plan = plan_training(cfg)
+        assert plan.settings["checkpointing"] is on
+        assert plan.settings["checkpointing_from"].startswith("config run.activation_checkpointing: auto")
+        student = build_student(cfg.base, cfg.lora, None, dtype=torch.bfloat16, weights=False)
+        assert use_checkpointing("auto", student) is on
+        assert plan.settings["checkpointing_from"].endswith(f"auto, {n_params(student) / 1e6:,.1f}M params")
+        assert parts(plan) == parts(plan_training(cfg, checkpointing=on))
+        assert plan_training(cfg, checkpointing=False).settings["checkpointing_from"] == "--no-checkpointing"
+    big = train_config(tmp_path, LLAMA_8B)
+    assert plan_training(big).settings["checkpointing"] is True
+    explicit = train_config(tmp_path, LLAMA_8B, run={"activation_checkpointing": False})
+    assert plan_training(explicit).settings == plan_training(big, checkpointing=False).settings | {
+        "checkpointing_from": "config run.activation_checkpointing"
+    }
 
 
 def test_two_fsdp_workers_halve_the_sharded_parts(tmp_path):
@@ -191,11 +260,19 @@ def test_placement_is_the_fewest_workers_that_fit(tmp_path):
             fewer = plan_training(cfg, workers=n - 1, checkpointing=ckpt, teacher=teacher, fsdp=True, **kw)
             assert fewer.total > memory
     # 80 GiB holds it on one device once the teacher is offloaded (its logits come from the cache)
-    assert placement(cfg, parse_bytes("80GiB"), **kw) | {"per_worker": 0} == {
+    assert placement(cfg, parse_bytes("80GiB"), checkpointing=False, **kw) | {"per_worker": 0} == {
         "fits": True,
         "workers": 1,
         "checkpointing": False,
         "teacher": "offloaded",
+        "per_worker": 0,
+    }
+    # or with the teacher inline under the config's checkpointing (auto: on for 8B)
+    assert placement(cfg, parse_bytes("80GiB"), **kw) | {"per_worker": 0} == {
+        "fits": True,
+        "workers": 1,
+        "checkpointing": True,
+        "teacher": "inline",
         "per_worker": 0,
     }
     assert not placement(cfg, parse_bytes("1GiB"), max_workers=4, **kw)["fits"]
@@ -235,7 +312,14 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert main(["plan", "--config", str(config), "--set", "optim.micro_batch_size=2", "--checkpointing"]) == 0
     text = capsys.readouterr().out
     assert "teacher weights (v1 + adapters)" in text and "micro-batch 2 x 256 tokens" in text
-    assert "212,800 params" in text and "activation checkpointing" in text
+    assert "212,800 params" in text and "activation checkpointing (--checkpointing)" in text
+    assert "1 worker (config run.num_workers), plain, fp32 (config run.precision) on cpu" in text
+    assert main(["plan", "--config", str(config), "--set", "run.precision=bf16", "--workers", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "2 workers (--workers), fsdp, bf16 (config run.precision) on cpu" in text
+    assert "no activation checkpointing (config run.activation_checkpointing: auto, 0.3M params)" in text
+    assert main(["plan", "--config", str(config), "--set", "run.precision=bf16", "--dtype", "fp32"]) == 0
+    assert "fp32 (--dtype) on cpu" in capsys.readouterr().out
 
     score = tmp_path / "score.yaml"
     score.write_text(f"task: gen_jsonl\nout: o\nbatch_size: 4\nversions: [{{name: v1, base: {tmp_path / 'v1'}}}]\n")

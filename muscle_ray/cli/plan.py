@@ -4,8 +4,11 @@
     muscle plan --config jobs/configs/score.yaml --device-memory 80GiB --json
 
 The config is what `muscle train-adapter`, `train-compat` (a `compat:` section) or `muscle score`
-(a `versions:` list) take; no weights are read. `--device-memory` adds the smallest placement
-that fits: FSDP workers, activation checkpointing, the compat teacher inline, sharded or offloaded.
+(a `versions:` list) take; no weights are read. A training config's `run.precision`,
+`run.activation_checkpointing` ("auto" resolved as the loop does) and `run.num_workers` are the
+defaults of --dtype, --checkpointing and --workers; the plan says where each came from.
+`--device-memory` adds the smallest placement that fits: FSDP workers, activation checkpointing,
+the compat teacher inline, sharded or offloaded.
 How each line is estimated: muscle_ray/plan.py.
 """
 
@@ -19,12 +22,15 @@ from muscle_ray.cli.options import add_config_arguments, load
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, what="config of `muscle train-adapter`, `train-compat` or `score`")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="base and teacher weights (default: as muscle-ray loads)")
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        help="base and teacher weights (default: run.precision for training, as muscle-ray loads for scoring)",
+    )
     p.add_argument(
         "--checkpointing",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="activation checkpointing (default: off, as the training loop runs)",
+        help="activation checkpointing (default: run.activation_checkpointing, auto resolved as the loop does)",
     )
     p.add_argument("--workers", type=int, help="training workers (default: run.num_workers; >1 is FSDP)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: data.max_length; scoring 512)")
@@ -72,6 +78,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source(settings: dict, name: str) -> str:
+    """Where a training setting came from, e.g. " (config run.precision)"; scoring's say nothing."""
+    where = settings.get(f"{name}_from")
+    return f" ({where})" if where else ""
+
+
 def print_plan(plan, fit: dict | None) -> None:
     from muscle_ray.plan import human
 
@@ -85,10 +97,12 @@ def print_plan(plan, fit: dict | None) -> None:
         f"lm_head {head})"
     )
     shape = f"micro-batch {s['micro_batch']}" if "micro_batch" in s else f"batch {s['batch']}"
-    workers = f"{s['workers']} worker" + ("s" if s["workers"] > 1 else "")
-    extra = [workers, s.get("strategy"), f"{s['dtype']} on {s['device']}", f"{shape} x {s['seq_len']} tokens"]
+    workers = f"{s['workers']} worker" + ("s" if s["workers"] > 1 else "") + _source(s, "workers")
+    dtype = f"{s['dtype']}{_source(s, 'dtype')} on {s['device']}"
+    extra = [workers, s.get("strategy"), dtype, f"{shape} x {s['seq_len']} tokens"]
     if "checkpointing" in s:
-        extra.append("activation checkpointing" if s["checkpointing"] else "no activation checkpointing")
+        ckpt = "activation checkpointing" if s["checkpointing"] else "no activation checkpointing"
+        extra.append(ckpt + _source(s, "checkpointing"))
     if s.get("teacher"):
         extra.append(f"teacher {s['teacher']}")
     print("  " + ", ".join(x for x in extra if x))

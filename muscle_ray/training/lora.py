@@ -84,9 +84,10 @@ def n_params(model) -> int:
 
 
 def use_checkpointing(setting: bool | str, model) -> bool:
-    """`run.activation_checkpointing`: True/False, or "auto": on for bases over 500M parameters."""
+    """`run.activation_checkpointing`: True/False, or "auto": on for bases over 500M parameters.
+    `model` may be a parameter count (`muscle plan` has only config.json)."""
     if setting == "auto":
-        return n_params(model) > AUTO_CHECKPOINTING_PARAMS
+        return (model if isinstance(model, int) else n_params(model)) > AUTO_CHECKPOINTING_PARAMS
     return bool(setting)
 
 
