@@ -11,13 +11,20 @@ loss trajectory (fp32, and bf16 + checkpointing).
 """
 
 import json
-import os
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from fsdp_helpers import (
+    check_sharded_run,
+    compat_raw,
+    process_group,
+    random_batches,
+    single_process,
+    train,
+    two_fsdp_workers,
+)
 
 from muscle_ray.config import validated
 from muscle_ray.errors import MuscleError
@@ -70,69 +77,8 @@ def _llama_dir(out: Path, tokenizer, seed: int, tie: bool = False, **shape) -> P
     return out
 
 
-def _compat_raw(v1: Path, a1: Path, v2: Path, a2: Path, **run) -> dict:
-    return {
-        "base": str(v2),
-        "out": "unused",
-        "data": {"path": "unused"},
-        "lora": {"r": 4, "alpha": 8},
-        "optim": {"lr": 2e-2, "micro_batch_size": BATCH},
-        "run": run,
-        "compat": {"old": {"base": str(v1), "adapter": str(a1)}, "new_adapter": str(a2), "mask": "muscle"},
-    }
-
-
 def _batches(vocab: int, n: int, seed: int = 0) -> list[dict]:
-    """`n` micro-batches of random full-length sequences, labels shifted (last position ignored)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, vocab, (BATCH, SEQ), generator=g)
-        labels = torch.cat([ids[:, 1:], torch.full((BATCH, 1), -100)], 1)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
-
-
-def _halves(batch: dict) -> list[dict]:
-    return [{k: v[i : i + BATCH // 2] for k, v in batch.items()} for i in (0, BATCH // 2)]
-
-
-def _train(cfg, batches, world: int = 1, rank: int = 0) -> dict:
-    """The loop's step on `batches` (clip, AdamW): each step's loss and the bytes each model holds.
-
-    A step is the mean over the two halves of a batch: the two workers' micro-batches under FSDP2
-    (gradients averaged by the reduce-scatter), two accumulated micro-batches on one process."""
-    import torch.distributed as dist
-
-    from muscle_ray.training.loop import batch_loss, build_model
-    from muscle_ray.training.lora import local_bytes
-
-    torch.manual_seed(cfg.run.seed)
-    student, teachers, model = build_model(cfg, torch.device("cpu"), world)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr)
-    losses = []
-    for batch in batches:
-        parts = _halves(batch)
-        mine = parts[rank : rank + 1] if world > 1 else parts
-        total = torch.zeros(())
-        for b in mine:
-            loss, _ = batch_loss(model, teachers, b, cfg)
-            (loss / len(mine)).backward()
-            total += loss.detach() / 2
-        if world > 1:
-            dist.all_reduce(total)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(total))
-    return {
-        "losses": losses,
-        "student_bytes": local_bytes(model),
-        "teacher_bytes": local_bytes(teachers.old),
-        "lora_dtypes": sorted({str(p.dtype) for p in params}),
-        "opt_dtypes": sorted({str(v.dtype) for s in opt.state.values() for v in s.values() if v.dim()}),
-    }
+    return random_batches(vocab, n, BATCH, SEQ, seed)
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +212,8 @@ def test_checkpointing_recomputes_blocks_and_keeps_the_losses(compat_models):
     batches = _batches(_vocab(compat_models[0]), STEPS)
     runs = {}
     for ckpt in (False, True):
-        cfg = validated(CompatTrainConfig, _compat_raw(*compat_models, activation_checkpointing=ckpt))
-        runs[ckpt] = _train(cfg, batches)["losses"]
+        cfg = validated(CompatTrainConfig, compat_raw(*compat_models, activation_checkpointing=ckpt))
+        runs[ckpt] = train(cfg, batches)["losses"]
         student, teachers, model = build_model(cfg, torch.device("cpu"), world=1)
         loss, _ = batch_loss(model, teachers, batches[0], cfg)
         with _block_calls(student) as calls:
@@ -279,32 +225,13 @@ def test_checkpointing_recomputes_blocks_and_keeps_the_losses(compat_models):
 
 def test_bf16_with_checkpointing_tracks_fp32(compat_models):
     batches = _batches(_vocab(compat_models[0]), STEPS)
-    fp32 = _train(validated(CompatTrainConfig, _compat_raw(*compat_models)), batches)
-    low_raw = _compat_raw(*compat_models, precision="bf16", activation_checkpointing=True)
-    bf16 = _train(validated(CompatTrainConfig, low_raw), batches)
+    fp32 = train(validated(CompatTrainConfig, compat_raw(*compat_models)), batches)
+    low_raw = compat_raw(*compat_models, precision="bf16", activation_checkpointing=True)
+    bf16 = train(validated(CompatTrainConfig, low_raw), batches)
     assert bf16["lora_dtypes"] == bf16["opt_dtypes"] == ["torch.float32"]
     assert bf16["teacher_bytes"] < 0.6 * fp32["teacher_bytes"]  # bf16 base, fp32 v1 adapter
     assert fp32["losses"][-1] < 0.9 * fp32["losses"][0]  # it trains
     assert bf16["losses"] == pytest.approx(fp32["losses"], rel=BF16_RTOL)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _process_group(rank: int = 0, world: int = 1, port: int | None = None):
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port or _free_port())
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sharded_loading_equals_the_plain_models(tmp_path, compat_models, tiny_model):
@@ -322,7 +249,7 @@ def test_sharded_loading_equals_the_plain_models(tmp_path, compat_models, tiny_m
     tied = _llama_dir(tmp_path / "tied", AutoTokenizer.from_pretrained(tiny_model), seed=5, tie=True)
     x = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10]])}
     x["attention_mask"] = torch.ones_like(x["input_ids"])
-    with _process_group(), torch.no_grad():
+    with process_group(), torch.no_grad():
         for base, init in ((v2, None), (v2, a2), (tied, None)):
             for dtype in (torch.float32, torch.bfloat16):
                 models = []
@@ -342,16 +269,6 @@ def test_sharded_loading_equals_the_plain_models(tmp_path, compat_models, tiny_m
         assert torch.equal(teachers(x)[0], load_model(old, "cpu")(**x).logits)
 
 
-def _fsdp_worker(rank: int, world: int, port: int, raws: dict, batches: list, out: str) -> None:
-    """One FSDP2 worker of the slow test: each config's `_train` on this worker's half-batches."""
-    torch.set_num_threads(1)
-    results = {}
-    with _process_group(rank, world, port):
-        for name, raw in raws.items():
-            results[name] = _train(validated(CompatTrainConfig, raw), batches, world, rank)
-    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
-
-
 @pytest.mark.slow
 def test_fsdp2_two_workers_hold_half_and_follow_the_single_process_run(tmp_path, tiny_model):
     """Two gloo workers, FSDP2: each holds ~1/2 of the student's and of the v1 teacher's parameter
@@ -359,7 +276,6 @@ def test_fsdp2_two_workers_hold_half_and_follow_the_single_process_run(tmp_path,
     (asserted to 1e-5 and 1e-3; a 4-layer variant gave bit-identical losses), bf16's within
     BF16_RTOL of fp32. A 3.4M-parameter Llama, tied embeddings on v2; on a loaded machine the
     gloo collectives dominate the time."""
-    import torch.multiprocessing as mp
     from transformers import AutoTokenizer
 
     from muscle_ray.zoo.llama import random_lora_dir
@@ -372,32 +288,11 @@ def test_fsdp2_two_workers_hold_half_and_follow_the_single_process_run(tmp_path,
     steps = 4
     batches = _batches(len(tok), steps, seed=1)
     raws = {
-        "fp32": _compat_raw(v1, a1, v2, a2, strategy="fsdp", num_workers=2),
-        "bf16": _compat_raw(
+        "fp32": compat_raw(v1, a1, v2, a2, strategy="fsdp", num_workers=2),
+        "bf16": compat_raw(
             v1, a1, v2, a2, strategy="fsdp", num_workers=2, precision="bf16", activation_checkpointing=True
         ),
     }
-    # fork: the workers inherit the imported modules (a spawned worker re-imports torch and
-    # transformers: most of this test's time on a loaded machine); the parent has no process group.
-    mp.start_processes(
-        _fsdp_worker, args=(2, _free_port(), raws, batches, str(tmp_path)), nprocs=2, join=True, start_method="fork"
-    )
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-
+    ranks = two_fsdp_workers(raws, batches, tmp_path)
     torch.set_num_threads(1)
-    single = {}
-    for name, raw in raws.items():
-        single[name] = _train(
-            validated(CompatTrainConfig, {**raw, "run": {**raw["run"], "strategy": "plain"}}), batches
-        )
-    for name in raws:
-        full_s, full_t = single[name]["student_bytes"], single[name]["teacher_bytes"]
-        for r in ranks:
-            assert r[name]["student_bytes"] == pytest.approx(full_s / 2, rel=0.02), name
-            assert r[name]["teacher_bytes"] == pytest.approx(full_t / 2, rel=0.02), name
-            assert r[name]["losses"] == ranks[0][name]["losses"]  # all-reduced: one trajectory
-    sharded = {name: ranks[0][name]["losses"] for name in raws}
-    assert sharded["fp32"] == pytest.approx(single["fp32"]["losses"], rel=1e-5)
-    assert sharded["bf16"] == pytest.approx(single["bf16"]["losses"], rel=1e-3)  # same bf16 arithmetic
-    assert sharded["bf16"] == pytest.approx(single["fp32"]["losses"], rel=BF16_RTOL)
-    assert single["fp32"]["losses"][-1] < single["fp32"]["losses"][0]
+    check_sharded_run(ranks, single_process(raws, batches), BF16_RTOL)
