@@ -6,9 +6,9 @@ they are cached under --dir (default /tmp/muscle-bench-flips) and reused while t
 and schema still match. Ids are shuffled differently on each side and overlap except for 1,000
 per side. Then it runs the real console script in a subprocess --runs times and reports the
 median wall time, input rows per second, each run's CPU time (user + sys, less sensitive than
-wall time to a busy machine), the children's peak RSS, the ratio to a bare Parquet read of the
-same columns timed in the same run, and the load average. Prints one JSON line. Target: < 5 s
-on 2 cores.
+wall time to a busy machine) and its system part, the children's peak RSS, the ratio to a bare
+Parquet read of the same columns timed in the same run, and the load average. Prints one JSON
+line. Target: < 5 s on 2 cores.
 
     .venv/bin/python bench/bench_flips.py [--rows 10000000] [--dir /tmp/muscle-bench-flips] [--runs 3] [--muscle EXE]
 """
@@ -92,15 +92,16 @@ def ensure(path: Path, n: int, seed: int, accuracy: float, id_offset: int) -> Pa
     return path
 
 
-def timed(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Wall and CPU seconds (user + sys of the child) of one subprocess run."""
+def timed(cmd: list[str]) -> tuple[float, float, float, subprocess.CompletedProcess]:
+    """Wall, CPU (user + sys) and system seconds of one subprocess run: system time is mostly
+    page faults on fresh memory, the part that moves with how memory is allocated."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, proc
+    sys_s = after.ru_stime - before.ru_stime
+    return wall, after.ru_utime - before.ru_utime + sys_s, sys_s, proc
 
 
 def main() -> None:
@@ -119,16 +120,17 @@ def main() -> None:
     # Baseline in the same run: a bare Parquet read of the columns flips needs, so the
     # report has a ratio that survives a busy machine.
     read = "import sys, pyarrow.parquet as pq; [pq.read_table(f, columns=sys.argv[1].split(',')) for f in sys.argv[2:]]"
-    read_wall, _, _ = timed([sys.executable, "-c", read, ",".join(FLIPS_COLUMNS), str(old), str(new)])
+    read_wall, _, _, _ = timed([sys.executable, "-c", read, ",".join(FLIPS_COLUMNS), str(old), str(new)])
 
     muscle = args.muscle or str(Path(sys.executable).parent / "muscle")
-    walls, cpus, outputs = [], [], set()
+    walls, cpus, syss, outputs = [], [], [], set()
     for _ in range(args.runs):
-        wall, cpu, proc = timed([muscle, "flips", str(old), str(new), "--json"])
+        wall, cpu, sys_s, proc = timed([muscle, "flips", str(old), str(new), "--json"])
         if proc.returncode != 0:
             sys.exit(f"muscle flips failed ({proc.returncode}): {proc.stderr.strip()}")
         walls.append(wall)
         cpus.append(cpu)
+        syss.append(sys_s)
         outputs.add(proc.stdout)
     if len(outputs) != 1:
         sys.exit("muscle flips printed different summaries for the same files")
@@ -143,6 +145,7 @@ def main() -> None:
                 "flips_wall_s": round(wall, 2),  # median of the runs
                 "flips_walls_s": [round(w, 2) for w in walls],
                 "flips_cpu_s": [round(c, 2) for c in cpus],
+                "flips_sys_s": [round(c, 2) for c in syss],  # of the CPU time
                 "rows_per_s": round(2 * args.rows / wall),  # input rows, OLD and NEW together
                 "peak_rss_mib": round(peak_kib / 1024, 1),
                 "bare_read_s": round(read_wall, 2),

@@ -43,7 +43,7 @@ class Comparison:
     def flip_table(self) -> pa.Table:
         """One row per joined instance: both sides' answers and scores, D, and its flip class."""
         p = self.paired
-        pred_old, pred_new = p.old_column("prediction"), p.new_column("prediction")
+        pred_old, pred_new = _strings(p, "old", "prediction"), _strings(p, "new", "prediction")
         cols = {
             "id": p.old_column("id"),
             "prediction_old": pred_old,
@@ -67,15 +67,53 @@ def _categories(codes: np.ndarray, names: tuple[str, ...]) -> pa.DictionaryArray
 
 
 def _same(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
-    return pc.fill_null(pc.equal(a, b), False).to_numpy(zero_copy_only=False)
+    """Row by row, whether both answers are there and equal (a null answers nothing)."""
+    return flips.as_numpy(pc.equal(a, b))  # null -> False
+
+
+def _strings(p: flips.Paired, side: str, name: str, where: np.ndarray | None = None) -> pa.ChunkedArray:
+    """A text column of one side's pairs (`where`: of those pairs) as plain strings. A reader
+    may hand it over dictionary-encoded, a dictionary per chunk, which Arrow's take would have
+    to unify (and refuses to where one holds a null)."""
+    column = getattr(p, f"{side}_source").column(name)
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    rows = getattr(p, f"{side}_rows")
+    return column.take(flips.as_arrow(rows if where is None else rows[where]))
+
+
+def _same_predictions(p: flips.Paired, where: np.ndarray) -> np.ndarray:
+    """`_same` of the predictions of pairs `where`. Read dictionary-encoded on both sides (see
+    `read_results`), they compare as integer codes into one dictionary of both sides' values,
+    with no string gathered; otherwise as strings."""
+    old, new = p.old_source.column("prediction"), p.new_source.column("prediction")
+    if not (pa.types.is_dictionary(old.type) and old.type == new.type and len(where)):
+        return _same(_strings(p, "old", "prediction", where), _strings(p, "new", "prediction", where))
+    values = pc.unique(pa.concat_arrays([c.dictionary for c in (*old.chunks, *new.chunks)]))
+    code_old = _codes(old, values)[p.old_rows[where]]
+    code_new = _codes(new, values)[p.new_rows[where]]
+    return (code_old == code_new) & (code_old >= 0)
+
+
+def _codes(column: pa.ChunkedArray, values: pa.Array) -> np.ndarray:
+    """Per row of a dictionary-encoded column, the index of its value in `values`, or -1 for
+    a null (a null index, or an index to a null entry of the dictionary)."""
+    parts = []
+    for chunk in column.chunks:
+        lookup = np.append(flips.as_numpy(pc.index_in(chunk.dictionary, value_set=values)), -1)
+        lookup[:-1][~flips.as_numpy(pc.is_valid(chunk.dictionary))] = -1
+        index = flips.as_numpy(chunk.indices)
+        if chunk.null_count:
+            index = np.where(flips.as_numpy(pc.is_valid(chunk)), index, -1)  # -1: the final -1 entry
+        parts.append(lookup[index])
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
 def _scores(p: flips.Paired, side: str, metric: str | None, bertscore_model: str | None) -> np.ndarray:
     if metric is None:
         return getattr(p, f"{side}_numpy")("score").astype(np.float64, copy=False)
-    column = getattr(p, f"{side}_column")
-    preds = pc.fill_null(column("prediction"), "")
-    refs = pc.fill_null(column("reference"), "")
+    preds = pc.fill_null(_strings(p, side, "prediction"), "")
+    refs = pc.fill_null(_strings(p, side, "reference"), "")
     if metric == "exact":
         return similarity("exact", preds, refs)
     return similarity(metric, preds.to_pylist(), refs.to_pylist(), bertscore_model=bertscore_model)
@@ -164,10 +202,10 @@ def compare(
     if c_old is not None and c_new is not None:
         summary["kind"] = "discrete"
         # Whether the answers agree matters only where NEW is wrong (both-wrong split and
-        # NFR_mc), so only those rows' prediction strings are gathered; the rest stay False.
+        # NFR_mc), so only those rows' answers are compared; the rest stay False.
         new_wrong = np.flatnonzero(~c_new)
         same = np.zeros(p.n, dtype=bool)
-        same[new_wrong] = _same(p.old_column("prediction", new_wrong), p.new_column("prediction", new_wrong))
+        same[new_wrong] = _same_predictions(p, new_wrong)
         summary.update(flips.discrete_metrics(c_old, c_new, same, n_boot, seed))
     else:
         summary["kind"] = "continuous"

@@ -74,14 +74,63 @@ class Paired:
         return _take(self.new_source, name, self.new_rows, where)
 
     def old_numpy(self, name: str) -> np.ndarray:
-        return self.old_source.column(name).to_numpy()[self.old_rows]
+        """A bool or numeric column of OLD's paired rows (nulls as False / 0)."""
+        return as_numpy(self.old_source.column(name))[self.old_rows]
 
     def new_numpy(self, name: str) -> np.ndarray:
-        return self.new_source.column(name).to_numpy()[self.new_rows]
+        return as_numpy(self.new_source.column(name))[self.new_rows]
 
 
 def _take(table: pa.Table, name: str, rows: np.ndarray, where: np.ndarray | None) -> pa.ChunkedArray:
-    return table.column(name).take(rows if where is None else rows[where])
+    return table.column(name).take(as_arrow(rows if where is None else rows[where]))
+
+
+# --- numpy <-> Arrow without pandas -----------------------------------------------------
+# pyarrow's `pa.array(ndarray)` and `to_numpy` import pandas (to check for a Series, to set
+# up its converters): 0.3-0.5 s of CPU in a command that needs none of it.
+
+
+def as_arrow(values: np.ndarray) -> pa.Array:
+    """A 1-D integer or float numpy array as an Arrow array over the same memory."""
+    values = np.ascontiguousarray(values)
+    if values.dtype.kind not in "iuf":
+        raise TypeError(f"as_arrow takes integers or floats, not {values.dtype}")
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def as_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A bool, integer or float column as one numpy array read from its Arrow buffers, nulls
+    as False / 0 (callers check nulls first); other types through Arrow's own conversion."""
+    typ = column.type
+    if pa.types.is_boolean(typ):
+        dtype = np.dtype(bool)
+    elif pa.types.is_integer(typ) or pa.types.is_floating(typ):
+        dtype = np.dtype(typ.to_pandas_dtype())
+    else:
+        return column.to_numpy(zero_copy_only=False)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [_chunk_numpy(c, dtype) for c in chunks if len(c)]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+
+def _chunk_numpy(chunk: pa.Array, dtype: np.dtype) -> np.ndarray:
+    n, offset = len(chunk), chunk.offset
+    validity, data = chunk.buffers()[:2]
+    if dtype.kind == "b":
+        values = _bits(data, offset, n)
+    else:
+        values = np.frombuffer(data, dtype, n, offset * dtype.itemsize)
+    if chunk.null_count:
+        values = np.where(_bits(validity, offset, n), values, dtype.type(0))
+    return values
+
+
+def _bits(buffer: pa.Buffer, offset: int, n: int) -> np.ndarray:
+    """Bits offset .. offset + n of an Arrow bitmap (least significant bit first) as bools."""
+    packed = np.frombuffer(buffer, np.uint8, (offset + n + 7) // 8)
+    return np.unpackbits(packed, count=offset + n, bitorder="little")[offset:].view(bool)
 
 
 def pair(old: pa.Table, new: pa.Table, names: tuple[str, str] = ("OLD", "NEW")) -> Paired:
@@ -144,8 +193,18 @@ def _join(ids_old: _Ids, ids_new: _Ids) -> tuple[np.ndarray, np.ndarray]:
     two = tied.copy()  # sorted rows i, i + 1 form a group of exactly two
     two[1:] &= ~tied[:-1]
     two[:-1] &= ~tied[1:]
-    a, b = rows[:-1][two], rows[1:][two]  # a < b: in a tie the row numbers decide the order
+    at = np.flatnonzero(two)
+    a, b = rows[at], rows[at + 1]  # a < b: in a tie the row numbers decide the order
     cross = (a < n_old) & (b >= n_old)
+    # Rows tied with more than one row, or with a row of their own side: duplicates or collisions
+    # (none when every tie is one of the OLD-NEW twosomes).
+    hard = np.empty(0, dtype=np.int64)
+    if np.count_nonzero(tied) > np.count_nonzero(cross):
+        tied &= ~two  # ties within groups of three or more
+        tied[at[~cross]] = True  # twosomes of one side
+        at = np.flatnonzero(tied)
+        hard = np.unique(np.concatenate([rows[at], rows[at + 1]])).astype(np.int64)
+    del rows, tied, two, at  # before the string comparison, the join's peak of memory
     # Into OLD's row order by sorting (old row, new row) packed in one integer: sequential,
     # where scattering into an array indexed by old row is a TLB miss per pair.
     pairs = a[cross].astype(np.uint64)
@@ -159,36 +218,32 @@ def _join(ids_old: _Ids, ids_new: _Ids) -> tuple[np.ndarray, np.ndarray]:
     io = pairs.view(np.int64)
     # Confirm each candidate pair on the id strings.
     same = ids_old.equal(io, ids_new, inew)
-    # Rows tied with more than one row, or with a row of their own side: duplicates or collisions
-    # (none when every tie is one of the OLD-NEW twosomes).
-    hard = np.empty(0, dtype=np.int64)
-    if np.count_nonzero(tied) > len(io):
-        at = np.flatnonzero(two)[cross]
-        shared = np.zeros(n, dtype=bool)
-        shared[:-1] |= tied
-        shared[1:] |= tied
-        shared[at] = shared[1:][at] = False
-        hard = np.sort(rows[shared]).astype(np.int64)
     if same.all() and not len(hard):
         return io, inew
-    row_in_new = np.full(n_old, -1, dtype=np.int64)
-    row_in_new[io[same]] = inew[same]
-    _join_exactly(ids_old, hard[hard < n_old], ids_new, hard[hard >= n_old] - n_old, row_in_new)
-    io = np.flatnonzero(row_in_new >= 0)
-    return io, row_in_new[io]
+    # A twosome whose strings differ is two unmatched ids (they share a hash with nothing else);
+    # the rows of bigger groups pair up by their strings and merge in, in OLD's order.
+    io, inew = io[same], inew[same]
+    more_old, more_new = _join_exactly(ids_old, hard[hard < n_old], ids_new, hard[hard >= n_old] - n_old)
+    if len(more_old):
+        at = np.searchsorted(io, more_old)
+        io, inew = np.insert(io, at, more_old), np.insert(inew, at, more_new)
+    return io, inew
 
 
-def _join_exactly(ids_old: _Ids, rows_old: np.ndarray, ids_new: _Ids, rows_new: np.ndarray, row_in_new) -> None:
-    """The duplicate check and the join on a few rows (ascending) by the strings themselves."""
+def _join_exactly(
+    ids_old: _Ids, rows_old: np.ndarray, ids_new: _Ids, rows_new: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The duplicate check and the join on a few rows (ascending) by the strings themselves:
+    (OLD rows, NEW rows) of the pairs among them, in OLD's order."""
     encoded = pc.dictionary_encode(pa.concat_arrays([ids_old.values(rows_old), ids_new.values(rows_new)]))
-    codes, k = encoded.indices.to_numpy(), len(encoded.dictionary)
+    codes, k = as_numpy(encoded.indices), len(encoded.dictionary)
     code_old, code_new = codes[: len(rows_old)], codes[len(rows_old) :]
     ids_old.check_unique(rows_old, code_old, k)
     ids_new.check_unique(rows_new, code_new, k)
     row_of_code = np.full(k, -1, dtype=np.int64)
     row_of_code[code_new] = rows_new
     hit = row_of_code[code_old]
-    row_in_new[rows_old[hit >= 0]] = hit[hit >= 0]
+    return rows_old[hit >= 0], hit[hit >= 0]
 
 
 class _Ids:
@@ -207,7 +262,7 @@ class _Ids:
 
         self.name, self.column = name, table.column("id")
         if self.column.null_count:
-            row = int(np.flatnonzero(pc.is_null(self.column).to_numpy(zero_copy_only=False))[0])
+            row = int(np.flatnonzero(as_numpy(pc.is_null(self.column)))[0])
             raise MuscleError(f"{name}: column 'id' is null at row {row}")
         chunks = [c if pa.types.is_string(c.type) else c.cast(pa.large_string()) for c in self.column.chunks]
         self.chunks = pa.chunked_array(chunks, chunks[0].type if chunks else pa.string())
@@ -229,7 +284,14 @@ class _Ids:
         return not self.n or bool(pc.all(pc.equal(*_same_type(self.chunks, other.chunks))).as_py())
 
     def values(self, rows: np.ndarray) -> pa.Array:
-        return self.strings.take(rows).cast(pa.large_string())
+        """The values at `rows` (ascending), taken chunk by chunk: `strings` would copy them all."""
+        bounds = np.cumsum([0] + [len(c) for c in self.chunks.chunks])
+        chunk_of = np.searchsorted(bounds, rows, side="right") - 1
+        parts = [
+            self.chunks.chunk(int(i)).take(as_arrow(rows[chunk_of == i] - bounds[i])).cast(pa.large_string())
+            for i in np.unique(chunk_of)
+        ]
+        return pa.concat_arrays(parts) if parts else pa.nulls(0, pa.large_string())
 
     def fingerprints(self, out: np.ndarray) -> None:
         """A 64-bit hash of each value's length and bytes, written into `out`."""
@@ -253,16 +315,16 @@ class _Ids:
             same = np.empty(len(rows), dtype=bool)
             for start in range(0, len(rows), block):
                 part = slice(start, start + block)
-                here, there = self.strings.take(rows[part]), other.strings.take(other_rows[part])
-                same[part] = pc.equal(*_same_type(here, there)).to_numpy(zero_copy_only=False)
+                here, there = self.strings.take(as_arrow(rows[part])), other.strings.take(as_arrow(other_rows[part]))
+                same[part] = as_numpy(pc.equal(*_same_type(here, there)))
             return same
-        partner = np.zeros(self.n, dtype=np.int64)
+        partner = np.zeros(self.n, dtype=np.int32 if other.n < 2**31 else np.int64)
         partner[rows] = other_rows
         every = np.empty(self.n, dtype=bool)
         for start in range(0, self.n, block):
             here = self.chunks.slice(start, block)
-            there = other.strings.take(partner[start : start + block])
-            every[start : start + len(here)] = pc.equal(*_same_type(here, there)).to_numpy(zero_copy_only=False)
+            there = other.strings.take(as_arrow(partner[start : start + block]))
+            every[start : start + len(here)] = as_numpy(pc.equal(*_same_type(here, there)))
         return every[rows]
 
     def check_unique(self, rows: np.ndarray, codes: np.ndarray, k: int) -> None:
