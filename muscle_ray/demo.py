@@ -143,7 +143,9 @@ class DemoConfig(BaseModel):
             select_floor=self.select_floor,
             adapter_seeds=self.adapter_seeds if first else [],
             variants=self.variants,
-            scoring={"batch_size": self.score_batch_size, "workers": 1},
+            # pinned, not sized to the machine: the demo's three tasks score side by side while
+            # other tasks train, so each gets one small actor (a machine-wide pool would queue them)
+            scoring={"batch_size": self.score_batch_size, "workers": 1, "cpus_per_worker": 0.25},
             threads=self.threads,
             concurrent_fits=self.concurrent_fits,
         )

@@ -370,13 +370,13 @@ def plan_scoring(cfg, *, dtype: str | None = None, seq_len: int | None = None, w
 
 
 def _score_version(cfg, version, dtype: str | None, seq: int, gen: bool, workers: int | None) -> Plan:
-    gpu = cfg.gpus_per_worker > 0
+    gpu = bool(cfg.gpus_per_worker)  # None: placed when the job starts (CPU here unless given)
     t = dtype or ("bf16" if gpu else "fp32")
     w_bytes, batch = DTYPE_BYTES[t], cfg.batch_size
     arch = Arch.from_dir(_local(version.base))
     p = arch.params()
     device = "gpu" if gpu else "cpu"
-    settings = dict(workers=workers or cfg.workers[1], dtype=t, device=device, batch=batch, seq_len=seq)
+    settings = dict(workers=workers or (cfg.workers or (1, 1))[1], dtype=t, device=device, batch=batch, seq_len=seq)
     plan = Plan("score", f"{version.name} ({version.base})", asdict(arch), p, settings)
     add = plan.parts.append
     add(Part("base weights", p["total"] * w_bytes, f"{p['total']:,} x {w_bytes} B"))

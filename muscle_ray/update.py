@@ -120,24 +120,26 @@ class TaskSpec(_Strict):
 
 class ScoringSettings(_Strict):
     batch_size: int = Field(16, gt=0)
-    workers: tuple[int, int] = (1, 1)  # N, or MIN,MAX: the actor pool autoscales
+    # None ("auto"): `scoring.placement` sizes the pool from what Ray has when the job starts
+    workers: tuple[int, int] | None = None  # N, or MIN,MAX: the actor pool autoscales
     limit: int | None = Field(None, gt=0)  # the first N eval rows of each task
     backend: Literal["hf", "vllm"] = "hf"
-    cpus_per_worker: float = Field(0.25, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    backend_options: dict[str, Any] = {}  # reach the engines (`muscle score --backend-option`)
+    cpus_per_worker: float | None = Field(None, gt=0)
+    gpus_per_worker: float | None = Field(None, ge=0)
 
     @field_validator("workers", mode="before")
     @classmethod
     def _workers(cls, v):
-        """N, MIN,MAX or a pair, as `muscle score --workers` reads them."""
+        """N, MIN,MAX, a pair or "auto", as `muscle score --workers` reads them."""
         from muscle_ray.scoring.config import ScoreConfig
 
         return ScoreConfig._workers(v)
 
     @field_validator("workers")
     @classmethod
-    def _pool(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not 1 <= v[0] <= v[1]:
+    def _pool(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 1 <= v[0] <= v[1]:
             raise ValueError(f"need 1 <= MIN <= MAX, got {v[0]},{v[1]}")
         return v
 
@@ -663,6 +665,7 @@ class UpdateRun:
                 batch_size=s.batch_size,
                 workers=s.workers,
                 backend=s.backend,
+                backend_options=s.backend_options,
                 cpus_per_worker=s.cpus_per_worker,
                 gpus_per_worker=s.gpus_per_worker,
                 chat_template=spec.chat_template,

@@ -131,11 +131,16 @@ class _Captured(Exception):
     pass
 
 
-def _pool_request(monkeypatch, tmp_path, config: str) -> dict:
-    """The map_batches arguments the real scoring job builds for `config` (no actor starts)."""
-    import ray.data
+# a joined cluster of 4 nodes x 2 CPUs, one GPU each
+CLUSTER = dict(cpus=8, gpus=4, node_cpus=2, node_memory=16 << 30, nodes=4, joined=True)
 
-    from muscle_ray.scoring.job import score_version
+
+def _pool_request(monkeypatch, tmp_path, config: str) -> dict:
+    """The map_batches arguments the real scoring job builds for `config`, its unset pool fields
+    placed as on CLUSTER (no actor starts)."""
+    from muscle_ray.scoring import job
+    from muscle_ray.scoring.inputs import Inputs
+    from muscle_ray.scoring.placement import Resources, place
 
     seen = {}
 
@@ -144,17 +149,22 @@ def _pool_request(monkeypatch, tmp_path, config: str) -> dict:
             seen.update(kwargs)
             raise _Captured
 
-    monkeypatch.setattr(ray.data, "from_items", lambda items: FakeDataset())
+    monkeypatch.setattr(job, "_read_inputs", lambda files: FakeDataset())
     cfg = load_config(ScoreConfig, REPO / "jobs/configs" / config, {"out": str(tmp_path / config)})
+    res = Resources(**CLUSTER) if "gpu" in config else Resources(**{**CLUSTER, "gpus": 0})
+    plan = place(cfg, res)
+    cfg = cfg.model_copy(
+        update=dict(workers=plan.workers, cpus_per_worker=plan.cpus_per_worker, gpus_per_worker=plan.gpus_per_worker)
+    )
     with pytest.raises(_Captured):
-        score_version(cfg, cfg.versions[0], [(0, '{"prompt": "p", "reference": "r"}')], str(tmp_path / "d.jsonl"))
+        job.score_version(cfg, cfg.versions[0], Inputs(tmp_path, 1, cfg.shard_size, {}), str(tmp_path / "d.jsonl"))
     return seen
 
 
-def test_cpu_pool_asks_for_fractional_cpus_and_no_gpu(monkeypatch, tmp_path):
-    req = _pool_request(monkeypatch, tmp_path, "score.yaml")
-    assert (req["compute"].min_size, req["compute"].max_size) == (1, 2)  # autoscales 1..2 actors
-    assert req["num_cpus"] == 0.25 and req["num_gpus"] is None
+def test_cpu_pool_autoscales_over_the_cluster_with_fractional_cpus_and_no_gpu(monkeypatch, tmp_path):
+    req = _pool_request(monkeypatch, tmp_path, "score.yaml")  # leaves the pool to placement
+    assert (req["compute"].min_size, req["compute"].max_size) == (1, 8)  # one actor per CPU, 1..8
+    assert req["num_cpus"] == 0.75 and req["num_gpus"] is None  # each node keeps 0.5 CPU for reads
 
 
 def test_gpu_pool_asks_each_actor_for_a_gpu(monkeypatch, tmp_path):

@@ -155,6 +155,31 @@ def test_predictions_do_not_depend_on_batch_size_or_workers(tmp_path, ray_sessio
 
 
 @slow
+def test_backend_options_reach_the_engine_in_the_actors(tmp_path, ray_session, tiny_model):
+    """dtype=bfloat16 loads the model in bf16 inside each actor: log-likelihoods move by bf16's
+    rounding (far more than float32's batch noise, 1e-5), not by more."""
+    data = write_mc(tmp_path / "mc.jsonl", 12)
+    runs = {}
+    for name, options in [("fp32", {}), ("bf16", {"dtype": "bfloat16"})]:
+        out = tmp_path / name
+        run_score(
+            ScoreConfig(
+                versions=[{"base": str(tiny_model)}],
+                task="mc_jsonl",
+                data=str(data),
+                out=str(out),
+                workers="1",
+                backend_options=options,
+            )
+        )
+        runs[name] = table(out / "model" / "mc_jsonl")
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert fp32.keys() == bf16.keys() and len(fp32) == 9  # rows 3, 7, 11 are bad
+    gaps = np.concatenate([np.subtract(fp32[k]["choice_logliks"], bf16[k]["choice_logliks"]) for k in fp32])
+    assert 1e-3 < np.abs(gaps).max() < 1.0
+
+
+@slow
 def test_generation_job(tmp_path, ray_session, tiny_model):
     data = write_gen(tmp_path / "gen.jsonl", 6)
     (s,) = run_score(

@@ -4,6 +4,12 @@ One version:     muscle score --model BASE [--adapter DIR] --task NAME --out DIR
 Several:         muscle score --version old=V1 --version new=V2 --version compat=V2:ADAPTER ...
 From YAML:       muscle score --config score.yaml [--set batch_size=16] [flags override its fields]
 
+The actor pool fills what Ray has unless told otherwise (`scoring/placement.py`): on this machine
+one actor per CPU (one torch thread each) or per GPU; on a cluster 1..N actors, autoscaling.
+`--workers`, `--cpus-per-worker`, `--gpus-per-worker` override it; `--backend-option KEY=VALUE`
+sets engine options (hf: dtype, device_map, attn_implementation; vllm: tensor_parallel_size,
+gpu_memory_utilization, max_model_len, enforce_eager, dtype).
+
 `--data` and `--out` may be URIs (s3://, gs://, file://): the data is fetched, the shards are
 written locally and copied to `--out` when the run ends, also after a failure (a rerun into the
 same `--out` fetches them back and resumes). Relative paths are taken under MUSCLE_WORKSPACE.
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from muscle_ray.cli.options import add_config_arguments, load
+from muscle_ray.cli.options import add_config_arguments, json_values, load, number_or_auto
 from muscle_ray.errors import MuscleError
 
 
@@ -42,12 +48,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="score only the first N records")
     p.add_argument("--out", help="output directory or URI: OUT/<version>/<task>/shard-*.parquet")
     p.add_argument("--backend", choices=["hf", "vllm"])
+    p.add_argument(
+        "--backend-option",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="engine option, VALUE parsed as JSON where it is (e.g. dtype=bfloat16, tensor_parallel_size=2)",
+    )
     p.add_argument("--batch-size", type=int, help="questions or prompts per forward pass (default 8)")
-    p.add_argument("--workers", help="actors: N, or MIN,MAX to autoscale (default 1)")
+    p.add_argument("--workers", help="actors: N, MIN,MAX to autoscale, or auto (default: sized to what Ray has)")
     p.add_argument("--shard-size", type=int, help="input rows per output shard (default 256)")
     p.add_argument("--max-errors", type=int, help="fail when more than N input rows are bad")
-    p.add_argument("--cpus-per-worker", type=float, help="CPUs each actor asks Ray for (default 0.25)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs each actor asks Ray for (default 0)")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=number_or_auto,
+        help="CPUs each actor asks Ray for; its torch threads: this, rounded (default: auto)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=number_or_auto,
+        help="GPUs each actor asks Ray for (default: auto, 1 per actor where Ray has GPUs; vllm: tensor_parallel_size)",
+    )
     p.add_argument("--verbose", action="store_true", help="also show Ray's output (always in OUT/logs/ray.log)")
 
 
@@ -77,6 +98,8 @@ def config_from_args(args: argparse.Namespace):
     }
     options = parse_overrides(args.task_option, flag="--task-option")
     flags.update({f"task_options.{k}": v for k, v in options.items()})
+    engine = json_values(args.backend_option, flag="--backend-option")
+    flags.update({f"backend_options.{k}": v for k, v in engine.items()})
     if not (args.config or versions or any(s.startswith("versions") for s in args.overrides)):
         raise MuscleError("name a model: --model BASE_DIR, --version NAME=BASE[:ADAPTER], or --config FILE")
     return load(ScoreConfig, args, flags)

@@ -7,7 +7,8 @@ the answer, scoring the text) is shared here so the HF and vLLM backends cannot 
 
 `VersionGroup` holds several versions of one base in one process (the base loaded once, each
 adapter beside it), so the scoring job scores them all in one pass; `group_versions` says which
-versions can share one.
+versions can share one. Its keyword arguments reach the backend's scorer: `chat_template` and
+the config's `backend_options` (checked per backend by `config.check_backend_options`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ A YAML config scores several model versions in one invocation::
     task: hellaswag
     data: ../shared/data/hellaswag/val_sample1000.jsonl
     out: runs/hellaswag
-    workers: [1, 4]            # min, max actors: the pool autoscales with the cluster
+    workers: [1, 4]            # min, max actors: the pool autoscales (unset: sized to the machine)
+    backend_options: {dtype: bfloat16}
     versions:
       - {name: old, base: models/v1}
       - {name: new, base: models/v2}
@@ -19,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from muscle_ray.config import validated
 from muscle_ray.errors import MuscleError
@@ -48,6 +49,57 @@ class VersionSpec(BaseModel):
         return ModelVersion(base=self.base, adapter=self.adapter, name=self.name)
 
 
+class HFOptions(BaseModel):
+    """`backend_options` of the hf backend: how `HFScorer` loads each model."""
+
+    model_config = ConfigDict(extra="forbid")
+    device_map: str | dict[str, Any] | None = Field(None, description='"cpu", "cuda:0", "auto" or a module map')
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
+        None, description="default: float32 on CPU, bfloat16 on GPU; auto: the checkpoint's"
+    )
+    attn_implementation: Literal["sdpa", "eager"] | None = Field(
+        None, description="a question's options are packed with a custom attention mask, which flash attention ignores"
+    )
+
+
+class VLLMOptions(BaseModel):
+    """`backend_options` of the vllm backend: arguments of `vllm.LLM`."""
+
+    model_config = ConfigDict(extra="forbid")
+    tensor_parallel_size: int | None = Field(None, ge=1, description="GPUs per actor (the pool asks Ray for them)")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="a fraction of each GPU's memory")
+    max_model_len: int | None = Field(None, gt=0, description="tokens; default: the model's context length")
+    enforce_eager: bool | None = Field(None, description="no CUDA graphs")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
+        None, description="default: bfloat16 on GPU, float32 on CPU"
+    )
+
+
+BACKEND_OPTIONS: dict[str, type[BaseModel]] = {"hf": HFOptions, "vllm": VLLMOptions}
+
+
+def check_backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options the backend accepts, typed; an unknown key or a bad value names it."""
+    model = BACKEND_OPTIONS[backend]
+    for key in options:
+        if key not in model.model_fields:
+            known = ", ".join(model.model_fields)
+            raise ValueError(f"backend_options: {key!r} is not an option of the {backend} backend (known: {known})")
+    try:
+        return model.model_validate(options).model_dump(exclude_none=True)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = str(first["loc"][0])
+        hint = model.model_fields[key].description
+        raise ValueError(
+            f"backend_options.{key} ({backend} backend): {first['msg']}" + (f" ({hint})" if hint else "")
+        ) from None
+
+
+def _unless_auto(v: Any) -> Any:
+    return None if isinstance(v, str) and v.strip().lower() == "auto" else v
+
+
 class ScoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,18 +111,30 @@ class ScoreConfig(BaseModel):
     limit: int | None = Field(None, gt=0)
     out: str
     backend: Literal["hf", "vllm"] = "hf"
+    backend_options: dict[str, Any] = {}  # engine settings, checked per backend (BACKEND_OPTIONS)
     batch_size: int = Field(8, gt=0)  # questions (MC) or prompts (generation) per forward pass
-    workers: tuple[int, int] = (1, 1)  # (min, max) actors; equal for a fixed pool
+    # The pool: None ("auto") is sized to what Ray has by `placement.resolve_placement` when the
+    # run starts (a local Ray: one actor per CPU or GPU; a cluster: 1..N actors, autoscaling).
+    workers: tuple[int, int] | None = None  # (min, max) actors; equal for a fixed pool
     shard_size: int = Field(256, gt=0)  # input rows per output shard (the unit of resume)
     max_errors: int | None = Field(None, ge=0)
-    cpus_per_worker: float = Field(0.25, gt=0)  # fractional, so actors never starve Ray Data's reads
-    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float | None = Field(None, gt=0)  # torch threads: this, rounded (at least 1)
+    gpus_per_worker: float | None = Field(None, ge=0)
     chat_template: bool = False  # read prompts through each model's chat template (muscle_ray.chat)
+
+    @field_validator("cpus_per_worker", "gpus_per_worker", mode="before")
+    @classmethod
+    def _auto(cls, v):
+        """`auto` is None: sized when the run starts."""
+        return _unless_auto(v)
 
     @field_validator("workers", mode="before")
     @classmethod
     def _workers(cls, v):
-        """`N`, `MIN,MAX`, an int, or a pair."""
+        """`N`, `MIN,MAX`, an int, or a pair; None or `auto`: sized when the run starts."""
+        v = _unless_auto(v)
+        if v is None:
+            return v
         if isinstance(v, str):
             parts = [p.strip() for p in v.split(",")]
             if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
@@ -84,9 +148,16 @@ class ScoreConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        lo, hi = self.workers
-        if lo < 1 or hi < lo:
-            raise ValueError(f"workers: need 1 <= MIN <= MAX, got {lo},{hi}")
+        if self.workers is not None:
+            lo, hi = self.workers
+            if lo < 1 or hi < lo:
+                raise ValueError(f"workers: need 1 <= MIN <= MAX, got {lo},{hi}")
+        self.backend_options = check_backend_options(self.backend, self.backend_options)
+        tp = self.backend_options.get("tensor_parallel_size", 1)
+        if self.gpus_per_worker is not None and 0 < self.gpus_per_worker < tp:
+            raise ValueError(
+                f"gpus_per_worker {self.gpus_per_worker:g}: tensor_parallel_size {tp} needs {tp} GPUs per actor"
+            )
         names = [v.name for v in self.versions]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

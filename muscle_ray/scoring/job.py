@@ -1,4 +1,10 @@
-"""The batch-inference job: a task's records -> Ray Data -> an actor pool of scorers -> shards.
+"""The batch-inference job: a task's records -> input shards -> Ray Data -> an actor pool of
+scorers -> result shards.
+
+The driver holds no records: a Ray task streams the input file into input shards
+(`scoring.inputs`, OUT/_input/<task>), Ray Data feeds them to the pool, and the driver only
+collects each shard's result rows until the shard is complete, so its memory does not grow
+with the input (bench/bench_score_stream.py measures it).
 
 Layout of the output (one results set per version and task, readable by `read_results`)::
 
@@ -7,6 +13,7 @@ Layout of the output (one results set per version and task, readable by `read_re
                                                  long for the model, a duplicate id, ...)
     OUT/<version>/<task>/_run.json               what produced the shards (checked on resume)
     OUT/summary.json                             rows, rows/s, tokens/s, errors per version
+    OUT/_input/<task>/                           the input shards (`scoring.inputs`), reused on resume
     OUT/.lock                                    held while a run writes here (see out_lock.py)
 
 A shard is a fixed slice of the input (S = shard_size rows), written atomically when its last
@@ -33,9 +40,8 @@ import pickle
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,8 +50,11 @@ from muscle_ray.errors import BadRow, MuscleError
 from muscle_ray.out_lock import out_lock
 from muscle_ray.results import ERRORS_FILE, write_atomic
 from muscle_ray.scoring.config import ScoreConfig, VersionSpec
+from muscle_ray.scoring.inputs import Inputs, duplicate_ids, prepare_inputs
 from muscle_ray.scoring.rows import ERROR_SCHEMA, to_table
-from muscle_ray.tasks.base import Instance, Record, Task, get_task
+from muscle_ray.tasks.base import Instance, Record, get_task
+
+__all__ = ["ScoreActor", "VersionSummary", "duplicate_ids", "run_score", "score_group", "score_version"]
 
 if TYPE_CHECKING:  # the backends load torch; the actor imports them when it starts
     from muscle_ray.scoring.backend import Backend, Scorer
@@ -55,16 +64,20 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}.parquet"
 
 
+READ_MEMORY = 256 * 1024 * 1024  # what a task reading one input shard asks Ray for (its worker's RSS)
+
+
 def _errors_name(k: int) -> str:
     return f"_shard-{k:05d}.errors.parquet"  # "_" hides it from results readers
 
 
 class ScoreActor:
     """The model versions of one group in memory (`backend.VersionGroup`: one base, its
-    adapters); parses each raw record once and scores the good ones with every version its row
-    needs (the input column `need`: one "1"/"0" per version, "1" where that version's shard is
-    missing). Per row out: JSON lists, one entry per version, of the result row (None when not
-    scored) and of the reason it failed ("" when it did not)."""
+    adapters); parses each input row's record once and scores the good ones with every version
+    its row needs (`need`: input shard -> one "1"/"0" per version, "1" where that version's shard
+    is missing). Per row out: its input index and row, JSON lists, one entry per version, of the
+    result row (None when not scored) and of the reason it failed ("" when it did not), and the
+    record's text where it failed (errors.parquet's `raw`; "" otherwise)."""
 
     def __init__(
         self,
@@ -75,6 +88,9 @@ class ScoreActor:
         batch_size: int,
         threads: int,
         chat_template: bool = False,
+        need: dict[int, str] | None = None,
+        shard_size: int = 1,
+        backend_options: dict | None = None,
     ):
         import ray
         import torch
@@ -86,23 +102,31 @@ class ScoreActor:
         specs = [VersionSpec(**v) for v in versions]
         self.names = [s.name for s in specs]
         self.task = get_task(task, **task_options)
-        self.models = VersionGroup(backend, [s.model_version() for s in specs], batch_size, chat_template=chat_template)
+        self.need, self.shard_size = need or {}, shard_size
+        self.models = VersionGroup(
+            backend,
+            [s.model_version() for s in specs],
+            batch_size,
+            chat_template=chat_template,
+            **(backend_options or {}),  # checked per backend by the config (`check_backend_options`)
+        )
 
     def __call__(self, batch: dict) -> dict:
         n, V = len(batch["ord"]), len(self.names)
         results: list[list[dict | None]] = [[None] * V for _ in range(n)]
         errors = [[str(e)] * V for e in batch["error"]]  # duplicate ids come marked already
+        need = [self.need[int(i) // self.shard_size] for i in batch["ord"]]
+        records: list[Record] = [pickle.loads(blob) for blob in batch["record"]]
         good = []
-        for i, blob in enumerate(batch["record"]):
+        for i, record in enumerate(records):
             if errors[i][0]:
                 continue
-            record: Record = pickle.loads(blob)
             try:
                 good.append((i, (record.row, self.task.parse(record))))
             except BadRow as e:
                 errors[i] = [e.reason] * V
         for j, name in enumerate(self.names):
-            mine = [(i, item) for i, item in good if batch["need"][i][j] == "1"]
+            mine = [(i, item) for i, item in good if need[i][j] == "1"]
             if not mine:
                 continue
             with self.models.using(name) as scorer:
@@ -110,9 +134,10 @@ class ScoreActor:
                     results[i][j], errors[i][j] = result, error
         return {
             "ord": batch["ord"],
-            "shard": batch["shard"],
+            "row": batch["row"],
             "results": [json.dumps(r) for r in results],
             "errors": [json.dumps(e) for e in errors],
+            "raw": [_raw(rec) if any(e) else "" for rec, e in zip(records, errors)],
             "actor": [self.actor_id] * n,
         }
 
@@ -140,6 +165,11 @@ class ScoreActor:
         return [self._score(scorer, name, [item])[0] for item in items]
 
 
+def _raw(record: Record) -> str:
+    """The record's text as valid UTF-8 (a file may hold undecodable bytes: Arrow refuses them)."""
+    return record.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @dataclass
 class VersionSummary:
     version: str
@@ -154,12 +184,6 @@ class VersionSummary:
     rows_per_s: float
     tokens_per_s: float
     actors: list[str] = field(default_factory=list)  # the Ray actors that scored this run's rows
-
-
-def _load_records(task: Task, path: str, limit: int | None) -> list[Record]:
-    if not Path(path).exists():
-        raise MuscleError(f"{path}: no such file (input of task {task.name})")
-    return list(islice(task.records(path), limit))
 
 
 def _check_run(out_dir: Path, fingerprint: dict) -> None:
@@ -200,12 +224,12 @@ class _Target:
     actors: set[str] = field(default_factory=set)
 
 
-def _target(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], data: str, log) -> _Target:
+def _target(cfg: ScoreConfig, spec: VersionSpec, inputs: Inputs, data: str, log) -> _Target:
     """Check OUT/<version>/<task> belongs to this run, clear what a killed writer left, and see
     which shards are finished."""
     out_dir = Path(cfg.out) / spec.name / cfg.task
     S = cfg.shard_size
-    n_shards = -(-len(records) // S)
+    n_shards = inputs.n_shards
     _check_run(
         out_dir,
         {
@@ -214,7 +238,7 @@ def _target(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], data: st
             "data": str(Path(data).resolve()),
             "limit": cfg.limit,
             "shard_size": S,
-            "records": len(records),
+            "records": inputs.records,
             "backend": cfg.backend,
             "chat_template": cfg.chat_template or None,  # null when off, as in runs from before the field
             "base": str(Path(spec.base).resolve()),
@@ -233,30 +257,17 @@ def _target(cfg: ScoreConfig, spec: VersionSpec, records: list[Record], data: st
 
 
 def score_version(
-    cfg: ScoreConfig,
-    spec: VersionSpec,
-    records: list[Record],
-    data: str,
-    log=print,
-    progress=None,
-    skip: dict[int, str] | None = None,
+    cfg: ScoreConfig, spec: VersionSpec, inputs: Inputs, data: str, log=print, progress=None
 ) -> VersionSummary:
     """Score one version into OUT/<version>/<task> (`score_group` with one version)."""
-    return score_group(cfg, [spec], records, data, log=log, progress=progress, skip=skip)[0]
+    return score_group(cfg, [spec], inputs, data, log=log, progress=progress)[0]
 
 
 def score_group(
-    cfg: ScoreConfig,
-    specs: list[VersionSpec],
-    records: list[Record],
-    data: str,
-    log=print,
-    progress=None,
-    skip: dict[int, str] | None = None,
+    cfg: ScoreConfig, specs: list[VersionSpec], inputs: Inputs, data: str, log=print, progress=None
 ) -> list[VersionSummary]:
     """Score versions that one actor can hold together (`backend.group_versions`) in ONE Ray Data
-    pass, each into OUT/<version>/<task); `skip` maps input indices to the reason they are
-    quarantined without scoring (duplicate ids).
+    pass over the input shards (`prepare_inputs`), each into OUT/<version>/<task>.
 
     A row goes through the pool if its shard is missing for any version, and is scored only for
     those; each version's missing shards are written as their rows come back, finished ones are
@@ -264,24 +275,19 @@ def score_group(
     """
     import ray
 
-    S = cfg.shard_size
-    n_shards = -(-len(records) // S)
-    targets = [_target(cfg, spec, records, data, log) for spec in specs]
+    if cfg.workers is None or cfg.cpus_per_worker is None:  # a config `resolve_placement` has not sized
+        raise MuscleError("score_group: the pool is not sized (workers, cpus_per_worker); call resolve_placement")
+    n_shards = inputs.n_shards
+    targets = [_target(cfg, spec, inputs, data, log) for spec in specs]
     todo_shards = [k for k in range(n_shards) if any(k not in t.done for t in targets)]
     active = [t for t in targets if len(t.done) < n_shards]  # the versions the actors load
     need = {k: "".join("0" if k in t.done else "1" for t in active) for k in todo_shards}
-    skip = skip or {}
-    todo: list[dict[str, Any]] = [  # the record as bytes: Arrow-safe, any text
-        {"ord": i, "shard": k, "record": pickle.dumps(records[i]), "error": skip.get(i, ""), "need": need[k]}
-        for k in todo_shards
-        for i in range(k * S, min((k + 1) * S, len(records)))
-    ]
     start = time.perf_counter()
-    if todo:
-        expected = {k: min((k + 1) * S, len(records)) - k * S for k in todo_shards}
+    if todo_shards:
+        expected = {k: inputs.rows_in(k) for k in todo_shards}
         lo, hi = cfg.workers
         pool = ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
-        ds = ray.data.from_items(todo).map_batches(
+        ds = _read_inputs(_pieces(inputs, todo_shards, cfg.batch_size * 4, hi)).map_batches(
             ScoreActor,
             fn_constructor_kwargs=dict(
                 versions=[t.spec.model_dump() for t in active],
@@ -291,6 +297,9 @@ def score_group(
                 batch_size=cfg.batch_size,
                 threads=max(1, round(cfg.cpus_per_worker)),
                 chat_template=cfg.chat_template,
+                need=need,
+                shard_size=cfg.shard_size,
+                backend_options=cfg.backend_options,
             ),
             batch_size=cfg.batch_size * 4,
             compute=pool,
@@ -299,7 +308,7 @@ def score_group(
         )
         pending: dict[int, list[dict]] = {}
         for out in _rows(ds):
-            k = int(out["shard"])
+            k = int(out["ord"]) // cfg.shard_size
             if progress:
                 for _ in range(need[k].count("1")):
                     progress(1)  # one more (row, version) back from the pool
@@ -307,10 +316,12 @@ def score_group(
             if len(pending[k]) < expected[k]:
                 continue
             parts = sorted(pending.pop(k), key=lambda o: int(o["ord"]))
-            rows = [(int(o["ord"]), json.loads(o["results"]), json.loads(o["errors"]), o["actor"]) for o in parts]
+            rows = [
+                (int(o["row"]), o["raw"], json.loads(o["results"]), json.loads(o["errors"]), o["actor"]) for o in parts
+            ]
             for j, t in enumerate(active):
                 if need[k][j] == "1":
-                    _write_shard(cfg, t, k, n_shards, [(i, r[j], e[j], a) for i, r, e, a in rows], records, log)
+                    _write_shard(cfg, t, k, n_shards, [(row, raw, r[j], e[j], a) for row, raw, r, e, a in rows], log)
     summaries = []
     seconds = time.perf_counter() - start
     for t in targets:
@@ -334,6 +345,45 @@ def score_group(
             )
         )
     return summaries
+
+
+def _pieces(inputs: Inputs, shards: list[int], rows: int, actors: int) -> list[dict]:
+    """(file, start, stop) slices of the input shards, one Ray Data block each: a whole shard
+    when there are many shards, else each cut into pieces of at least `rows` so that about four
+    pieces per actor keep every actor of the pool busy (200 rows in one shard would otherwise go
+    to one actor whole). Not `Dataset.repartition`: its task asks a whole CPU, which a pool that
+    fills the machine never leaves free."""
+    per_shard = max(1, -(-4 * actors // max(1, len(shards))))
+    out = []
+    for f, k in zip(inputs.files(shards), shards):
+        n = inputs.rows_in(k)
+        cut = max(1, min(per_shard, n // rows))
+        bounds = [n * i // cut for i in range(cut + 1)]
+        out += [{"file": f, "start": a, "stop": b} for a, b in zip(bounds, bounds[1:])]
+    return out
+
+
+def _read_input(batch):
+    """Slices of input shard files -> their rows (a task on the driver's node: they are its local
+    files)."""
+    parts = zip(batch["file"], batch["start"], batch["stop"])
+    return pa.concat_tables([pq.read_table(f).slice(a, b - a) for f, a, b in parts])
+
+
+def _read_inputs(pieces: list[dict]):
+    """A Dataset of the input rows, one block per piece (`_pieces`), read by tasks on this node.
+
+    Not `ray.data.read_parquet`: its sampling tasks may run on any node of a cluster, where
+    OUT need not exist, and its `local://` paths are deprecated. The read asks for memory (it
+    holds a shard) and the pool does not, so Ray Data never fuses the two: a fused operator
+    would inherit the read's node, and every scoring actor would be put on this one.
+    """
+    import ray
+
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+        _read_input, batch_size=1, batch_format="numpy", num_cpus=0.25, memory=READ_MEMORY, label_selector=here
+    )
 
 
 def _rows(ds):
@@ -362,19 +412,11 @@ def _muscle_error(e: BaseException) -> str | None:
     return found[-1] if found else None
 
 
-def _write_shard(cfg: ScoreConfig, t: _Target, k: int, n_shards: int, rows: list, records: list[Record], log) -> None:
-    """Shard k of one version from its (input index, result or None, error, actor) rows, in input
-    order: the results file, and the bad rows beside it; then the --max-errors check."""
-    results = [r for _, r, _, _ in rows if r is not None]
-    bad = [
-        {
-            "row": records[i].row,
-            "reason": e,
-            "raw": records[i].text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
-        }
-        for i, _, e, _ in rows
-        if e
-    ]
+def _write_shard(cfg: ScoreConfig, t: _Target, k: int, n_shards: int, rows: list, log) -> None:
+    """Shard k of one version from its (row, raw text, result or None, error, actor) rows, in
+    input order: the results file, and the bad rows beside it; then the --max-errors check."""
+    results = [r for _, _, r, _, _ in rows if r is not None]
+    bad = [{"row": row, "reason": e, "raw": raw} for row, raw, _, e, _ in rows if e]
     if bad:
         write_atomic(pa.Table.from_pylist(bad, schema=ERROR_SCHEMA), t.dir / _errors_name(k))
     write_atomic(to_table(results), t.dir / shard_name(k))
@@ -396,23 +438,6 @@ def _write_shard(cfg: ScoreConfig, t: _Target, k: int, n_shards: int, rows: list
         )
 
 
-def duplicate_ids(task: Task, records: list[Record]) -> dict[int, str]:
-    """Input index -> reason, for every record whose id an earlier record already has: a result
-    set holds each id once (`muscle flips` joins on it), so the second one is quarantined."""
-    first: dict[str, int] = {}
-    out = {}
-    for k, rec in enumerate(records):
-        try:
-            id_ = task.parse(rec).id
-        except BadRow:
-            continue  # quarantined by the actor, with its own reason
-        if id_ in first:
-            out[k] = f"duplicate id {id_!r}, first seen at row {first[id_]}"
-        else:
-            first[id_] = rec.row
-    return out
-
-
 def run_score(cfg: ScoreConfig, log=print, progress=None) -> list[VersionSummary]:
     """Score every version on the task; returns (and writes to OUT/summary.json) one summary each.
 
@@ -427,6 +452,7 @@ def _run_score(cfg: ScoreConfig, log, progress) -> list[VersionSummary]:
     from muscle_ray.models import check_same_tokenizer
     from muscle_ray.runtime import init_ray
     from muscle_ray.scoring.backend import group_versions
+    from muscle_ray.scoring.placement import resolve_placement
 
     task = get_task(cfg.task, **cfg.task_options)
     versions = [v.model_version() for v in cfg.versions]  # checks the directories up front
@@ -446,18 +472,20 @@ def _run_score(cfg: ScoreConfig, log, progress) -> list[VersionSummary]:
 
         require_vllm()
     data = cfg.data_path(task.default_path)
-    records = _load_records(task, data, cfg.limit)
-    if not records:
-        raise MuscleError(f"{data}: no records to score")
-    skip = duplicate_ids(task, records)
+    if not Path(data).exists():
+        raise MuscleError(f"{data}: no such file (input of task {task.name})")
     groups = group_versions(cfg.backend, versions)  # checks every adapter directory first
     init_ray()
+    cfg = resolve_placement(cfg, log)
+    inputs = prepare_inputs(cfg.task, cfg.task_options, data, cfg.out, cfg.limit, cfg.shard_size, log=log)
+    if not inputs.records:
+        raise MuscleError(f"{data}: no records to score")
     done: dict[str, VersionSummary] = {}
     for group in groups:
         specs = [cfg.versions[i] for i in group]
         if len(specs) > 1:
             log(f"[{cfg.task}] {', '.join(s.name for s in specs)}: one pass, one base ({versions[group[0]].base})")
-        for s in score_group(cfg, specs, records, data, log=log, progress=progress, skip=skip):
+        for s in score_group(cfg, specs, inputs, data, log=log, progress=progress):
             done[s.version] = s
             if s.rows == 0 and s.errors:  # every row failed: a broken model or backend, not bad rows
                 first = pq.read_table(Path(s.out) / ERRORS_FILE).column("reason")[0].as_py()

@@ -7,6 +7,11 @@ requests go in as token ids, so both backends score exactly the same tokens.
 * Generation: greedy, with the stop strings and the token limit; the text cut as the HF
   backend cuts it.
 * Adapters: a `LoRARequest` on the base model, never merged (`vllm_support.VLLMModel`).
+* `backend_options` (config.VLLMOptions: tensor_parallel_size, gpu_memory_utilization,
+  max_model_len, enforce_eager, dtype) are `vllm.LLM`'s arguments; the scoring pool gives each
+  actor `tensor_parallel_size` GPUs (`placement.py`), and the engine's tensor-parallel workers
+  are its own processes on them ("mp"): vLLM's Ray executor would ask Ray for GPUs again, ones
+  the actor already holds, and wait for them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class VLLMScorer:
     ):
         self.version = version
         self.adapter = version.name if version.adapter else None
+        if (llm_kwargs.get("tensor_parallel_size") or 1) > 1:
+            llm_kwargs.setdefault("distributed_executor_backend", "mp")
         self.vllm = VLLMModel(
             version.base,
             {version.name: version.adapter} if version.adapter else {},
