@@ -490,7 +490,7 @@ def training_key(train) -> str:
     """An adapter's inputs key: its config without the paths it is read from and written to,
     and the content of its base, data files and teachers."""
     config = train.model_dump(exclude={"out": True, "run": {"name", "storage_path"}})
-    for k in ("path", "val_path", "data_root"):
+    for k in ("path", "val_path", "data_root", "stream"):  # stream: how it is read, not what
         config["data"].pop(k)
     parts: dict[str, Any] = {
         "config": config,

@@ -35,6 +35,15 @@ class DataConfig(_Strict):
     max_length: int = Field(256, gt=1)
     loss_on: Literal["all", "completion"] = "all"  # paper: all tokens, context and answer
     chat_template: bool = False  # render with the base's chat template; loss on the assistant turn only
+    # Tokenize on the driver (off) or stream the file through a Ray task into tokenized chunks
+    # (on); auto streams a training file over training.data.STREAM_THRESHOLD bytes.
+    stream: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        """YAML reads a bare `on` / `off` as true / false."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="before")
     @classmethod

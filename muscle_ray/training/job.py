@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
 from muscle_ray.errors import MuscleError
@@ -23,11 +25,13 @@ def _check_inputs(cfg: TrainConfig) -> None:
     check_same_tokenizer([old, new])
 
 
-def prepare_datasets(cfg: TrainConfig):
-    """(train, val) Ray Datasets, with the teacher columns added when teachers are cached."""
+def prepare_datasets(cfg: TrainConfig, work_dir: str | Path | None = None):
+    """`data.Datasets`: (train, val) Ray Datasets and their sizes, with the teacher columns added
+    when teachers are cached; streamed data is tokenized into `work_dir`."""
     from muscle_ray.training.data import build_datasets
 
-    train, val = build_datasets(cfg.data, cfg.base)
+    data = build_datasets(cfg.data, cfg.base, work_dir)
+    train, val = data.train, data.val
     c = cfg.compat
     if c is not None and c.teachers == "cached" and c.mask != "ce":
         from muscle_ray.training.teachers import build_teacher_cache
@@ -53,7 +57,7 @@ def prepare_datasets(cfg: TrainConfig):
             )
 
         train, val = cached(train, "train"), cached(val, "val")
-    return train, val
+    return data._replace(train=train, val=val)
 
 
 def _storage(path: str) -> str:
@@ -64,6 +68,28 @@ def _storage(path: str) -> str:
     return path if is_uri(path) else str(Path(path).resolve())
 
 
+def _scratch(storage: str, name: str) -> Path:
+    """A new directory's path for streamed training data's chunks, made only when data is
+    streamed and removed after the fit: beside the run's directory when that is local (room for
+    big data), else in the temp directory."""
+    from muscle_ray.locations import is_uri
+
+    where = Path(tempfile.gettempdir()) if is_uri(storage) else Path(storage)
+    return where / f".{name}.data-{uuid.uuid4().hex[:12]}"
+
+
+def _ingest(streamed: bool):
+    """Ray Train's ingest settings: streamed datasets are read by tasks whose blocks may finish
+    out of order, so they keep file order (every run sees the rows as the in-memory path does)."""
+    if not streamed:
+        return None
+    from ray.train import DataConfig as IngestConfig
+
+    options = IngestConfig.default_ingest_options()
+    options.preserve_order = True
+    return IngestConfig(execution_options=options)
+
+
 def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -> dict:
     """Fit with Ray Train, export the best checkpoint's adapter to cfg.out (and any snapshots to
     cfg.out/snapshots/); returns the manifest.
@@ -71,23 +97,33 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -
     `progress(step, total)`, if given, is called by the rank-0 worker after each optimizer step
     (a `muscle_ray.console.Progress`: it must be picklable and cheap).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from muscle_ray.runtime import init_ray
-    from muscle_ray.training.loop import train_loop_per_worker
 
     _check_inputs(cfg)
     init_ray()
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop logs each step
-    train, val = prepare_datasets(cfg)
-    n_train = train.count()
+    run = cfg.run
+    storage = _storage(run.storage_path)
+    work = _scratch(storage, run.name)
+    try:
+        return _fit(cfg, storage, work, threads_per_worker, progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fit(cfg: TrainConfig, storage: str, work: Path, threads_per_worker: int, progress) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from muscle_ray.training.loop import train_loop_per_worker
+
+    data = prepare_datasets(cfg, work)
+    n_train = data.n_train
     if n_train < cfg.run.num_workers * cfg.optim.micro_batch_size:
         raise MuscleError(f"{cfg.data.path}: {n_train} training rows, fewer than num_workers x micro_batch_size")
     run = cfg.run
-    storage = _storage(run.storage_path)
     # Snapshots go to the run's directory, which every worker's node sees and a resumed run finds.
     snapshots = f"{storage}/{run.name}/{SNAPSHOTS}" if run.snapshot_every_steps else None
     trainer = TorchTrainer(
@@ -103,7 +139,8 @@ def run_training(cfg: TrainConfig, threads_per_worker: int = 1, progress=None) -
             num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
-        datasets={"train": train, "val": val},
+        datasets={"train": data.train, "val": data.val},
+        dataset_config=_ingest(data.streamed),
         run_config=RunConfig(
             name=run.name,
             storage_path=storage,
