@@ -24,9 +24,10 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from peak_rss import PeakRSS  # bench/peak_rss.py: the script's folder is on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,31 +52,6 @@ def tiny_model(out: Path) -> Path:
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64
     )
     return random_model_dir(out, spec, seed=0)
-
-
-class RssSampler:
-    """This process's resident set size, sampled on a thread; `peak` is the largest seen."""
-
-    def __init__(self, every_s: float = 0.05):
-        import psutil
-
-        self.proc, self.every_s, self.peak = psutil.Process(), every_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(self.every_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def one_run(args) -> dict:
@@ -112,7 +88,7 @@ def one_run(args) -> dict:
     )
     start_rss = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    with RssSampler() as rss:
+    with PeakRSS() as rss:
         (s,) = job.run_score(cfg, log=lambda *_: None)
     wall = time.perf_counter() - t0
     return {

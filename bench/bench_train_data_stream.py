@@ -20,9 +20,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from peak_rss import PeakRSS  # bench/peak_rss.py: the script's folder is on sys.path
 
 
 def rss_mb() -> float:
@@ -32,29 +33,6 @@ def rss_mb() -> float:
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-class Sampler:
-    """The highest RSS seen while it runs, read every 5 ms (the process's lifetime peak,
-    getrusage's, may come from before: Ray's start, imports)."""
-
-    def __init__(self):
-        self.peak = rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_mb())
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
 
 
 def write_rows(path: Path, n: int) -> None:
@@ -78,7 +56,7 @@ def measure(address: str, path: str, base: str, stream: str, max_length: int) ->
     before, peak_before = rss_mb(), peak_mb()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-train-data-") as work:
-        with Sampler() as sampled:
+        with PeakRSS() as sampled:
             built = build_datasets(DataConfig(path=path, stream=stream, max_length=max_length), base, work)
         seconds = time.perf_counter() - t0
         first = built.train.take(1)[0]  # the rows read back (streamed: by a Ray Data task)
@@ -89,8 +67,8 @@ def measure(address: str, path: str, base: str, stream: str, max_length: int) ->
         "streamed": built.streamed,
         "seconds": round(seconds, 1),
         "rss_before_mb": round(before, 1),
-        "peak_rss_mb": round(sampled.peak, 1),  # sampled during the build
-        "growth_mb": round(sampled.peak - before, 1),
+        "peak_rss_mb": round(sampled.peak / 2**20, 1),  # sampled during the build
+        "growth_mb": round(sampled.peak / 2**20 - before, 1),
         "getrusage_peak_before_mb": round(peak_before, 1),
         "getrusage_peak_after_mb": round(peak_mb(), 1),  # also covers the take(1)
     }

@@ -90,3 +90,21 @@ def session_logs() -> Path | None:
     if _session_dir is None or not (Path(_session_dir) / "logs").is_dir():
         return None
     return Path(_session_dir) / "logs"
+
+
+def run_here(fn, *args, num_cpus: float = 0.25):
+    """`fn(*args)` as a Ray task pinned to the driver's node (it reads or writes the driver's
+    local files), asking a fraction of a CPU so it never waits behind a pool that fills the
+    node. A MuscleError raised in it comes back as itself, one line."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from muscle_ray.errors import MuscleError
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=num_cpus)(fn).options(scheduling_strategy=here)
+    try:
+        return ray.get(task.remote(*args))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, MuscleError):
+            raise MuscleError(str(e.cause)) from e
+        raise

@@ -264,16 +264,7 @@ def prepare_inputs(
 
 
 def _run_remote(*args) -> tuple[int, dict[int, str]]:
-    """`write_inputs` as a Ray task pinned to this node (the shards are local files the driver
-    reads back), a fraction of a CPU so it never waits behind a pool."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """`write_inputs` on this node (`runtime.run_here`): the shards are local files the driver reads back."""
+    from muscle_ray.runtime import run_here
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=0.25)(write_inputs).options(scheduling_strategy=here)
-    try:
-        return ray.get(task.remote(*args))
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, MuscleError):
-            raise MuscleError(str(e.cause)) from e
-        raise
+    return run_here(write_inputs, *args)

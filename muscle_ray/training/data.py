@@ -253,19 +253,10 @@ def write_chunks(path: str, base: str, data: DataConfig, out_dir: str, chunk_row
 
 
 def _write_remote(*args) -> tuple[int, int]:
-    """`write_chunks` as a Ray task pinned to this node (the data file and the chunks are its
-    local files), a fraction of a CPU so it never waits behind other work."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """`write_chunks` on this node (`runtime.run_here`): the data file and the chunks are its local files."""
+    from muscle_ray.runtime import run_here
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=0.25)(write_chunks).options(scheduling_strategy=here)
-    try:
-        return ray.get(task.remote(*args))
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, MuscleError):
-            raise MuscleError(str(e.cause)) from e
-        raise
+    return run_here(write_chunks, *args)
 
 
 def _pieces(d: str, chunk_rows: int, start: int, stop: int) -> list[dict]:
