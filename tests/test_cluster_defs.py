@@ -227,6 +227,7 @@ def test_every_job_config_validates_and_writes_outside_the_demo(path):
 
 def test_score_configs_mirror_how_the_demo_scores_pet_em():
     from muscle_ray.demo import SCORING
+    from muscle_ray.scoring.placement import Resources, place
 
     task, options, _ = SCORING["pet_em"]
     for name in ("score.yaml", "score_gpu.yaml"):
@@ -239,7 +240,9 @@ def test_score_configs_mirror_how_the_demo_scores_pet_em():
             "compat": ("runs/demo/zoo/v2", "runs/demo/adapters/pet_em/compat"),
             "control": ("runs/demo/zoo/v2", "runs/demo/adapters/pet_em/control"),
         }
-        assert cfg.workers[0] < cfg.workers[1], f"{name}: the pool should autoscale"
+        cluster = Resources(cpus=8, gpus=4, node_cpus=2, nodes=4, joined=True)  # fields left unset: auto
+        lo, hi = place(cfg, cluster).workers
+        assert lo < hi, f"{name}: the pool should autoscale on a cluster"
 
 
 def test_train_configs_are_the_demo_recipes_plus_paths():
