@@ -37,6 +37,9 @@ class ModelVersion:
             raise MuscleError(f"{self.adapter}: not a PEFT adapter directory (no adapter_config.json)")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -58,22 +61,33 @@ def load_tokenizer(version: ModelVersion):
 def load_model(
     version: ModelVersion,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     trainable_adapter: bool = False,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
 ):
-    """Load base (+ adapter) for inference, in eval mode; adapters stay unmerged."""
+    """Load base (+ adapter) for inference, in eval mode; adapters stay unmerged.
+
+    `dtype` may be a name ("bfloat16", or "auto": the checkpoint's); with a `device_map`
+    accelerate places the model and it is never moved as a whole."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(
-        version.base, dtype=dtype, use_safetensors=True, trust_remote_code=version.trust_remote_code
+        version.base,
+        dtype=dtype or default_dtype(device),
+        device_map=device_map,
+        attn_implementation=attn_implementation,
+        use_safetensors=True,
+        trust_remote_code=version.trust_remote_code,
     )
     if version.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, version.adapter, is_trainable=trainable_adapter)  # type: ignore[assignment]
-    return model.to(device).eval()  # type: ignore[arg-type]
+    return (model if device_map is not None else model.to(device)).eval()  # type: ignore[arg-type]
 
 
 SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -108,3 +108,31 @@ def run_here(fn, *args, num_cpus: float = 0.25):
         if isinstance(e.cause, MuscleError):
             raise MuscleError(str(e.cause)) from e
         raise
+
+
+READ_MEMORY = 256 * 1024 * 1024  # what a task reading local slices asks Ray for (its worker's RSS)
+
+
+def read_slices(batch: dict):
+    """(file, start, stop) slices of local Parquet files -> one Arrow table of their rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = zip(batch["file"], batch["start"], batch["stop"])
+    return pa.concat_tables([pq.read_table(f).slice(a, b - a) for f, a, b in parts])
+
+
+def read_here(pieces: list[dict], fn, memory: int = READ_MEMORY):
+    """A Dataset of `fn` over (file, start, stop) pieces of this node's files, one block per
+    piece, in order, read by tasks on the driver's node.
+
+    Not `ray.data.read_parquet`: its tasks may run on any node of a cluster, where the files
+    are not, and its `local://` paths are deprecated. The read asks for memory and a fraction
+    of a CPU, so Ray Data never fuses it with a later actor pool (which would then inherit
+    this node) and it never waits behind a pool that fills the node."""
+    import ray.data
+
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+        fn, batch_size=1, batch_format="numpy", num_cpus=0.25, memory=memory, label_selector=here
+    )

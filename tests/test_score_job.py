@@ -72,6 +72,12 @@ def table(path) -> dict:
     return {r["id"]: r for r in t}
 
 
+def score_mc(model, data: Path, out: Path, **settings) -> dict:
+    """One version's mc_jsonl results, id -> row, from a real run with these ScoreConfig settings."""
+    run_score(ScoreConfig(versions=[{"base": str(model)}], task="mc_jsonl", data=str(data), out=str(out), **settings))
+    return table(out / "model" / "mc_jsonl")
+
+
 @slow
 def test_job_scores_versions_and_logs_bad_rows(tmp_path, ray_session, tiny_model, tiny_model_b, tiny_adapter, capsys):
     data = write_mc(tmp_path / "mc.jsonl", 30)
@@ -134,19 +140,7 @@ def test_predictions_do_not_depend_on_batch_size_or_workers(tmp_path, ray_sessio
     data = write_mc(tmp_path / "mc.jsonl", 24)
     runs = {}
     for bs, workers in [(1, "1"), (8, "2")]:
-        out = tmp_path / f"bs{bs}"
-        run_score(
-            ScoreConfig(
-                versions=[{"base": str(tiny_model)}],
-                task="mc_jsonl",
-                data=str(data),
-                out=str(out),
-                batch_size=bs,
-                workers=workers,
-                shard_size=5,
-            )
-        )
-        runs[bs] = table(out / "model" / "mc_jsonl")
+        runs[bs] = score_mc(tiny_model, data, tmp_path / f"bs{bs}", batch_size=bs, workers=workers, shard_size=5)
     one, eight = runs[1], runs[8]
     assert one.keys() == eight.keys() and len(one) == 20
     for k in one:
@@ -161,18 +155,7 @@ def test_backend_options_reach_the_engine_in_the_actors(tmp_path, ray_session, t
     data = write_mc(tmp_path / "mc.jsonl", 12)
     runs = {}
     for name, options in [("fp32", {}), ("bf16", {"dtype": "bfloat16"})]:
-        out = tmp_path / name
-        run_score(
-            ScoreConfig(
-                versions=[{"base": str(tiny_model)}],
-                task="mc_jsonl",
-                data=str(data),
-                out=str(out),
-                workers="1",
-                backend_options=options,
-            )
-        )
-        runs[name] = table(out / "model" / "mc_jsonl")
+        runs[name] = score_mc(tiny_model, data, tmp_path / name, workers="1", backend_options=options)
     fp32, bf16 = runs["fp32"], runs["bf16"]
     assert fp32.keys() == bf16.keys() and len(fp32) == 9  # rows 3, 7, 11 are bad
     gaps = np.concatenate([np.subtract(fp32[k]["choice_logliks"], bf16[k]["choice_logliks"]) for k in fp32])

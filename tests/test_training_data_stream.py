@@ -156,9 +156,10 @@ def test_stream_setting_is_validated_and_takes_yaml_on_off():
 
 def test_pad_rows_is_tokenize_pair_row_for_row(tiny_model):
     """The streamed rows are padded in one go from unpadded ids; `tokenize_pair` pads one row."""
-    from muscle_ray.training.data import load_tokenizer, pad_rows, pair_ids, tokenize_pair
+    from muscle_ray.models import ModelVersion, load_tokenizer
+    from muscle_ray.training.data import pad_rows, pair_ids, tokenize_pair
 
-    tok = load_tokenizer(str(tiny_model))
+    tok = load_tokenizer(ModelVersion(str(tiny_model)))
     pairs = [(p["prompt"], p["completion"]) for p in _pairs(9)]
     for loss_on in ("all", "completion"):
         got = [pair_ids(tok, p, c, 12, loss_on) for p, c in pairs]

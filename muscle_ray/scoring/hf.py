@@ -16,13 +16,12 @@ and `attn_implementation`.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any
 
 import torch
 
 from muscle_ray.chat import require_chat_template
 from muscle_ray.errors import MuscleError
-from muscle_ray.models import ModelVersion, default_device, default_dtype, load_model, load_tokenizer
+from muscle_ray.models import ModelVersion, load_model, load_tokenizer
 from muscle_ray.scoring.encode import (
     PackedQuestion,
     chat_instance,
@@ -67,44 +66,10 @@ class _StopStrings:
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_scoring_model(
-    version: ModelVersion,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    device_map: str | dict | None = None,
-    attn_implementation: str | None = None,
-):
-    """The version's model for scoring, as `backend_options` ask (`models.load_model` when they
-    ask nothing it cannot do): dtype by name or "auto" (the checkpoint's), a device map."""
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = DTYPES[dtype]
-    if device_map is None and attn_implementation is None and dtype != "auto":
-        return load_model(version, device=device, dtype=dtype)  # type: ignore[arg-type]
-    from transformers import AutoModelForCausalLM
-
-    target = torch.device(device) if device is not None else default_device()
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        version.base,
-        dtype=dtype or default_dtype(target),
-        device_map=device_map,
-        attn_implementation=attn_implementation,
-        use_safetensors=True,
-        trust_remote_code=version.trust_remote_code,
-    )
-    if version.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, version.adapter)
-    return (model if device_map is not None else model.to(target)).eval()
-
-
 class HFScorer:
     """Holds one model version; scores Instances in batches of `batch_size` questions/prompts.
     With `chat_template`, every instance is read through the model's chat template first.
-    `dtype`, `device_map` and `attn_implementation` are `backend_options` (see `load_scoring_model`)."""
+    `dtype`, `device_map` and `attn_implementation` are `backend_options` (see `models.load_model`)."""
 
     def __init__(
         self,
@@ -122,7 +87,7 @@ class HFScorer:
         self.chat_template = chat_template
         if chat_template:
             require_chat_template(self.tokenizer)
-        self.model = load_scoring_model(version, device, dtype, device_map, attn_implementation)
+        self.model = load_model(version, device, dtype, device_map=device_map, attn_implementation=attn_implementation)
         self._placed = device_map is not None  # accelerate placed it: never move it as a whole
         self.device = next(self.model.parameters()).device
         self.max_len = max_length(self.model.config, self.tokenizer)

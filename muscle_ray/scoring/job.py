@@ -64,9 +64,6 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}.parquet"
 
 
-READ_MEMORY = 256 * 1024 * 1024  # what a task reading one input shard asks Ray for (its worker's RSS)
-
-
 def _errors_name(k: int) -> str:
     return f"_shard-{k:05d}.errors.parquet"  # "_" hides it from results readers
 
@@ -275,6 +272,8 @@ def score_group(
     """
     import ray
 
+    from muscle_ray.scoring.placement import torch_threads
+
     if cfg.workers is None or cfg.cpus_per_worker is None:  # a config `resolve_placement` has not sized
         raise MuscleError("score_group: the pool is not sized (workers, cpus_per_worker); call resolve_placement")
     n_shards = inputs.n_shards
@@ -295,7 +294,7 @@ def score_group(
                 task_options=cfg.task_options,
                 backend=cfg.backend,
                 batch_size=cfg.batch_size,
-                threads=max(1, round(cfg.cpus_per_worker)),
+                threads=torch_threads(cfg.cpus_per_worker),
                 chat_template=cfg.chat_template,
                 need=need,
                 shard_size=cfg.shard_size,
@@ -364,26 +363,19 @@ def _pieces(inputs: Inputs, shards: list[int], rows: int, actors: int) -> list[d
 
 
 def _read_input(batch):
-    """Slices of input shard files -> their rows (a task on the driver's node: they are its local
-    files)."""
-    parts = zip(batch["file"], batch["start"], batch["stop"])
-    return pa.concat_tables([pq.read_table(f).slice(a, b - a) for f, a, b in parts])
+    """Slices of input shard files -> their rows (`runtime.read_slices`, in a task on the
+    driver's node: they are its local files)."""
+    from muscle_ray.runtime import read_slices
+
+    return read_slices(batch)
 
 
 def _read_inputs(pieces: list[dict]):
-    """A Dataset of the input rows, one block per piece (`_pieces`), read by tasks on this node.
+    """A Dataset of the input rows, one block per piece (`_pieces`), read on this node
+    (`runtime.read_here`)."""
+    from muscle_ray.runtime import read_here
 
-    Not `ray.data.read_parquet`: its sampling tasks may run on any node of a cluster, where
-    OUT need not exist, and its `local://` paths are deprecated. The read asks for memory (it
-    holds a shard) and the pool does not, so Ray Data never fuses the two: a fused operator
-    would inherit the read's node, and every scoring actor would be put on this one.
-    """
-    import ray
-
-    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-    return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
-        _read_input, batch_size=1, batch_format="numpy", num_cpus=0.25, memory=READ_MEMORY, label_selector=here
-    )
+    return read_here(pieces, _read_input)
 
 
 def _rows(ds):

@@ -78,8 +78,7 @@ class Placement:
 
     @property
     def threads(self) -> int:
-        """Torch threads per actor: the CPUs it holds, rounded (the scoring job's rule)."""
-        return max(1, round(self.cpus_per_worker))
+        return torch_threads(self.cpus_per_worker)
 
     def describe(self) -> str:
         lo, hi = self.workers
@@ -87,6 +86,11 @@ class Placement:
         gpus = f"{_count(self.gpus_per_worker, 'GPU')} + " if self.gpus_per_worker else ""
         each = f"{gpus}{self.cpus_per_worker:g} CPU, {_count(self.threads, 'thread')}"
         return f"pool: {actors} x {each} ({self.why})"
+
+
+def torch_threads(cpus_per_worker: float) -> int:
+    """Torch threads per scoring actor: the CPUs it holds, rounded, at least one."""
+    return max(1, round(cpus_per_worker))
 
 
 def _count(n: float, what: str) -> str:

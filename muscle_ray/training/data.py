@@ -58,7 +58,6 @@ from muscle_ray.training.config import DataConfig
 IGNORE = -100
 STREAM_THRESHOLD = 64 * 1024 * 1024  # bytes: `stream: auto` streams a training file larger than this
 CHUNK_ROWS = 8192  # rows per tokenized chunk file, and per Ray Data block read from it
-READ_MEMORY = 256 * 1024 * 1024  # what a task reading one chunk asks Ray for (its padded rows and more)
 
 
 class Datasets(NamedTuple):
@@ -152,13 +151,11 @@ def _pair(row: dict, where: str) -> dict:
 # --- tokens -----------------------------------------------------------------------------------
 
 
-def load_tokenizer(base: str):
-    from transformers import AutoTokenizer
+def _tokenizer(base: str):
+    """The base's tokenizer as scoring loads it (`models.load_tokenizer`: pad = EOS when unset)."""
+    from muscle_ray.models import ModelVersion, load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(base)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer(ModelVersion(base))
 
 
 def pair_ids(
@@ -205,7 +202,7 @@ def pad_rows(lengths: np.ndarray, values: np.ndarray, no_loss: np.ndarray, max_l
 
 def tokenize_pairs(pairs: list[dict], base: str, data: DataConfig) -> list[dict]:
     """Rows of fixed-length int64 arrays for a list of pairs."""
-    tok = load_tokenizer(base)
+    tok = _tokenizer(base)
     return [
         tokenize_pair(tok, r["prompt"], r["completion"], data.max_length, data.loss_on, data.chat_template)
         for r in pairs
@@ -225,7 +222,7 @@ def write_chunks(path: str, base: str, data: DataConfig, out_dir: str, chunk_row
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tok = load_tokenizer(base)
+    tok = _tokenizer(base)
     schema = pa.schema([("ids", pa.list_(pa.int32())), ("no_loss", pa.int32())])
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     ids: list[list[int]] = []
@@ -270,12 +267,11 @@ def _pieces(d: str, chunk_rows: int, start: int, stop: int) -> list[dict]:
 
 def _read_chunk(batch: dict, max_length: int, pad_id: int) -> dict:
     """Slices of chunk files -> their padded rows (a task on the driver's node)."""
-    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    parts = zip(batch["file"], batch["start"], batch["stop"])
-    t = pa.concat_tables([pq.read_table(f).slice(a, b - a) for f, a, b in parts])
+    from muscle_ray.runtime import read_slices
+
+    t = read_slices(batch)
     ids = t.column("ids")
     lengths = pc.list_value_length(ids).to_numpy()
     values = pc.list_flatten(ids).to_numpy()
@@ -283,21 +279,11 @@ def _read_chunk(batch: dict, max_length: int, pad_id: int) -> dict:
 
 
 def _chunk_dataset(pieces: list[dict], max_length: int, pad_id: int):
-    """A Dataset of the padded rows of `pieces`, one block each, in order, read by tasks on this
-    node. Not `ray.data.read_parquet`: its tasks may run on any node of a cluster, where the
-    chunks are not. The read asks for memory so Ray Data does not fuse it with a later actor
-    pool (the teacher cache), which would then be put on this node too."""
-    import ray
+    """A Dataset of the padded rows of `pieces`, one block each, in order (`runtime.read_here`:
+    read on this node, where the chunks are, and never fused with the teacher cache's pool)."""
+    from muscle_ray.runtime import read_here
 
-    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-    return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
-        partial(_read_chunk, max_length=max_length, pad_id=pad_id),
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=0.25,
-        memory=READ_MEMORY,
-        label_selector=here,
-    )
+    return read_here(pieces, partial(_read_chunk, max_length=max_length, pad_id=pad_id))
 
 
 def streams(data: DataConfig) -> bool:
