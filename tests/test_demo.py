@@ -203,14 +203,22 @@ def test_a_second_run_reuses_the_zoo(demo, tmp_path):
     assert any("reusing" in line for line in lines)
 
 
-@pytest.fixture(scope="module")
-def seeds_and_ablation(demo, tmp_path_factory):
-    """`--seeds 0,1 --ablation MC` on one task, reusing the first run's zoo (same config key)."""
+def reuse_first_run(first: Path, root: Path) -> None:
+    """The first run's zoo and MC adapters under `root`: the same config and inputs, so the
+    update reuses them (minutes of CI saved) and trains only what is new to this run."""
     import shutil
 
+    shutil.copytree(first / "zoo", root / "zoo")
+    shutil.copytree(first / "adapters" / MC, root / "adapters" / MC)
+
+
+@pytest.fixture(scope="module")
+def seeds_and_ablation(demo, tmp_path_factory):
+    """`--seeds 0,1 --ablation MC` on one task, reusing the first run's zoo (same config key)
+    and its seed-0 adapters (same inputs key)."""
     first, _, _ = demo
     out = tmp_path_factory.mktemp("demo-seeds")
-    shutil.copytree(first / "zoo", out / "zoo")
+    reuse_first_run(first, out)
     weights = out / "zoo" / "v1" / "model.safetensors"
     built = weights.stat().st_mtime_ns
     cfg = reduced(out).model_copy(
@@ -223,6 +231,8 @@ def seeds_and_ablation(demo, tmp_path_factory):
     )
     report, lines = run(cfg)
     assert weights.stat().st_mtime_ns == built  # the zoo was reused, not rebuilt
+    assert report["products"][f"adapters/{MC}/compat"] == "reused"  # same training inputs: not retrained
+    assert report["products"][f"seed1/adapters/{MC}/compat"] == "trained"
     return out, report, lines
 
 
@@ -269,13 +279,11 @@ def test_ablation_trains_and_scores_the_papers_rows(seeds_and_ablation):
 @pytest.fixture(scope="module")
 def base_seed_pairs(demo, tmp_path_factory):
     """`--base-seeds 1:2,2:1 --adapter-seeds 3` on one task: the first pair is the first run's
-    zoo (copied, so reused), the second a zoo of its own; the first seed of each pair also
-    trains the task adapters of adapter seed 3."""
-    import shutil
-
+    zoo and adapters (copied, so reused), the second a zoo of its own; the first seed of each
+    pair also trains the task adapters of adapter seed 3."""
     first, _, _ = demo
     out = tmp_path_factory.mktemp("demo-bases")
-    shutil.copytree(first / "zoo", out / "bases-1-2" / "zoo")
+    reuse_first_run(first, out / "bases-1-2")
     cfg = reduced(out).model_copy(update={"tasks": [MC], "base_seeds": [(1, 2), (2, 1)], "adapter_seeds": [3]})
     report, lines = run(cfg)
     return out, report, lines
@@ -294,6 +302,7 @@ def test_pairs_of_base_seeds_pool_the_fight(base_seed_pairs):
     assert pooled["c"] == sum(r["fight"]["mcnemar"]["c"] for r in rows) and 0 <= pooled["p"] <= 1
     zoo = ZooConfig.model_validate(json.loads((out / "bases-2-1" / "zoo" / "zoo.json").read_text())["config"])
     assert (zoo.v1.seed, zoo.v2.seed) == (2, 1)
+    assert report["products"][f"bases-1-2/adapters/{MC}/v2"] == "reused"  # the first run's
     for pair in ("bases-1-2", "bases-2-1"):
         assert report["products"][f"{pair}/adapters/{MC}/v2-seed3"] == "trained", pair
         assert not (out / pair / "report.json").is_file()  # one report, in the run folder

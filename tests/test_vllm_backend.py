@@ -133,3 +133,71 @@ def test_score_job_with_vllm_backend(model64, tmp_path):
     for k, r in tables["hf"].items():
         assert r["prediction"] == tables["vllm"][k]["prediction"]
         np.testing.assert_allclose(r["choice_logliks"], tables["vllm"][k]["choice_logliks"], atol=1e-3)
+
+
+def test_generation_through_ray_data_llm_matches_hf(model64, tmp_path):
+    """A generative task on `--backend vllm` runs through Ray Data LLM's processor (engines on
+    this machine's CPUs; two LoRA adapters in one engine, each a per-request `model`; the base
+    in an engine of its own): the HF backend's texts and scores, a bad row in errors.parquet of
+    each version, and a rerun that finds every shard done."""
+    import json
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from muscle_ray.results import read_results
+    from muscle_ray.scoring.config import ScoreConfig
+    from muscle_ray.scoring.job import run_score
+    from muscle_ray.zoo.llama import random_lora_dir
+
+    data = tmp_path / "gen.jsonl"
+    lines = [
+        json.dumps({"id": f"g{i}", "prompt": "The quick brown fox" + " jumps" * i, "reference": "x"}) for i in range(9)
+    ]
+    lines[4] = '{"id": "broken", "prompt": '  # not JSON: a bad row, not a failed run
+    data.write_text("\n".join(lines) + "\n")
+    base, lora = (str(p) for p in model64)
+    other = str(random_lora_dir(base, tmp_path / "lora2", seed=1, r=8))
+    versions = [
+        {"name": "base", "base": base},
+        {"name": "compat", "base": base, "adapter": lora},
+        {"name": "control", "base": base, "adapter": other},
+    ]
+    tables, summaries, logs = {}, {}, []
+    try:
+        for backend in ("hf", "vllm"):
+            cfg = ScoreConfig(
+                versions=versions,
+                task="gen_jsonl",
+                task_options={"max_new_tokens": 8, "stop": ["e"]},
+                data=str(data),
+                out=str(tmp_path / backend),
+                backend=backend,
+                shard_size=4,
+                workers=1,
+                cpus_per_worker=1,
+            )
+            summaries[backend] = run_score(cfg, log=logs.append)
+            tables[backend] = {
+                s.version: {r["id"]: r for r in read_results(s.out).to_pylist()} for s in summaries[backend]
+            }
+        again = run_score(cfg)  # the vllm run's config: every shard is found finished
+    finally:
+        ray.shutdown()
+    assert "[gen_jsonl] compat, control: one pass, one base" in "\n".join(logs)
+    for s in summaries["vllm"]:
+        assert s.rows == 8 and s.errors == 1 and s.actors == ["ray.data.llm"], s
+        (reason,) = pq.read_table(f"{s.out}/errors.parquet").column("reason").to_pylist()
+        assert "JSON" in reason, reason
+    assert [s.resumed_shards for s in again] == [3, 3, 3] and all(s.scored == 0 for s in again)
+    for version, hf in tables["hf"].items():
+        vl = tables["vllm"][version]
+        assert hf.keys() == vl.keys() and len(hf) == 8
+        for k, r in hf.items():
+            assert (r["generation"], r["score"], r["n_tokens"]) == (
+                vl[k]["generation"],
+                vl[k]["score"],
+                vl[k]["n_tokens"],
+            ), (version, k)
+    texts = {v: [t[k]["generation"] for k in sorted(t)] for v, t in tables["vllm"].items()}
+    assert len({tuple(t) for t in texts.values()}) == 3, texts  # each version's adapter reached the engine

@@ -24,7 +24,9 @@ Versions on one base (`backend.group_versions`: the demo's compat, control and s
 LoRA adapters of one base) score in ONE pass: each actor loads the base once with all their
 adapters and scores every batch with each version, so a pool starts once per base, not once per
 version. A row goes through the pass if its shard is missing for any of them; each version's
-shards, errors and `_run.json` stay its own.
+shards, errors and `_run.json` stay its own. On the vllm backend a generative task's pass runs
+through Ray Data LLM's engines instead of our pool (`vllm_batch`): one part per (row, version)
+comes back, and the collector puts a shard's parts together before writing it.
 
 Determinism: each MC question is one packed sequence whose log-likelihoods do not depend on
 the other questions mathematically, but float32 GEMMs can differ in the last bits with the batch
@@ -51,7 +53,7 @@ from muscle_ray.out_lock import out_lock
 from muscle_ray.results import ERRORS_FILE, write_atomic
 from muscle_ray.scoring.config import ScoreConfig, VersionSpec
 from muscle_ray.scoring.inputs import Inputs, duplicate_ids, prepare_inputs
-from muscle_ray.scoring.rows import ERROR_SCHEMA, to_table
+from muscle_ray.scoring.rows import ERROR_SCHEMA, raw_text, to_table
 from muscle_ray.tasks.base import Instance, Record, get_task
 
 __all__ = ["ScoreActor", "VersionSummary", "duplicate_ids", "run_score", "score_group", "score_version"]
@@ -134,7 +136,7 @@ class ScoreActor:
             "row": batch["row"],
             "results": [json.dumps(r) for r in results],
             "errors": [json.dumps(e) for e in errors],
-            "raw": [_raw(rec) if any(e) else "" for rec, e in zip(records, errors)],
+            "raw": [raw_text(rec) if any(e) else "" for rec, e in zip(records, errors)],
             "actor": [self.actor_id] * n,
         }
 
@@ -160,11 +162,6 @@ class ScoreActor:
             if len(items) == 1:
                 return [(None, f"scoring failed: {type(e).__name__}: {' '.join(str(e).split())[:500]}")]
         return [self._score(scorer, name, [item])[0] for item in items]
-
-
-def _raw(record: Record) -> str:
-    """The record's text as valid UTF-8 (a file may hold undecodable bytes: Arrow refuses them)."""
-    return record.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @dataclass
@@ -270,10 +267,6 @@ def score_group(
     those; each version's missing shards are written as their rows come back, finished ones are
     never rewritten. A summary's `seconds` is the whole pass's (its versions share it).
     """
-    import ray
-
-    from muscle_ray.scoring.placement import torch_threads
-
     if cfg.workers is None or cfg.cpus_per_worker is None:  # a config `resolve_placement` has not sized
         raise MuscleError("score_group: the pool is not sized (workers, cpus_per_worker); call resolve_placement")
     n_shards = inputs.n_shards
@@ -285,42 +278,28 @@ def score_group(
     if todo_shards:
         expected = {k: inputs.rows_in(k) for k in todo_shards}
         lo, hi = cfg.workers
-        pool = ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
-        ds = _read_inputs(_pieces(inputs, todo_shards, cfg.batch_size * 4, hi)).map_batches(
-            ScoreActor,
-            fn_constructor_kwargs=dict(
-                versions=[t.spec.model_dump() for t in active],
-                task=cfg.task,
-                task_options=cfg.task_options,
-                backend=cfg.backend,
-                batch_size=cfg.batch_size,
-                threads=torch_threads(cfg.cpus_per_worker),
-                chat_template=cfg.chat_template,
-                need=need,
-                shard_size=cfg.shard_size,
-                backend_options=cfg.backend_options,
-            ),
-            batch_size=cfg.batch_size * 4,
-            compute=pool,
-            num_cpus=cfg.cpus_per_worker,
-            num_gpus=cfg.gpus_per_worker or None,
-        )
+        rows = _read_inputs(_pieces(inputs, todo_shards, cfg.batch_size * 4, hi))
+        per_version = cfg.backend == "vllm" and get_task(cfg.task, **cfg.task_options).kind == "gen"
+        if per_version:  # one part per (row, version), from Ray Data LLM's engines
+            from muscle_ray.scoring.vllm_batch import generation_pass
+
+            ds = generation_pass(cfg, [t.spec for t in active], rows, need)
+            expected = {k: n * need[k].count("1") for k, n in expected.items()}
+        else:  # one part per row, every version it needs scored by one actor
+            ds = _pool_pass(cfg, active, rows, need)
         pending: dict[int, list[dict]] = {}
         for out in _rows(ds):
             k = int(out["ord"]) // cfg.shard_size
             if progress:
-                for _ in range(need[k].count("1")):
-                    progress(1)  # one more (row, version) back from the pool
+                for _ in range(1 if per_version else need[k].count("1")):
+                    progress(1)  # one more (row, version) back
             pending.setdefault(k, []).append(out)
             if len(pending[k]) < expected[k]:
                 continue
-            parts = sorted(pending.pop(k), key=lambda o: int(o["ord"]))
-            rows = [
-                (int(o["row"]), o["raw"], json.loads(o["results"]), json.loads(o["errors"]), o["actor"]) for o in parts
-            ]
+            rows_k = _merge(pending.pop(k))
             for j, t in enumerate(active):
                 if need[k][j] == "1":
-                    _write_shard(cfg, t, k, n_shards, [(row, raw, r[j], e[j], a) for row, raw, r, e, a in rows], log)
+                    _write_shard(cfg, t, k, n_shards, [(row, raw, r[j], e[j], a) for row, raw, r, e, a in rows_k], log)
     summaries = []
     seconds = time.perf_counter() - start
     for t in targets:
@@ -344,6 +323,52 @@ def score_group(
             )
         )
     return summaries
+
+
+def _pool_pass(cfg: ScoreConfig, active: list[_Target], rows, need: dict[int, str]):
+    """The input rows through a pool of `ScoreActor`s: one output row per input row."""
+    import ray
+
+    from muscle_ray.scoring.placement import torch_threads
+
+    lo, hi = cfg.workers  # type: ignore[misc]  # sized by resolve_placement
+    pool = ray.data.ActorPoolStrategy(size=lo) if lo == hi else ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+    return rows.map_batches(
+        ScoreActor,
+        fn_constructor_kwargs=dict(
+            versions=[t.spec.model_dump() for t in active],
+            task=cfg.task,
+            task_options=cfg.task_options,
+            backend=cfg.backend,
+            batch_size=cfg.batch_size,
+            threads=torch_threads(cfg.cpus_per_worker or 1),
+            chat_template=cfg.chat_template,
+            need=need,
+            shard_size=cfg.shard_size,
+            backend_options=cfg.backend_options,
+        ),
+        batch_size=cfg.batch_size * 4,
+        compute=pool,
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.gpus_per_worker or None,
+    )
+
+
+def _merge(parts: list[dict]) -> list[tuple]:
+    """A shard's parts as (row, raw, results, errors, actor) per input row, in input order: a
+    row that came back in several parts (one per version) gets each version's entry from its part."""
+    rows: dict[int, tuple] = {}
+    for o in parts:
+        i, results, errors = int(o["ord"]), json.loads(o["results"]), json.loads(o["errors"])
+        if i not in rows:
+            rows[i] = (int(o["row"]), o["raw"], results, errors, o["actor"])
+            continue
+        row, raw, have_r, have_e, actor = rows[i]
+        for j, (r, e) in enumerate(zip(results, errors)):
+            have_r[j] = have_r[j] if r is None else r
+            have_e[j] = have_e[j] or e
+        rows[i] = (row, raw or o["raw"], have_r, have_e, actor)
+    return [rows[i] for i in sorted(rows)]
 
 
 def _pieces(inputs: Inputs, shards: list[int], rows: int, actors: int) -> list[dict]:
@@ -466,7 +491,7 @@ def _run_score(cfg: ScoreConfig, log, progress) -> list[VersionSummary]:
     data = cfg.data_path(task.default_path)
     if not Path(data).exists():
         raise MuscleError(f"{data}: no such file (input of task {task.name})")
-    groups = group_versions(cfg.backend, versions)  # checks every adapter directory first
+    groups = group_versions(cfg.backend, versions, task.kind == "gen")  # checks every adapter directory first
     init_ray()
     cfg = resolve_placement(cfg, log)
     inputs = prepare_inputs(cfg.task, cfg.task_options, data, cfg.out, cfg.limit, cfg.shard_size, log=log)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from muscle_ray.schema import SCHEMA
-from muscle_ray.tasks.base import Instance, Task
+from muscle_ray.tasks.base import Instance, Record, Task
 
 EXTRA = [
     pa.field("pred_norm", pa.int64()),
@@ -67,6 +67,12 @@ def gen_row(task: Task, inst: Instance, text: str, version: str, n_tokens: int, 
         "version": version,
         "n_tokens": n_tokens,
     }
+
+
+def raw_text(record: Record) -> str:
+    """The record's text as valid UTF-8 (errors.parquet's `raw`; a file may hold undecodable
+    bytes, which Arrow refuses)."""
+    return record.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def to_table(rows: list[dict]) -> pa.Table:
