@@ -489,7 +489,7 @@ def _key(parts: dict) -> str:
 def training_key(train) -> str:
     """An adapter's inputs key: its config without the paths it is read from and written to,
     and the content of its base, data files and teachers."""
-    config = train.model_dump(exclude={"out": True, "run": {"name", "storage_path"}})
+    config = train.model_dump(exclude={"base": True, "out": True, "run": {"name", "storage_path"}})
     for k in ("path", "val_path", "data_root", "stream"):  # stream: how it is read, not what
         config["data"].pop(k)
     parts: dict[str, Any] = {

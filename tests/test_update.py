@@ -194,8 +194,9 @@ def test_training_data_forms(tmp_path):
 
 
 def test_inputs_keys_follow_content_not_paths(tmp_path, tiny_model, tiny_model_b):
-    """The key an adapter is reused by: the same config and content in another run folder
-    keeps it; a changed recipe field, training file or base changes it."""
+    """The key an adapter is reused by: the same config and content in another run folder, or
+    the same base or data in another place, keeps it; a changed recipe field, training file or
+    base changes it."""
     from muscle_ray.update import plan, training_key
 
     def key(**over):
@@ -208,6 +209,9 @@ def test_inputs_keys_follow_content_not_paths(tmp_path, tiny_model, tiny_model_b
     assert key(out=str(tmp_path / "elsewhere")) == (v1, v2)
     assert key(adapter={"optim": {"max_steps": 5}}) != (v1, v2)
     assert key(new_seed=0)[0] == v1 and key(new_seed=0)[1] != v2
+    base_copy = shutil.copytree(tiny_model, tmp_path / "base-copy")  # the same base in another folder
+    (p,) = plan(validated(UpdateConfig, tiny_update(tmp_path, base_copy, tiny_model_b)))
+    assert training_key(p.adapters["v1"].train) == v1
     moved = tmp_path / "moved.jsonl"
     shutil.copy(tmp_path / "data" / "train.jsonl", moved)
     raw = tiny_update(tmp_path, tiny_model, tiny_model_b)
