@@ -42,6 +42,22 @@ def max_lora_rank(adapter_dirs: Iterable[str]) -> int:
     return max(8, 1 << (rank - 1).bit_length())
 
 
+def lora_kwargs(adapter_dirs: list[str]) -> dict:
+    """vLLM engine arguments that let requests carry these adapters ({} for none)."""
+    if not adapter_dirs:
+        return {}
+    return {"enable_lora": True, "max_lora_rank": max_lora_rank(adapter_dirs), "max_loras": len(adapter_dirs)}
+
+
+def context_length(base: str, tokenizer, max_model_len: int | None = None, trust_remote_code: bool = False) -> int:
+    """The engine's `max_model_len`: the one asked for, else the model's (lm-eval's lookup)."""
+    if max_model_len:
+        return max_model_len
+    from transformers import AutoConfig
+
+    return max_length(AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code), tokenizer)
+
+
 class VLLMModel:
     """A base model in one vLLM engine and its named adapters; one caller at a time
     (`vllm.LLM` is not meant for concurrent callers)."""
@@ -56,14 +72,9 @@ class VLLMModel:
         **llm_kwargs,
     ):
         vllm, self._TokensPrompt, LoRARequest = require_vllm()
-        from transformers import AutoConfig
-
         self.tokenizer = load_tokenizer(ModelVersion(base, trust_remote_code=trust_remote_code))
-        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-        self.max_len = max_model_len or max_length(config, self.tokenizer)
-        lora = {}
-        if adapters:
-            lora = {"enable_lora": True, "max_lora_rank": max_lora_rank(adapters.values()), "max_loras": len(adapters)}
+        self.max_len = context_length(base, self.tokenizer, max_model_len, trust_remote_code)
+        lora = lora_kwargs(list(adapters.values()))
         self.lora = {n: LoRARequest(n, i + 1, str(Path(a).resolve())) for i, (n, a) in enumerate(adapters.items())}
         dtype = dtype or str(default_dtype(default_device())).removeprefix("torch.")
         self.llm = vllm.LLM(

@@ -137,7 +137,7 @@ def test_versions_group_by_base_and_adapter_type(tmp_path, tiny_model, tiny_mode
     assert group_versions("hf", versions) == [[0, 2, 3], [1, 5], [4]]
     assert group_versions("vllm", versions) == [[i] for i in range(6)]  # multiple choice: one per engine
     # Ray Data LLM: a base's adapters share an engine; a version without adapter has its own
-    assert group_versions("vllm", versions, generative=True) == [[0, 3], [1], [2], [4], [5]]
+    assert group_versions("vllm", versions, processor=True) == [[0, 3], [1], [2], [4], [5]]
 
 
 def test_broken_adapter_files_are_refused_on_the_driver_naming_the_version(tmp_path, tiny_model, tiny_adapter):

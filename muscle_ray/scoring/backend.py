@@ -73,19 +73,19 @@ def adapter_type(version: ModelVersion) -> str | None:
     return str(peft_type)
 
 
-def group_versions(backend: Backend, versions: list[ModelVersion], generative: bool = False) -> list[list[int]]:
+def group_versions(backend: Backend, versions: list[ModelVersion], processor: bool = False) -> list[list[int]]:
     """Indices of `versions` in groups that one pass can score, in first-seen order.
 
     HF: one group per base (resolved path, trust_remote_code) and adapter type (PEFT cannot
-    mix types in one model); a version without adapter joins its base's first group. vLLM, a
-    generative task: one group per base and adapter type too (Ray Data LLM's engines take each
-    request's adapter, `vllm_batch`), but a version without adapter gets an engine of its own:
-    vLLM 0.32 on CPU applies a LoRA to the adapter-free requests that share its batch
-    (tests/test_vllm_backend.py found it; two adapters in one batch are right). Multiple choice on
-    vLLM: one version per group (`VersionGroup` holds one).
+    mix types in one model); a version without adapter joins its base's first group.
+    vLLM through Ray Data LLM (`processor`, see `vllm_batch.through_processor`): one group per
+    base and adapter type too (its engines take each request's adapter), but a version without
+    adapter gets an engine of its own: vLLM 0.32 on CPU applies a LoRA to the adapter-free
+    requests that share its batch (tests/test_vllm_backend.py found it; two adapters in one batch
+    are right). Multiple choice on vLLM: one version per group (`VersionGroup` holds one).
     """
     kinds = [adapter_type(v) for v in versions]  # checks every adapter, whatever the backend
-    if backend != "hf" and not generative:
+    if backend != "hf" and not processor:
         return [[i] for i in range(len(versions))]
     groups: dict[tuple, list[int]] = {}
     bare: dict[tuple, list[int]] = {}

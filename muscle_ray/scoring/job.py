@@ -54,6 +54,7 @@ from muscle_ray.results import ERRORS_FILE, write_atomic
 from muscle_ray.scoring.config import ScoreConfig, VersionSpec
 from muscle_ray.scoring.inputs import Inputs, duplicate_ids, prepare_inputs
 from muscle_ray.scoring.rows import ERROR_SCHEMA, raw_text, to_table
+from muscle_ray.scoring.vllm_batch import generation_pass, through_processor
 from muscle_ray.tasks.base import Instance, Record, get_task
 
 __all__ = ["ScoreActor", "VersionSummary", "duplicate_ids", "run_score", "score_group", "score_version"]
@@ -279,10 +280,8 @@ def score_group(
         expected = {k: inputs.rows_in(k) for k in todo_shards}
         lo, hi = cfg.workers
         rows = _read_inputs(_pieces(inputs, todo_shards, cfg.batch_size * 4, hi))
-        per_version = cfg.backend == "vllm" and get_task(cfg.task, **cfg.task_options).kind == "gen"
+        per_version = through_processor(cfg.backend, get_task(cfg.task, **cfg.task_options).kind)
         if per_version:  # one part per (row, version), from Ray Data LLM's engines
-            from muscle_ray.scoring.vllm_batch import generation_pass
-
             ds = generation_pass(cfg, [t.spec for t in active], rows, need)
             expected = {k: n * need[k].count("1") for k, n in expected.items()}
         else:  # one part per row, every version it needs scored by one actor
@@ -491,7 +490,8 @@ def _run_score(cfg: ScoreConfig, log, progress) -> list[VersionSummary]:
     data = cfg.data_path(task.default_path)
     if not Path(data).exists():
         raise MuscleError(f"{data}: no such file (input of task {task.name})")
-    groups = group_versions(cfg.backend, versions, task.kind == "gen")  # checks every adapter directory first
+    # checks every adapter directory first
+    groups = group_versions(cfg.backend, versions, through_processor(cfg.backend, task.kind))
     init_ray()
     cfg = resolve_placement(cfg, log)
     inputs = prepare_inputs(cfg.task, cfg.task_options, data, cfg.out, cfg.limit, cfg.shard_size, log=log)

@@ -34,6 +34,11 @@ CPUS = 0.25  # the maps around the engines (parse and encode, score) never ask a
 PARTS = ("ord", "row", "results", "errors", "raw", "actor")
 
 
+def through_processor(backend: str, kind: str) -> bool:
+    """Whether a task of this kind scores through Ray Data LLM on this backend (generation on vLLM)."""
+    return backend == "vllm" and kind == "gen"
+
+
 @lru_cache(maxsize=4)
 def _tokenizer(base: str, trust_remote_code: bool):
     from muscle_ray.models import ModelVersion, load_tokenizer
@@ -74,12 +79,13 @@ class _Pass:
         from muscle_ray.scoring.encode import chat_instance, prompt_tokens
 
         tok = _tokenizer(*self.tokenizer)
-        keys = ("ord", "row", "record", "j", "prompt_len", "tokenized_prompt", "sampling_params", "model")
+        keys = ("ord", "row", "instance", "j", "prompt_len", "tokenized_prompt", "sampling_params", "model")
         out: dict[str, list] = {k: [] for k in keys}
         for i, ord_ in enumerate(batch["ord"]):
             inst, _ = self._parse(batch, i)
             if inst is None:
                 continue
+            parsed = pickle.dumps(inst)  # scored as parsed here, once per row (not per version)
             read = chat_instance(tok, inst) if self.chat_template else inst
             prompt = prompt_tokens(tok, read.contexts[0], self.max_len - inst.max_new_tokens)
             params = {
@@ -90,7 +96,7 @@ class _Pass:
             }
             for j in self._versions(ord_):
                 spec = self.specs[j]
-                row = (int(ord_), int(batch["row"][i]), batch["record"][i], j, len(prompt), prompt, params)
+                row = (int(ord_), int(batch["row"][i]), parsed, j, len(prompt), prompt, params)
                 for k, v in zip(keys, row):
                     out[k].append(v)
                 out["model"].append(spec.adapter or spec.base)  # an adapter's directory: a LoRA request
@@ -123,7 +129,7 @@ class _Pass:
         task, tok = _task(self.task, self.options), _tokenizer(*self.tokenizer)
         out: dict[str, list] = {k: [] for k in PARTS}
         for i in range(len(batch["ord"])):
-            inst = task.parse(pickle.loads(batch["record"][i]))
+            inst = pickle.loads(batch["instance"][i])
             ids = [int(t) for t in batch["generated_tokens"][i]]
             j, row = int(batch["j"][i]), int(batch["row"][i])
             text = completion_text(tok, ids, list(inst.stop))
@@ -137,7 +143,7 @@ def engine_config(cfg: ScoreConfig, specs: list[VersionSpec], max_len: int):
     `backend_options`; no tokenize/chat/detokenize stages (we send token ids and cut the text)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from muscle_ray.vllm_support import max_lora_rank
+    from muscle_ray.vllm_support import lora_kwargs
 
     options = {k: v for k, v in cfg.backend_options.items() if k not in ("dtype", "max_model_len")}
     adapters = [s.adapter for s in specs if s.adapter]
@@ -149,8 +155,7 @@ def engine_config(cfg: ScoreConfig, specs: list[VersionSpec], max_len: int):
         "trust_remote_code": specs[0].model_version().trust_remote_code,
         **options,
     }
-    if adapters:
-        engine.update(enable_lora=True, max_lora_rank=max_lora_rank(adapters), max_loras=len(adapters))
+    engine.update(lora_kwargs(adapters))
     lo, hi = cfg.workers or (1, 1)
     return vLLMEngineProcessorConfig(
         model_source=specs[0].base,
@@ -170,21 +175,13 @@ def generation_pass(cfg: ScoreConfig, specs: list[VersionSpec], rows, need: dict
     """The pass's parts (a Dataset) for the input rows `rows` (a Dataset of the job's input
     rows); `need` as `ScoreActor` takes it."""
     from ray.data.llm import build_processor
-    from transformers import AutoConfig
 
-    from muscle_ray.scoring.encode import max_length
+    from muscle_ray.vllm_support import context_length
 
     base = specs[0].model_version()
-    max_len = cfg.backend_options.get("max_model_len") or max_length(
-        AutoConfig.from_pretrained(base.base, trust_remote_code=base.trust_remote_code),
-        _tokenizer(base.base, base.trust_remote_code),
-    )
+    tok = _tokenizer(base.base, base.trust_remote_code)
+    max_len = context_length(base.base, tok, cfg.backend_options.get("max_model_len"), base.trust_remote_code)
     p = _Pass(cfg, specs, need, max_len)
     processor = build_processor(engine_config(cfg, specs, max_len))
     generated = processor(rows.map_batches(p.requests, num_cpus=CPUS)).map_batches(p.scored, num_cpus=CPUS)
     return generated.union(rows.map_batches(p.rejected, num_cpus=CPUS))
-
-
-def parts_per_row(need: str) -> int:
-    """How many parts a row of a shard with this `need` comes back as (one per missing version)."""
-    return need.count("1")
