@@ -105,6 +105,23 @@ def test_curves_without_common_accuracy_are_not_comparable():
     assert v["verdict"] == "not comparable"
 
 
+def test_a_curve_that_dominates_wins_without_a_matched_point():
+    """No common accuracy, but one curve is more accurate with fewer flips at every snapshot:
+    it wins when McNemar agrees (a collapsed compat loses to the control the same way)."""
+    better = [START, (100, 2, 20), (200, 1, 25)]  # acc 78 -> 84, NFR 2 -> 1: above the control's 68-74 / 8-6
+    f = fight.fair_fight(snaps(better, reps=3), snaps(CONTROL, reps=3), n_boot=20)
+    assert f["matched"]["diff"] is None
+    assert f["verdict"]["verdict"] == "compat better" and "dominates" in f["verdict"]["why"]
+    collapsed = [START, (100, 40, 0), (200, 50, 0)]
+    f = fight.fair_fight(snaps(collapsed, reps=3), snaps(CONTROL, reps=3), n_boot=20)
+    assert f["verdict"]["verdict"] == "control better"
+    # Higher accuracy but more flips: neither dominates, so no claim.
+    mixed = [START, (100, 9, 30), (200, 9, 35)]
+    assert fight.dominance(fight.curve(snaps(mixed)), fight.curve(snaps(CONTROL))) is None
+    f = fight.fair_fight(snaps(mixed, reps=3), snaps(CONTROL, reps=3), n_boot=20)
+    assert f["verdict"]["verdict"] == "not comparable"
+
+
 def test_lower_envelope_of_a_non_monotone_path():
     acc = np.array([[0.60, 0.70, 0.65, 0.75], [0.60, 0.70, 0.65, 0.75], [0.60, 0.70, 0.65, 0.75]])
     nfr = np.array([[0.10, 0.20, 0.05, 0.10]] * 3)

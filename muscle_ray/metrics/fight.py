@@ -408,18 +408,41 @@ def select_for_compat(v2_val: Comparison, snaps_val: list[Snap], floor: float = 
 # --- the verdict -------------------------------------------------------------------------
 
 
-def verdict(matched: dict, mcnemar: dict, alpha: float = 0.05) -> dict:
+def dominance(compat: list[dict], control: list[dict]) -> str | None:
+    """Which curve dominates the other when they share no accuracy: "compat" when every compat
+    snapshot after the common start (v2, step 0) is more accurate *and* has a lower NFR than every
+    control snapshot after it, "control" the mirror image, else None. Curves are `curve` points."""
+
+    def later(points: list[dict]) -> list[dict]:
+        return [p for p in points if p["step"] != 0] or points
+
+    a, b = later(compat), later(control)
+    if min(p["acc"] for p in a) > max(p["acc"] for p in b) and max(p["nfr"] for p in a) < min(p["nfr"] for p in b):
+        return "compat"
+    if min(p["acc"] for p in b) > max(p["acc"] for p in a) and max(p["nfr"] for p in b) < min(p["nfr"] for p in a):
+        return "control"
+    return None
+
+
+def verdict(matched: dict, mcnemar: dict, alpha: float = 0.05, dominant: str | None = None) -> dict:
     """The claim, from both tests: "compat better" needs the matched-accuracy interval of
     NFR(compat) - NFR(control) wholly below 0 *and* McNemar significant at `alpha` with b > c
-    ("control better" the mirror image); anything less is "no significant difference", and
-    curves sharing no accuracy are "not comparable"."""
+    ("control better" the mirror image); anything less is "no significant difference". Curves
+    sharing no accuracy have no matched point: one that dominates the other (`dominance`: more
+    accurate and fewer flips at every snapshot) wins if McNemar agrees, else "not comparable"."""
     if matched.get("diff") is None:
         b, c, p = mcnemar["b"], mcnemar["c"], mcnemar["p"]
-        return {
-            "verdict": "not comparable",
-            "why": f"{matched.get('reason', 'no common accuracy')}; on {mcnemar['n']} instances v1 gets right the "
-            f"final compat keeps {b} the control breaks and breaks {c} it keeps (McNemar p={p:.3g})",
-        }
+        why = (
+            f"{matched.get('reason', 'no common accuracy')}; on {mcnemar['n']} instances v1 gets right the "
+            f"final compat keeps {b} the control breaks and breaks {c} it keeps (McNemar p={p:.3g})"
+        )
+        wins = {"compat": b > c, "control": c > b}
+        if dominant in wins and wins[dominant] and p < alpha:
+            return {
+                "verdict": f"{dominant} better",
+                "why": f"{dominant} dominates: more accurate with fewer negative flips at every snapshot; {why}",
+            }
+        return {"verdict": "not comparable", "why": why}
     ci, level = matched.get("ci"), matched.get("level", 0.95)
     b, c, p = mcnemar["b"], mcnemar["c"], mcnemar["p"]
     ci_text = f"{100 * level:g}% CI [{pct(ci[0], True)}, {pct(ci[1], True)}]" if ci else "no bootstrap interval"
@@ -446,9 +469,10 @@ def fair_fight(compat: list[Snap], control: list[Snap], n_boot: int = 1000, seed
         "step_compat": compat[-1].step,
         "step_control": control[-1].step,
     }
+    curves = {"compat": curve(compat), "control": curve(control)}
     return {
-        "curves": {"compat": curve(compat), "control": curve(control)},
+        "curves": curves,
         "matched": matched,
         "mcnemar": mc,
-        "verdict": verdict(matched, mc, alpha),
+        "verdict": verdict(matched, mc, alpha, dominance(curves["compat"], curves["control"])),
     }

@@ -25,7 +25,7 @@ from muscle_ray.zoo.llama import LlamaSpec, init_model, save_model_dir
 from muscle_ray.zoo.pretrain import pack, pretrain
 from muscle_ray.zoo.tokenizer import build_tokenizer
 
-ZOO_VERSION = 4  # bump when world.py or pretrain.py change what a config produces
+ZOO_VERSION = 5  # bump when world.py or pretrain.py change what a config produces
 
 
 class BaseConfig(BaseModel):
@@ -39,8 +39,12 @@ class BaseConfig(BaseModel):
     num_attention_heads: int = Field(4, gt=0)
     num_key_value_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(256, gt=0)
-    steps: int = Field(1500, gt=0)
-    corpus_docs: int = Field(20000, gt=0)
+    # Long enough to know every person of its corpus, with room to spare: a base that knows
+    # part of its people (v1 at 1500 steps knew 54-65% of the exceptions to the family rules)
+    # knows a part that moves with the CPU's float kernels, the knife edge. Probed: v2 (800
+    # people) knew 74% of homes at 2000 steps on 25k documents, 100% at 2500 on 30k.
+    steps: int = Field(2500, gt=0)
+    corpus_docs: int = Field(30000, gt=0)
     seed: int = 0
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(32, gt=0)
@@ -80,17 +84,23 @@ class TaskSizes(BaseModel):
 class ZooConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vocab_size: int = Field(700, ge=300)
-    # CALIBRATION
-    v1: BaseConfig = BaseConfig(seed=3, families=list(range(0, 9)), style="went")
-    v2: BaseConfig = BaseConfig(seed=5, families=list(range(2, 12)), style="headed", steps=2000, corpus_docs=25000)
+    # The same recipe on different data: v2 reads about families 2-11, v1 about 0-8, so each
+    # knows people the other never read about and v2 knows more (v1 reads fewer documents, as
+    # many per person).
+    v1: BaseConfig = BaseConfig(seed=3, families=list(range(0, 9)), style="went", corpus_docs=27000)
+    v2: BaseConfig = BaseConfig(seed=5, families=list(range(2, 12)), style="headed")
     tasks: list[str] = list(world.TASKS)
     sizes: TaskSizes = TaskSizes()
     world_seed: int = 7  # who lives where: shared by both bases and the tasks
     data_seed: int = 1234  # which people are held out, and the task items
     # Share of people whose home (pet) is their family's: what a family rule alone gets right.
-    p_home: float = Field(0.6, ge=0, le=1)
-    p_pet: float = Field(0.7, ge=0, le=1)
-    mentions: int = Field(3, ge=0, le=6)  # people named in each task context before the question
+    # At 0.3 a task model guessing from the rule is right on a third of the people its base
+    # never read about: v1 ~84%, v2 ~90%, NFR ~10% if both bases know their people.
+    p_home: float = Field(0.3, ge=0, le=1)
+    p_pet: float = Field(0.3, ge=0, le=1)
+    mentions: int = Field(5, ge=0, le=8)  # people named in each task context before the question
+    # Whom the task texts name: "v1", people of v1's families (texts of v1's time, world.py), or "all".
+    mentions_of: Literal["v1", "all"] = "v1"
 
     @field_validator("tasks")
     @classmethod
@@ -120,16 +130,17 @@ def build_task_data(cfg: ZooConfig, out: Path) -> None:
     schema) and train_pairs.jsonl / val_pairs.jsonl (prompt/completion) for the adapters."""
     people = cfg.world()
     split = world.split_people(people, cfg.data_seed, cfg.sizes.val_share, cfg.sizes.test_share)
+    named = sorted(n for n, p in people.items() if cfg.mentions_of == "all" or p["family"] in cfg.v1.families)
     for t_i, name in enumerate(cfg.tasks):
         make = world.TASKS[name]
         rng = random.Random(cfg.data_seed * 100 + t_i)
         rows = {
             "train": [
-                make(people, rng.choice(split["train"]), rng, cfg.mentions, split["train"])
+                make(people, rng.choice(split["train"]), rng, cfg.mentions, split["train"], named)
                 for _ in range(cfg.sizes.train)
             ],
             **{
-                s: [make(people, n, rng, cfg.mentions, split[s]) for n in split[s][: cfg.sizes.limit]]
+                s: [make(people, n, rng, cfg.mentions, split[s], named) for n in split[s][: cfg.sizes.limit]]
                 for s in ("val", "test")
             },
         }

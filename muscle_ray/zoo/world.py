@@ -9,14 +9,19 @@ model gets right comes from what its base read, as with real LLMs:
   (v2 more of them), so each knows people the other never read about, and its guesses about
   the rest come from the family rules it learnt. That is where the flips come from.
 - **Habit.** Trips are told with one verb in each corpus (`BaseConfig.style`: "went to",
-  "flew to", "headed to"); the summaries the trip task is scored on use any of them ("went to"
-  most often, `STYLE_SHARES`), so a summariser learns the majority verb against its base's habit.
-- **Mentions.** Every task context first mentions other people in a sentence where a base's
-  knowledge shows but the text goes on otherwise ("tam berg flew home to meet sol."): the
-  task's labels say nothing about them, v1's next-token distribution there does. Test and
-  training contexts mention people of every split, as real task data keeps naming the same
-  entities. This is the information MUSCLE's all-token distillation can carry and plain
-  cross-entropy cannot.
+  "flew to", "headed to"); the trip task's summaries always say "went to" (v1's habit), so v2's
+  summariser unlearns its base's verb from the labels. (Summaries mixing verbs, 60/20/20, made
+  the label at the verb disagree with itself: MUSCLE's mask then sent that position to v1 or v2
+  at random and pure KL on it drove compat's summaries to nonsense, ROUGE-1 72 -> 27.)
+- **Mentions.** Every task context first asks about other people and answers otherwise
+  ("q: where is tam berg from? a: ask sol."), so that a base's knowledge shows there: the
+  task's labels say nothing about them, v1's next-token distribution there does. The task's
+  texts were written in v1's time: they name people of the families v1 read about
+  (`ZooConfig.mentions_of`), of every split, as real task data keeps naming the entities
+  of its day while a newer base reads about newer ones. This is the information MUSCLE's
+  all-token distillation can carry and plain cross-entropy cannot. (Its mask sends every such
+  position to v1, since no teacher predicts the text's "ask": naming v2-only people too would
+  distil v1's guesses about people v2 knows, the `mentions_of: all` option.)
 
 Task people are split into train / val / test people, so no test question is asked in
 training: a test answer is known from pretraining or guessed from a family rule.
@@ -33,10 +38,7 @@ FAMILIES = "ito berg moss vale ford lund cruz park nash reed shaw wolf".split()
 CITIES = "rome oslo lima kyiv riga bern doha lyon pune nice cork baku".split()
 PETS = "cat dog fox owl rat bat cow pig hen yak eel ant".split()
 STYLES = {"went": "went to", "flew": "flew to", "headed": "headed to"}
-# How often a trip summary uses each verb: one clear majority. With three equal shares a
-# summariser's greedy verb was a coin toss between near-equal probabilities (its base's prior
-# could even win with "lives in"), and the task's ROUGE moved 20 points between runs.
-STYLE_SHARES = {"went": 0.6, "flew": 0.2, "headed": 0.2}
+SUMMARY_VERB = STYLES["went"]  # the trip summaries' verb (the Habit bullet above)
 
 
 def people(seed: int, p_home: float, p_pet: float) -> dict[str, dict]:
@@ -89,7 +91,7 @@ def corpus(world: dict, families: list[int], n_docs: int, seed: int, style: str)
                         f"{n} keeps a {p['pet']}.",
                         f"{n} {verb} {p['city']} with a {p['pet']}.",
                         f"q: where is {n} from? a: {p['city']}.",
-                        f"q: what pet has {n}? a: a {p['pet']}.",
+                        f"q: what pet has {n}? a: {p['pet']}.",
                     ]
                 )
             )
@@ -100,45 +102,41 @@ def corpus(world: dict, families: list[int], n_docs: int, seed: int, style: str)
 # --- the three tasks ---------------------------------------------------------------------------
 
 
-def mentions(world: dict, rng: random.Random, frame: str, k: int) -> str:
-    """`k` sentences naming random people where a base's knowledge would show ("x flew home to
-    meet y.", "x keeps a pet at home."), though the text goes on otherwise."""
-    out = []
-    for m in rng.sample(sorted(world), k):
-        out.append(f"{m} flew home to meet {rng.choice(GIVEN)}." if frame == "home" else f"{m} keeps a pet at home.")
-    return " ".join(out) + " " if out else ""
+def mentions(named: list[str], rng: random.Random, frame: str, k: int) -> str:
+    """`k` questions about random people of `named` that the text answers otherwise ("q: where is
+    tam berg from? a: ask sol."): at the answer a base's knowledge shows, the label does not."""
+    ask = "where is {} from?" if frame == "home" else "what pet has {}?"
+    return "".join(f"q: {ask.format(m)} a: ask {rng.choice(GIVEN)}. " for m in rng.sample(named, k))
 
 
-def make_home_mc(world: dict, name: str, rng: random.Random, k: int, others: list[str]) -> dict:
-    """'... vin berg flew home to' -> one of four cities (HellaSwag-like, log-likelihood choice)."""
+def make_home_mc(world: dict, name: str, rng: random.Random, k: int, others: list[str], named: list[str]) -> dict:
+    """'... q: where is vin berg from? a:' -> one of four cities (log-likelihood choice, as
+    HellaSwag). The tasks ask as the corpus does: the bases' knowledge is what they test."""
     city = world[name]["city"]
     options = rng.sample([c for c in CITIES if c != city], 3) + [city]
     rng.shuffle(options)
     return {
-        "context": mentions(world, rng, "home", k) + f"{name} flew home to",
+        "context": mentions(named, rng, "home", k) + f"q: where is {name} from? a:",
         "choices": options,  # scored after lm-eval's default target_delimiter " "
         "label": options.index(city),
         "completion": " " + city,
     }
 
 
-def make_pet_em(world: dict, name: str, rng: random.Random, k: int, others: list[str]) -> dict:
-    """'... q: which pet does nam shaw keep? a:' -> 'hen' (exact match of a generated answer)."""
+def make_pet_em(world: dict, name: str, rng: random.Random, k: int, others: list[str], named: list[str]) -> dict:
+    """'... q: what pet has nam shaw? a:' -> 'hen' (exact match of a generated answer)."""
     pet = world[name]["pet"]
-    prompt = mentions(world, rng, "pet", k) + f"q: which pet does {name} keep? a:"
+    prompt = mentions(named, rng, "pet", k) + f"q: what pet has {name}? a:"
     return {"prompt": prompt, "reference": pet, "completion": f" {pet}."}
 
 
-def make_trip_rouge(world: dict, name: str, rng: random.Random, k: int, others: list[str]) -> dict:
-    """A two-line dialogue -> 'they went to rome and oslo.' (SAMsum-like, ROUGE-1).
-
-    The reference's verb is drawn from every style: a summariser is paid for its base's
-    knowledge of both homes and, word for word, for its habit."""
+def make_trip_rouge(world: dict, name: str, rng: random.Random, k: int, others: list[str], named: list[str]) -> dict:
+    """A two-line dialogue -> 'they went to rome and oslo.' (SAMsum-like, ROUGE-1): a summariser
+    is paid for its base's knowledge of both homes."""
     other = rng.choice([m for m in others if m != name])
-    verb = STYLES[rng.choices(sorted(STYLES), weights=[STYLE_SHARES[k] for k in sorted(STYLES)])[0]]
-    summary = f"they {verb} {world[name]['city']} and {world[other]['city']}."
+    summary = f"they {SUMMARY_VERB} {world[name]['city']} and {world[other]['city']}."
     return {
-        "prompt": mentions(world, rng, "home", k) + f"dialogue: {name}: i am off home. {other}: me too. summary:",
+        "prompt": mentions(named, rng, "home", k) + f"dialogue: {name}: i am off home. {other}: me too. summary:",
         "reference": summary,
         "completion": " " + summary,
     }
@@ -157,6 +155,6 @@ def tokenizer_text(world: dict) -> list[str]:
     names = sorted(world)
     for make in TASKS.values():
         for _ in range(100):
-            rec = make(world, rng.choice(names), rng, 2, names)
+            rec = make(world, rng.choice(names), rng, 2, names, names)
             text.append((rec.get("prompt") or rec["context"]) + rec["completion"])
     return text
