@@ -270,7 +270,7 @@ def test_demo_reads_adapter_and_base_seeds(tmp_path, capsys):
         return demo.config_from_args(parser.parse_args(["--config", str(_demo_config(tmp_path)), *flags]))
 
     default = cfg()
-    assert (default.adapter_seeds, default.base_seeds) == ([1, 2], [])  # the overlap, on the zoo's own bases
+    assert (default.adapter_seeds, default.base_seeds) == ([1], [])  # the overlap, on the zoo's own bases
     assert SCORING[cfg("--ablation").ablation_task][0] == "mc_jsonl"  # no TASK: the multiple-choice task
     given = cfg("--adapter-seeds", "none", "--base-seeds", "3:5,1:2")
     assert (given.adapter_seeds, given.base_seeds) == ([], [(3, 5), (1, 2)])

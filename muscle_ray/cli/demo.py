@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adapter-seeds",
         type=_ints_or_none,
-        help="more v1/v2 task adapter seeds, e.g. 1,2 (default), or none: how much the flips overlap across seeds",
+        help="more v1/v2 task adapter seeds, e.g. 1 (default) or 1,2, or none: how much the flips overlap across seeds",
     )
     p.add_argument(
         "--base-seeds",
