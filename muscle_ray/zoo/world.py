@@ -10,9 +10,9 @@ model gets right comes from what its base read, as with real LLMs:
   the rest come from the family rules it learnt. That is where the flips come from.
 - **Habit.** Trips are told with one verb in each corpus (`BaseConfig.style`: "went to",
   "flew to", "headed to"); the trip task's summaries always say "went to" (v1's habit), so v2's
-  summariser unlearns its base's verb from the labels. (Summaries mixing verbs, 60/20/20, made
-  the label at the verb disagree with itself: MUSCLE's mask then sent that position to v1 or v2
-  at random and pure KL on it drove compat's summaries to nonsense, ROUGE-1 72 -> 27.)
+  summariser unlearns its base's verb from the labels. (With summaries mixing verbs, 60/20/20,
+  the v2 summariser kept its base's "headed to" and the update lost 12 ROUGE-1 points to habit
+  alone, v1 72 -> v2 60.)
 - **Mentions.** Every task context first asks about other people and answers otherwise
   ("q: where is tam berg from? a: ask sol."), so that a base's knowledge shows there: the
   task's labels say nothing about them, v1's next-token distribution there does. The task's
