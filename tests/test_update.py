@@ -290,7 +290,7 @@ def runs(tmp_path_factory, tiny_model, tiny_model_b):
     config = tiny_update(tmp, tiny_model, tiny_model_b, **FIGHT)
     first = _run(config, tmp / "update.yaml")
     again = _run(config, tmp / "update.yaml")
-    changed = _run(config, tmp / "update.yaml", "--set", "compat.optim.lr=1e-3", "--set", "variants=[]")
+    changed = _run(config, tmp / "update.yaml", "--set", "compat.optim.lr=5e-4", "--set", "variants=[]")
     return Path(config["out"]), first, again, changed
 
 
@@ -392,7 +392,7 @@ def test_a_changed_compat_recipe_retrains_and_rescores_compat_and_control_only(r
     }
     assert "variants" not in changed["tasks"]["figs"]
     manifest = json.loads((out / "adapters" / "figs" / "compat" / "muscle_manifest.json").read_text())
-    assert manifest["config"]["optim"]["lr"] == 1e-3
+    assert manifest["config"]["optim"]["lr"] == 5e-4
     row, before = changed["tasks"]["figs"], first["tasks"]["figs"]
     assert (row["acc_v1"], row["acc_v2"], row["nfr"]) == (before["acc_v1"], before["acc_v2"], before["nfr"])
     assert row["flip_overlap"] == before["flip_overlap"]
