@@ -416,12 +416,12 @@ def dominance(compat: list[dict], control: list[dict]) -> str | None:
     def later(points: list[dict]) -> list[dict]:
         return [p for p in points if p["step"] != 0] or points
 
+    def beats(a: list[dict], b: list[dict]) -> bool:
+        more_accurate = min(p["acc"] for p in a) > max(p["acc"] for p in b)
+        return more_accurate and max(p["nfr"] for p in a) < min(p["nfr"] for p in b)
+
     a, b = later(compat), later(control)
-    if min(p["acc"] for p in a) > max(p["acc"] for p in b) and max(p["nfr"] for p in a) < min(p["nfr"] for p in b):
-        return "compat"
-    if min(p["acc"] for p in b) > max(p["acc"] for p in a) and max(p["nfr"] for p in b) < min(p["nfr"] for p in a):
-        return "control"
-    return None
+    return "compat" if beats(a, b) else "control" if beats(b, a) else None
 
 
 def verdict(matched: dict, mcnemar: dict, alpha: float = 0.05, dominant: str | None = None) -> dict:
@@ -436,8 +436,7 @@ def verdict(matched: dict, mcnemar: dict, alpha: float = 0.05, dominant: str | N
             f"{matched.get('reason', 'no common accuracy')}; on {mcnemar['n']} instances v1 gets right the "
             f"final compat keeps {b} the control breaks and breaks {c} it keeps (McNemar p={p:.3g})"
         )
-        wins = {"compat": b > c, "control": c > b}
-        if dominant in wins and wins[dominant] and p < alpha:
+        if dominant and (b > c if dominant == "compat" else c > b) and p < alpha:
             return {
                 "verdict": f"{dominant} better",
                 "why": f"{dominant} dominates: more accurate with fewer negative flips at every snapshot; {why}",

@@ -39,6 +39,8 @@ CITIES = "rome oslo lima kyiv riga bern doha lyon pune nice cork baku".split()
 PETS = "cat dog fox owl rat bat cow pig hen yak eel ant".split()
 STYLES = {"went": "went to", "flew": "flew to", "headed": "headed to"}
 SUMMARY_VERB = STYLES["went"]  # the trip summaries' verb (the Habit bullet above)
+# How the corpus asks about a person; the tasks and the context questions ask the same way.
+ASK = {"home": "q: where is {} from? a:", "pet": "q: what pet has {}? a:"}
 
 
 def people(seed: int, p_home: float, p_pet: float) -> dict[str, dict]:
@@ -90,8 +92,8 @@ def corpus(world: dict, families: list[int], n_docs: int, seed: int, style: str)
                         f"{n} lives in {p['city']}.",
                         f"{n} keeps a {p['pet']}.",
                         f"{n} {verb} {p['city']} with a {p['pet']}.",
-                        f"q: where is {n} from? a: {p['city']}.",
-                        f"q: what pet has {n}? a: {p['pet']}.",
+                        f"{ASK['home'].format(n)} {p['city']}.",
+                        f"{ASK['pet'].format(n)} {p['pet']}.",
                     ]
                 )
             )
@@ -105,8 +107,7 @@ def corpus(world: dict, families: list[int], n_docs: int, seed: int, style: str)
 def mentions(named: list[str], rng: random.Random, frame: str, k: int) -> str:
     """`k` questions about random people of `named` that the text answers otherwise ("q: where is
     tam berg from? a: ask sol."): at the answer a base's knowledge shows, the label does not."""
-    ask = "where is {} from?" if frame == "home" else "what pet has {}?"
-    return "".join(f"q: {ask.format(m)} a: ask {rng.choice(GIVEN)}. " for m in rng.sample(named, k))
+    return "".join(f"{ASK[frame].format(m)} ask {rng.choice(GIVEN)}. " for m in rng.sample(named, k))
 
 
 def make_home_mc(world: dict, name: str, rng: random.Random, k: int, others: list[str], named: list[str]) -> dict:
@@ -116,7 +117,7 @@ def make_home_mc(world: dict, name: str, rng: random.Random, k: int, others: lis
     options = rng.sample([c for c in CITIES if c != city], 3) + [city]
     rng.shuffle(options)
     return {
-        "context": mentions(named, rng, "home", k) + f"q: where is {name} from? a:",
+        "context": mentions(named, rng, "home", k) + ASK["home"].format(name),
         "choices": options,  # scored after lm-eval's default target_delimiter " "
         "label": options.index(city),
         "completion": " " + city,
@@ -126,7 +127,7 @@ def make_home_mc(world: dict, name: str, rng: random.Random, k: int, others: lis
 def make_pet_em(world: dict, name: str, rng: random.Random, k: int, others: list[str], named: list[str]) -> dict:
     """'... q: what pet has nam shaw? a:' -> 'hen' (exact match of a generated answer)."""
     pet = world[name]["pet"]
-    prompt = mentions(named, rng, "pet", k) + f"q: what pet has {name}? a:"
+    prompt = mentions(named, rng, "pet", k) + ASK["pet"].format(name)
     return {"prompt": prompt, "reference": pet, "completion": f" {pet}."}
 
 
